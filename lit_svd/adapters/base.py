@@ -1,0 +1,200 @@
+"""The shared adapter layer: a frozen base linear layer plus a low-rank branch.
+
+```
+        x ──┬──────────── base_layer (W_base, frozen) ─────────────┐
+            │                                                       (+)──> h
+            └── dropout ── adapter_forward (low-rank, trainable) ──┘
+```
+
+A concrete method fills in four hooks, each a few lines:
+
+- ``create_adapter(dtype, device)``: register its parameters/buffers with their shapes;
+- ``init_from_base(weight, factors)``: set them from the original weight ``W`` (m, n) and its top-r
+  factors (SVD ``(U, S, V)``, QR ``(Q_r, R_r)`` or ``None``), computed in batch by ``initialize_adapters``;
+- ``delta_weight(tensors)``: the dense (m, n) change the adapter adds, used only by merge/export/init;
+- ``adapter_forward(x)``: the low-rank path on activations (never an m×n product).
+
+The base class owns rank, scaling, dropout, the idempotent ``merge``/``unmerge``, and the residual
+bookkeeping: methods whose init moves the principal part out of the base weight (``decomposition`` not
+``None``) keep a snapshot ``init_<name>`` of each trainable tensor. The residual is always
+``W − delta(snapshot)`` formed in float32, so the exact base weight is rebuilt from the *original*
+checkpoint weights plus the adapter state dict, without storing any m×n matrix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import ClassVar, Literal
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from lit_svd.linalg import residual_weight
+
+__all__ = ["AdapterLayer", "BaseLinear"]
+
+BaseLinear = nn.Linear | Conv1D
+Factors = tuple[torch.Tensor, ...] | None
+
+
+class AdapterLayer(nn.Module):
+    """Base class of every adapter: wraps ``base_layer`` (``nn.Linear`` or GPT-2 ``Conv1D``).
+
+    Args:
+        base_layer: The layer to adapt; its weight is ``(out, in)`` for ``nn.Linear`` and ``(in, out)``
+            for ``Conv1D``. It stays frozen.
+        rank: Low-rank dimension ``r``.
+        scaling: Multiplier ``s`` of the adapter delta (``alpha / r``).
+        dropout: Dropout probability on the adapter input.
+        adapter_dtype: Dtype of the adapter tensors; ``None`` = the base weight's dtype.
+        svd_method: Passed to ``linalg.top_r_svd`` by ``initialize_adapters``.
+        name: Dotted path of the layer in the model, used in error messages.
+    """
+
+    method: ClassVar[str] = ""
+    #: Names of the trainable tensors (``nn.Parameter``) the method adds.
+    trainable_names: ClassVar[tuple[str, ...]] = ()
+    #: Names of frozen adapter buffers that are part of the adapter (e.g. OSoRA's singular vectors).
+    frozen_names: ClassVar[tuple[str, ...]] = ()
+    #: Factors whose orthonormality SORSA's regulariser penalises.
+    orthonormal_names: ClassVar[tuple[str, ...]] = ()
+    #: Which decomposition of ``W`` ``init_from_base`` consumes; ``None``: init ignores ``W``.
+    decomposition: ClassVar[Literal["svd", "qr"] | None] = None
+
+    def __init__(
+        self,
+        base_layer: BaseLinear,
+        rank: int,
+        scaling: float = 1.0,
+        dropout: float = 0.0,
+        adapter_dtype: torch.dtype | None = None,
+        svd_method: str = "auto",
+        name: str = "",
+    ) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.is_conv1d = isinstance(base_layer, Conv1D)
+        weight = base_layer.weight
+        self.out_features, self.in_features = weight.shape[::-1] if self.is_conv1d else weight.shape
+        if not 1 <= rank <= min(self.out_features, self.in_features):
+            raise ValueError(
+                f"rank {rank} is out of range for layer '{name}' of shape "
+                f"({self.out_features}, {self.in_features}); it must be between 1 and "
+                f"{min(self.out_features, self.in_features)}"
+            )
+        self.rank = rank
+        self.scaling = scaling
+        self.svd_method = svd_method
+        self.layer_name = name
+        self.merged = False
+        self.adapter_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # A buffer, so checkpoints record that the residual was formed and resume never re-runs init.
+        self.register_buffer("initialized", torch.tensor(False, device=weight.device))
+        self.create_adapter(adapter_dtype or weight.dtype, weight.device)
+        if self.decomposition is not None:
+            for tensor_name in self.trainable_names:
+                self.register_buffer(f"init_{tensor_name}", torch.zeros_like(getattr(self, tensor_name)))
+
+    # ----- hooks each method implements ---------------------------------------------------------------
+    def create_adapter(self, dtype: torch.dtype, device: torch.device) -> None:
+        raise NotImplementedError
+
+    def init_from_base(self, weight: torch.Tensor, factors: Factors) -> None:
+        raise NotImplementedError
+
+    def delta_weight(self, tensors: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    # ----- shared machinery ---------------------------------------------------------------------------
+    @property
+    def adapter_tensor_names(self) -> tuple[str, ...]:
+        """Every tensor an adapter checkpoint must hold for this layer."""
+        snapshots = tuple(f"init_{n}" for n in self.trainable_names) if self.decomposition else ()
+        return (*self.trainable_names, *self.frozen_names, *snapshots, "initialized")
+
+    def factors(self, initial: bool = False) -> dict[str, torch.Tensor]:
+        """Current (or, with ``initial``, init-time) adapter tensors by name, in float32."""
+        out = {n: getattr(self, n).float() for n in self.frozen_names}
+        for n in self.trainable_names:
+            source = f"init_{n}" if initial and self.decomposition is not None else n
+            out[n] = getattr(self, source).float()
+        return out
+
+    def weight_matrix(self) -> torch.Tensor:
+        """The base weight as ``(out_features, in_features)`` (a view for ``Conv1D``)."""
+        weight = self.base_layer.weight
+        return weight.T if self.is_conv1d else weight
+
+    def _write_weight_matrix(self, matrix: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.base_layer.weight.copy_(matrix.T if self.is_conv1d else matrix)
+
+    @torch.no_grad()
+    def initialize(self, factors: Factors = None) -> float:
+        """Set the adapter from the base weight and move its delta out of the base weight.
+
+        Returns:
+            Relative reconstruction error ``‖W_base + delta − W‖_F / ‖W‖_F`` in float32.
+        """
+        weight = self.weight_matrix()
+        if weight.is_meta:
+            raise ValueError(f"layer '{self.layer_name}' has meta weights; load real weights before init")
+        original = weight.detach().clone()
+        work = original.double() if original.dtype == torch.float64 else original.float()
+        self.init_from_base(work, factors)
+        if self.decomposition is not None:
+            for n in self.trainable_names:
+                getattr(self, f"init_{n}").copy_(getattr(self, n))
+            self._form_residual(original)
+        self.initialized.fill_(True)
+        rebuilt = self.weight_matrix().float() + self.delta_weight()
+        return (torch.linalg.norm(rebuilt - original.float()) / torch.linalg.norm(original.float())).item()
+
+    def _form_residual(self, original: torch.Tensor) -> None:
+        self._write_weight_matrix(residual_weight(original, self.delta_weight(self.factors(initial=True))))
+
+    @torch.no_grad()
+    def rebuild_residual(self) -> None:
+        """Turn an *original* base weight into the residual recorded by the init snapshot (on load)."""
+        if self.decomposition is not None:
+            self._form_residual(self.weight_matrix().detach().clone())
+        self.initialized.fill_(True)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the adapter delta into the base weight (idempotent)."""
+        if self.merged:
+            return
+        delta = self.delta_weight()
+        if not torch.isfinite(delta).all():
+            raise ValueError(f"adapter of layer '{self.layer_name}' has non-finite values; refusing to merge")
+        self._write_weight_matrix((self.weight_matrix().float() + delta).to(self.base_layer.weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the adapter delta from the base weight again (idempotent)."""
+        if not self.merged:
+            return
+        delta = self.delta_weight()
+        self._write_weight_matrix((self.weight_matrix().float() - delta).to(self.base_layer.weight.dtype))
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        if self.merged:
+            return result
+        adapter_dtype = getattr(self, self.trainable_names[0]).dtype
+        if x.dtype != adapter_dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(adapter_dtype)
+        return result + self.adapter_forward(self.adapter_dropout(x)).to(result.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"method={self.method}, in_features={self.in_features}, out_features={self.out_features}, "
+            f"rank={self.rank}, scaling={self.scaling:g}, merged={self.merged}"
+        )

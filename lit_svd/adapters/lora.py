@@ -1,0 +1,57 @@
+"""LoRA (Hu et al., 2021): a zero-initialised low-rank update next to the frozen weight.
+
+```
+x ──┬── W (m×n, frozen) ─────────────────────┐
+    └── A (r×n, Kaiming) ── B (m×r, zeros) ── s·(+) ──> h = x Wᵀ + s·(x Aᵀ) Bᵀ
+```
+
+Init: ``A`` Kaiming-uniform (a=√5, as PEFT), ``B = 0``, so the model is unchanged at init and
+``W_base = W``. Trainable per layer: ``r (m + n)``. Merge: ``W += s·B A``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lit_svd.adapters.base import AdapterLayer, Factors
+from lit_svd.adapters.registry import register
+
+__all__ = ["LoRALayer", "LowRankProductLayer"]
+
+
+class LowRankProductLayer(AdapterLayer):
+    """Shared by LoRA, PiSSA and OLoRA: trainable ``A`` (r, n) and ``B`` (m, r), delta ``s·B A``."""
+
+    trainable_names = ("A", "B")
+
+    def create_adapter(self, dtype: torch.dtype, device: torch.device) -> None:
+        self.A = nn.Parameter(torch.empty(self.rank, self.in_features, dtype=dtype, device=device))
+        self.B = nn.Parameter(torch.zeros(self.out_features, self.rank, dtype=dtype, device=device))
+
+    def delta_weight(self, tensors: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        t = self.factors() if tensors is None else tensors
+        return self.scaling * (t["B"] @ t["A"])
+
+    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.A), self.B) * self.scaling
+
+
+@register("lora")
+class LoRALayer(LowRankProductLayer):
+    """LoRA; ``A`` is drawn at construction like PEFT, so init never reads the weight."""
+
+    method = "lora"
+
+    def create_adapter(self, dtype: torch.dtype, device: torch.device) -> None:
+        super().create_adapter(dtype, device)
+        if not self.A.is_meta:
+            nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+
+    def init_from_base(self, weight: torch.Tensor, factors: Factors) -> None:
+        if self.A.is_meta:
+            raise ValueError(f"layer '{self.layer_name}' has meta tensors; materialise the model first")

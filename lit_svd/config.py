@@ -1,0 +1,89 @@
+"""`AdapterConfig`: which adapter to put where, with what rank — one typed dataclass for all methods."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+from lit_svd.adapters import available_adapters
+
+__all__ = ["AdapterConfig"]
+
+_DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+@dataclass
+class AdapterConfig:
+    """Hyper-parameters of an SVD-family adapter (SPEC §3).
+
+    Attributes:
+        method: Registered adapter name (``lit_svd.adapters.available_adapters()``): ``lora`` (Hu et al. 2021), ``pissa`` (Meng et al. 2024), ``olora``
+            (Büyükakyüz 2024, QR init), ``sorsa`` (Cao 2024, singular values + orthonormally regularised
+            singular vectors) or ``osora`` (Han et al. 2025, singular values + output vector).
+        rank: Number of singular triplets / low-rank dimension ``r``.
+        alpha: Scale numerator: the adapter delta is multiplied by ``alpha / r`` (``alpha / sqrt(r)`` with
+            ``use_rslora``). ``None`` means ``alpha = r``, i.e. a scale of 1, the papers' setting.
+        use_rslora: Use rank-stabilised scaling ``alpha / sqrt(r)`` (PEFT's ``use_rslora``).
+        target_modules: Which linear layers to adapt: a list of module names (matched against the last
+            component of the dotted module path or the whole path), a regular expression matched against
+            the full path with ``re.fullmatch``, or ``"all-linear"`` for every linear layer except the
+            output embedding (``lm_head``).
+        dropout: Dropout probability on the adapter's input (PEFT's ``lora_dropout``).
+        gamma: SORSA orthonormal-regulariser strength γ; the step applies (γ/η_t)·L_orth after clipping.
+            ``0`` disables the regulariser.
+        adapter_dtype: Storage dtype of the adapter tensors (e.g. ``"float32"`` to keep factors in fp32
+            under bf16 training); ``None`` uses the base layer's dtype.
+        svd_method: How the top-r SVD is computed at init: ``"auto"``, ``"gram"`` (Gram eigendecomposition
+            + float64 Rayleigh–Ritz, exact) or ``"full"`` (``torch.linalg.svd``).
+    """
+
+    method: str = "sorsa"
+    rank: int = 16
+    alpha: float | None = None
+    use_rslora: bool = False
+    target_modules: list[str] | str = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    dropout: float = 0.0
+    gamma: float = 4e-4
+    adapter_dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = None
+    svd_method: Literal["auto", "gram", "full"] = "auto"
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        if self.method not in available_adapters():
+            problems.append(f"unknown adapter {self.method!r}; choose one of: {', '.join(available_adapters())}")
+        if self.method == "osora" and self.alpha is not None:
+            problems.append("alpha has no effect for osora (its output vector carries the scale); leave it None")
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
+            problems.append(f"rank must be a positive integer, got {self.rank!r}")
+        if self.alpha is not None and not self.alpha > 0:
+            problems.append(f"alpha must be positive or None (= rank), got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            problems.append(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if not self.gamma >= 0.0:
+            problems.append(f"gamma must be >= 0 (0 disables the SORSA regulariser), got {self.gamma!r}")
+        if self.adapter_dtype is not None and self.adapter_dtype not in _DTYPES:
+            problems.append(f"adapter_dtype must be one of {', '.join(_DTYPES)} or None, got {self.adapter_dtype!r}")
+        if self.svd_method not in ("auto", "gram", "full"):
+            problems.append(f"svd_method must be one of auto, gram, full; got {self.svd_method!r}")
+        if isinstance(self.target_modules, str):
+            if self.target_modules != "all-linear":
+                try:
+                    re.compile(self.target_modules)
+                except re.error as err:
+                    problems.append(f"target_modules {self.target_modules!r} is not a valid regex: {err}")
+        elif not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
+            problems.append(
+                f"target_modules must be a non-empty list of names, a regex or 'all-linear', "
+                f"got {self.target_modules!r}"
+            )
+        if problems:
+            raise ValueError("invalid AdapterConfig:\n  - " + "\n  - ".join(problems))
+
+    @property
+    def scaling(self) -> float:
+        """The multiplier ``s`` of the adapter delta."""
+        alpha = float(self.rank) if self.alpha is None else float(self.alpha)
+        return alpha / (self.rank**0.5 if self.use_rslora else self.rank)

@@ -1,0 +1,294 @@
+"""Find target layers in a Hugging Face model, swap adapters in and out, and move adapter state.
+
+Adapter state dicts hold, per adapted layer, the trainable tensors, the frozen adapter buffers, the
+init-time snapshot ``init_<name>`` of each trainable tensor (for methods whose init changes the base
+weight) and the ``initialized`` flag. Loading onto a model built from the *original* pretrained weights
+rebuilds each residual as ``W − delta(snapshot)`` with the same float32 arithmetic as at init, so the
+exact trained model comes back without storing any m×n matrix and without re-running the SVD.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import defaultdict
+from collections.abc import Iterator, Mapping
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from lit_svd.adapters import AdapterLayer, get_adapter_class
+from lit_svd.config import AdapterConfig
+from lit_svd.linalg import orthonormality_error, thin_qr, top_r_svd
+
+__all__ = [
+    "adapter_layers",
+    "inject_adapters",
+    "initialize_adapters",
+    "merge_adapters",
+    "orthonormal_regularizer",
+    "adapter_state_dict",
+    "load_adapter_state_dict",
+    "trainable_parameter_count",
+]
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+# Stacking same-shape weights for one batched decomposition is capped so CPU runs don't double RAM.
+_MAX_BATCH_BYTES = 2 * 1024**3
+
+
+def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
+    """``(dotted name, layer)`` for every adapter in ``model``, in module order."""
+    for name, module in model.named_modules():
+        if isinstance(module, AdapterLayer):
+            yield name, module
+
+
+def _weight_shape(layer: nn.Module) -> tuple[int, int]:
+    rows, cols = layer.weight.shape
+    return (cols, rows) if isinstance(layer, Conv1D) else (rows, cols)
+
+
+def _leaf_names(names: list[str], limit: int = 12) -> str:
+    leaves = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in names))
+    return ", ".join(leaves[:limit]) + (", …" if len(leaves) > limit else "")
+
+
+def _find_targets(model: nn.Module, target_modules: list[str] | str) -> list[str]:
+    modules = dict(model.named_modules())
+    linear = [n for n, m in modules.items() if isinstance(m, (nn.Linear, Conv1D))]
+    if target_modules == "all-linear":
+        output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        targets = [n for n in linear if modules[n] is not output]
+        if not targets:
+            raise ValueError("target_modules='all-linear' matched no linear layer in this model")
+        return targets
+    if isinstance(target_modules, str):
+        targets = [n for n in linear if re.fullmatch(target_modules, n)]
+        if not targets:
+            raise ValueError(
+                f"target regex {target_modules!r} matched no linear layer (it must match the full dotted "
+                f"path, e.g. {linear[0] if linear else '…'}); linear layers here: {_leaf_names(linear)}"
+            )
+        return targets
+    problems, targets = [], []
+    for wanted in target_modules:
+        matched = [n for n in linear if n == wanted or n.endswith("." + wanted)]
+        if matched:
+            targets += matched
+            continue
+        other = [n for n in modules if n and (n == wanted or n.endswith("." + wanted))]
+        if other:
+            kind = type(modules[other[0]]).__name__
+            problems.append(f"target {wanted!r} matched '{other[0]}' ({kind}), which is not a linear layer")
+        else:
+            problems.append(f"target {wanted!r} matched nothing; linear layers here: {_leaf_names(linear)}")
+    if problems:
+        raise ValueError("; ".join(problems))
+    return [n for n in linear if n in set(targets)]
+
+
+def _check_finite(named_weights: Mapping[str, torch.Tensor]) -> None:
+    bad = [n for n, w in named_weights.items() if not w.is_meta and not torch.isfinite(w).all()]
+    if bad:
+        raise ValueError(f"non-finite values (NaN/Inf) in the weight of layer(s): {', '.join(bad)}")
+
+
+def inject_adapters(model: nn.Module, config: AdapterConfig, initialize: bool = True) -> nn.Module:
+    """Replace every targeted ``nn.Linear``/``Conv1D`` of ``model`` by an adapter layer, in place.
+
+    All other parameters are frozen. Every input problem is detected before the model is touched.
+
+    Args:
+        model: A Hugging Face (or any) ``nn.Module`` without lit_svd adapters.
+        config: Method, rank, targets and options.
+        initialize: Run ``initialize_adapters`` right away. Pass ``False`` to defer the weight-dependent
+            init (e.g. to the ``SVDInit`` callback, on the accelerator, after the weights are loaded).
+
+    Returns:
+        The same ``model``.
+    """
+    existing = next(adapter_layers(model), None)
+    if existing is not None:
+        raise ValueError(
+            f"model already has lit_svd adapters (e.g. '{existing[0]}'); merge_adapters() first or start "
+            "from a freshly loaded model"
+        )
+    adapter_cls = get_adapter_class(config.method)
+    targets = _find_targets(model, config.target_modules)
+    modules = dict(model.named_modules())
+    too_big = [
+        f"'{n}' {_weight_shape(modules[n])}" for n in targets if config.rank > min(_weight_shape(modules[n]))
+    ]
+    if too_big:
+        raise ValueError(f"rank {config.rank} exceeds min(out, in) of layer(s): {', '.join(too_big)}")
+    if initialize:
+        _check_finite({n: modules[n].weight for n in targets})
+
+    adapter_dtype = _DTYPES[config.adapter_dtype] if config.adapter_dtype else None
+    scaling = 1.0 if config.method == "osora" else config.scaling
+    for name in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = modules[parent_name] if parent_name else model
+        layer = adapter_cls(
+            modules[name],
+            rank=config.rank,
+            scaling=scaling,
+            dropout=config.dropout,
+            adapter_dtype=adapter_dtype,
+            svd_method=config.svd_method,
+            name=name,
+        )
+        setattr(parent, child, layer)
+    model.requires_grad_(False)
+    for _, layer in adapter_layers(model):
+        for tensor_name in layer.trainable_names:
+            getattr(layer, tensor_name).requires_grad_(True)
+    model.lit_svd_config = config
+    if initialize:
+        initialize_adapters(model)
+    return model
+
+
+@torch.no_grad()
+def initialize_adapters(model: nn.Module, compute_dtype: torch.dtype = torch.float32) -> dict[str, float]:
+    """Initialise every adapter not yet initialised, one batched decomposition per weight shape.
+
+    The SVD/QR runs on the device the weights live on (move the model to the GPU first to use it).
+
+    Returns:
+        ``{"count": layers initialised, "seconds": wall time, "max_reconstruction_error": max over layers
+        of ‖W_base + delta − W‖_F / ‖W‖_F}``.
+    """
+    start = time.perf_counter()
+    pending = [(n, layer) for n, layer in adapter_layers(model) if not bool(layer.initialized)]
+    meta = [n for n, layer in pending if layer.weight_matrix().is_meta]
+    if meta:
+        raise ValueError(f"cannot initialise adapters on meta tensors (load the weights first): {', '.join(meta)}")
+    _check_finite({n: layer.weight_matrix() for n, layer in pending})
+    groups: dict[tuple, list[AdapterLayer]] = defaultdict(list)
+    for _, layer in pending:
+        weight = layer.weight_matrix()
+        key = (layer.decomposition, tuple(weight.shape), layer.rank, layer.svd_method, weight.device)
+        groups[key].append(layer)
+    max_error = 0.0
+    for (decomposition, shape, rank, svd_method, _), layers in groups.items():
+        per_chunk = max(1, _MAX_BATCH_BYTES // (shape[0] * shape[1] * 4))
+        for first in range(0, len(layers), per_chunk):
+            chunk = layers[first : first + per_chunk]
+            factors: list = [None] * len(chunk)
+            if decomposition is not None:
+                stacked = torch.stack([layer.weight_matrix().to(compute_dtype) for layer in chunk])
+                if decomposition == "svd":
+                    batched = top_r_svd(stacked, rank, method=svd_method, dtype=compute_dtype)
+                else:
+                    batched = thin_qr(stacked, rank, dtype=compute_dtype)
+                factors = [tuple(t[i] for t in batched) for i in range(len(chunk))]
+            for layer, layer_factors in zip(chunk, factors, strict=True):
+                max_error = max(max_error, layer.initialize(layer_factors))
+    return {"count": len(pending), "seconds": time.perf_counter() - start, "max_reconstruction_error": max_error}
+
+
+def merge_adapters(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight and put the plain ``nn.Linear``/``Conv1D`` back.
+
+    The result is an ordinary Hugging Face model: ``save_pretrained`` writes a normal checkpoint.
+    """
+    for name, layer in list(adapter_layers(model)):
+        if not bool(layer.initialized):
+            raise ValueError(f"adapter '{name}' was never initialised; nothing meaningful to merge")
+        layer.merge()
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.base_layer)
+    if hasattr(model, "lit_svd_config"):
+        del model.lit_svd_config
+    return model
+
+
+def orthonormal_regularizer(model: nn.Module) -> torch.Tensor:
+    """SORSA's ``L_orth``: mean over adapted layers and factors of ``‖XᵀX − I_r‖_F`` (not squared).
+
+    Factors of equal shape are stacked so the whole model costs a few batched matmuls. Returns a zero
+    tensor when the model has no orthonormally regularised factors.
+    """
+    by_shape: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+    device = None
+    for _, layer in adapter_layers(model):
+        for factor_name in layer.orthonormal_names:
+            factor = getattr(layer, factor_name)
+            by_shape[(tuple(factor.shape), factor.dtype, factor.device)].append(factor)
+            device = factor.device
+    if not by_shape:
+        first = next(model.parameters(), None)
+        return torch.zeros((), device=first.device if first is not None else device)
+    errors = [orthonormality_error(torch.stack(factors).float()) for factors in by_shape.values()]
+    return torch.cat(errors).mean()
+
+
+def trainable_parameter_count(model: nn.Module) -> int:
+    """Number of scalar parameters with ``requires_grad``."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the adapter tensors of ``model`` (see module docstring), keyed ``<layer path>.<tensor>``."""
+    state = {}
+    for name, layer in adapter_layers(model):
+        if layer.merged:
+            raise ValueError(f"adapter '{name}' is merged; unmerge() before saving its state")
+        for tensor_name in layer.adapter_tensor_names:
+            state[f"{name}.{tensor_name}"] = getattr(layer, tensor_name).detach()
+    return state
+
+
+def load_adapter_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Load ``adapter_state_dict`` output into a model injected with the same config.
+
+    The target model's base weights must be the original pretrained ones (adapters injected with
+    ``initialize=False``), or already initialised with the very same init snapshot. Everything is
+    validated before any tensor is written.
+    """
+    layers = dict(adapter_layers(model))
+    if not layers:
+        raise ValueError("model has no lit_svd adapters; call inject_adapters(model, config, initialize=False) first")
+    expected = {f"{n}.{t}": getattr(layer, t) for n, layer in layers.items() for t in layer.adapter_tensor_names}
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} adapter tensor(s), e.g. {', '.join(missing[:3])}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} tensor(s), e.g. {', '.join(unexpected[:3])}")
+    for key in sorted(set(expected) & set(state_dict)):
+        if tuple(state_dict[key].shape) != tuple(expected[key].shape):
+            problems.append(
+                f"shape mismatch for '{key}': checkpoint {tuple(state_dict[key].shape)} vs model "
+                f"{tuple(expected[key].shape)} (different rank or model?)"
+            )
+    if problems:
+        methods = {layer.method for layer in layers.values()}
+        raise ValueError(
+            f"adapter state dict does not fit this model (method {'/'.join(sorted(methods))}, rank "
+            f"{next(iter(layers.values())).rank}): " + "; ".join(problems)
+        )
+    for name, layer in layers.items():
+        if layer.merged:
+            raise ValueError(f"adapter '{name}' is merged; unmerge() before loading a state dict")
+        if bool(layer.initialized) and layer.decomposition is not None:
+            same = all(
+                torch.equal(getattr(layer, f"init_{t}"), state_dict[f"{name}.init_{t}"].to(getattr(layer, t).device))
+                for t in layer.trainable_names
+            )
+            if not same:
+                raise ValueError(
+                    f"layer '{name}' was already initialised from other factors, so its base weight is no "
+                    "longer the original; load adapters onto a model injected with initialize=False"
+                )
+    with torch.no_grad():
+        for name, layer in layers.items():
+            was_initialized = bool(layer.initialized)
+            for tensor_name in layer.adapter_tensor_names:
+                getattr(layer, tensor_name).copy_(state_dict[f"{name}.{tensor_name}"])
+            if bool(layer.initialized) and not was_initialized:
+                layer.rebuild_residual()
