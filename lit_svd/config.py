@@ -18,9 +18,10 @@ class AdapterConfig:
     """Hyper-parameters of an SVD-family adapter (SPEC §3).
 
     Attributes:
-        method: Registered adapter name (``lit_svd.adapters.available_adapters()``): ``lora`` (Hu et al. 2021), ``pissa`` (Meng et al. 2024), ``olora``
-            (Büyükakyüz 2024, QR init), ``sorsa`` (Cao 2024, singular values + orthonormally regularised
-            singular vectors) or ``osora`` (Han et al. 2025, singular values + output vector).
+        method: Registered adapter name (``lit_svd.adapters.available_adapters()``): ``lora`` (Hu et al.
+            2021), ``pissa`` (Meng et al. 2024), ``olora`` (Büyükakyüz 2024, QR init), ``sorsa`` (Cao
+            2024, singular values + orthonormally regularised singular vectors) or ``osora`` (Han et al.
+            2025, singular values + output vector).
         rank: Number of singular triplets / low-rank dimension ``r``.
         alpha: Scale numerator: the adapter delta is multiplied by ``alpha / r`` (``alpha / sqrt(r)`` with
             ``use_rslora``). ``None`` means ``alpha = r``, i.e. a scale of 1, the papers' setting.

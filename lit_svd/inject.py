@@ -118,9 +118,7 @@ def inject_adapters(model: nn.Module, config: AdapterConfig, initialize: bool = 
     adapter_cls = get_adapter_class(config.method)
     targets = _find_targets(model, config.target_modules)
     modules = dict(model.named_modules())
-    too_big = [
-        f"'{n}' {_weight_shape(modules[n])}" for n in targets if config.rank > min(_weight_shape(modules[n]))
-    ]
+    too_big = [f"'{n}' {_weight_shape(modules[n])}" for n in targets if config.rank > min(_weight_shape(modules[n]))]
     if too_big:
         raise ValueError(f"rank {config.rank} exceeds min(out, in) of layer(s): {', '.join(too_big)}")
     if initialize:

