@@ -57,8 +57,8 @@ def validate_template(template: str) -> None:
         return
     if "{query}" not in template:
         raise ValueError(
-            f"prompt template {template!r} is neither 'alpaca' nor 'chat' and has no '{{query}}' placeholder; "
-            "pass 'alpaca', 'chat', or a format string such as 'Q: {query}\\nA:'"
+            f"prompt template {template!r} is neither 'alpaca' nor 'chat' and has no '{{query}}' "
+            "placeholder; pass 'alpaca', 'chat', or a format string such as 'Q: {query}\\nA:'"
         )
 
 

@@ -70,7 +70,7 @@ MATH_TASKS: tuple[str, ...] = ("gsm8k", "math")
 
 # Markers after which an instruction-tuned model has started to invent the next example; MetaMath's own
 # evaluation stops generation at the same strings.
-_CONTINUATION = re.compile(r"\n*(?:###\s*)?(?:Instruction|Response)\s*:|\n\s*###")
+_CONTINUATION = re.compile(r"\n*(?:###\s*)?(?:Instruction|Response)\s*:|\n\s*###(?!#)")
 
 
 def strip_continuation(generation: str) -> str:
@@ -90,7 +90,7 @@ def strip_continuation(generation: str) -> str:
 
 # A number: optional sign, optional "$", digits with optional thousands commas, optional decimals, or a
 # plain fraction "3/4". Thousands groups must have exactly three digits so "3,4,5" stays three numbers.
-_NUMBER = re.compile(r"-?\$?\s?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?|-?\.\d+")
+_NUMBER = re.compile(r"-?(?:\$\s?)?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?|-?\.\d+")
 _ANSWER_IS = re.compile(r"the\s+(?:final\s+)?answer\s+is", re.IGNORECASE)
 
 

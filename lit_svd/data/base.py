@@ -1,0 +1,652 @@
+"""The instruction-tuning data pipeline shared by every datamodule.
+
+    raw records (Hub or local JSON)          e.g. {"question", "answer"}
+        │  schema check, per-dataset conversion (cached datasets.map)
+        ▼
+    canonical records                        {"query", "input", "response", "reference", "task"}
+        │  prompt template + tokenizer (cached datasets.map, explicit fingerprint)
+        ▼
+    tokenised records                        {"input_ids", "prompt_length", "length", "reference", "task"}
+        │  over-length policy (train only): truncate the response end, or drop
+        ▼
+    InstructionCollator                      dynamic padding per batch
+        train batch: input_ids, attention_mask (B, T) right-padded; labels (B, T) = -100 on prompt + padding
+        eval batch:  the above + prompt_input_ids, prompt_attention_mask (B, P) left-padded for generation,
+                     references: list[str], task: list[str]
+
+``input_ids`` = tokens(prompt) + tokens(separator + response) + [eos]. Prompt and response are tokenised
+separately, so ``prompt_length`` is the exact number of loss-free tokens; the collator turns it into the
+label mask. Concrete datamodules only say where their records come from (``_load_train_records`` /
+``_load_eval_records``) and which metric judges them (``make_metric``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from datasets import Dataset, load_dataset
+from datasets.fingerprint import Hasher
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from lit_svd.data.prompts import build_prompt, response_separator, validate_template
+
+__all__ = [
+    "CANONICAL_COLUMNS",
+    "DataSourceError",
+    "InstructionCollator",
+    "InstructionDataModule",
+    "LengthGroupedSampler",
+    "check_columns",
+    "load_hub_split",
+    "load_json_records",
+    "tokenize_instructions",
+]
+
+CANONICAL_COLUMNS: tuple[str, ...] = ("query", "input", "response", "reference", "task")
+"""Columns every datamodule converts its raw records to before tokenisation."""
+
+IGNORE_INDEX = -100
+"""Label value ignored by ``torch.nn.functional.cross_entropy`` (prompt and padding positions)."""
+
+
+class DataSourceError(OSError):
+    """A dataset could not be loaded from the Hugging Face Hub (offline, unreachable, or unknown id)."""
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def check_columns(dataset: Dataset, required: Sequence[str], source: str) -> None:
+    """Raise a ``ValueError`` naming the missing column(s) and the source when the schema does not fit.
+
+    Args:
+        dataset: the loaded records.
+        required: column names the conversion needs.
+        source: the file path or Hub id, for the message.
+    """
+    missing = [column for column in required if column not in dataset.column_names]
+    if missing:
+        raise ValueError(
+            f"{source}: missing column(s) {', '.join(repr(column) for column in missing)}; expected "
+            f"{', '.join(required)}, found {', '.join(dataset.column_names) or 'no columns'}"
+        )
+
+
+def load_json_records(
+    path: str | os.PathLike, required: Sequence[str], cache_dir: str | None = None, split: str = "train"
+) -> Dataset:
+    """Load a JSON (list of objects) or JSON Lines file through ``datasets`` and check its columns.
+
+    Args:
+        path: the file.
+        required: columns that must be present.
+        cache_dir: ``datasets`` cache folder (default: the user's HF cache).
+        split: a ``datasets`` split expression over the file's single split, e.g. ``"train[:1000]"``.
+
+    Returns:
+        The records as an Arrow-backed ``Dataset`` (so later ``map`` calls are cached on disk).
+
+    Raises:
+        FileNotFoundError: when ``path`` does not exist.
+        ValueError: when a required column is missing (the message names the column and the file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    dataset = load_dataset("json", data_files=str(path), split=split, cache_dir=cache_dir)
+    check_columns(dataset, required, str(path))
+    return dataset
+
+
+def load_hub_split(
+    hub_id: str,
+    config: str | None,
+    split: str,
+    required: Sequence[str],
+    cache_dir: str | None = None,
+    local_hint: str = "",
+) -> Dataset:
+    """Load one split of a Hub dataset, turning connection failures into an actionable error.
+
+    Args:
+        hub_id: e.g. ``"openai/gsm8k"``.
+        config: the dataset configuration (``"main"``), or ``None``.
+        split: a ``datasets`` split expression.
+        required: columns that must be present.
+        cache_dir: ``datasets`` cache folder.
+        local_hint: how to pass local files instead, appended to the error message.
+
+    Returns:
+        The split as a ``Dataset``.
+
+    Raises:
+        DataSourceError: when the Hub (or its cached copy) cannot be reached; names the id and the fix.
+        ValueError: when a required column is missing.
+    """
+    described = f"'{hub_id}'" + (f" (config '{config}')" if config else "") + f", split '{split}'"
+    try:
+        dataset = load_dataset(hub_id, config, split=split, cache_dir=cache_dir)
+    except OSError as error:  # ConnectionError (offline / unreachable) and DatasetNotFoundError
+        raise DataSourceError(
+            f"could not load {described} from the Hugging Face Hub ({type(error).__name__}: {error}). "
+            f"Without network access, or with HF_DATASETS_OFFLINE=1 and no cached copy, use local files: "
+            f"{local_hint}"
+        ) from error
+    check_columns(dataset, required, f"Hub dataset {described}")
+    return dataset
+
+
+def resolve_file(data_dir: str | os.PathLike | None, file: str | os.PathLike) -> Path:
+    """``file`` if it is absolute, else ``data_dir / file``."""
+    file = Path(file)
+    if file.is_absolute() or data_dir is None:
+        return file
+    return Path(data_dir) / file
+
+
+# ---------------------------------------------------------------------------------------- tokenisation
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A stable hash of what the tokenizer does, for the ``datasets`` map cache.
+
+    Hashing the tokenizer object with ``dill`` is slow and not stable across processes; its serialised
+    vocabulary/merges (fast tokenizers), special tokens and chat template identify it instead.
+    """
+    parts = [type(tokenizer).__name__, str(getattr(tokenizer, "name_or_path", "")), str(len(tokenizer))]
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        parts.append(hashlib.sha256(backend.to_str().encode()).hexdigest())
+    else:
+        parts.append(hashlib.sha256(repr(sorted(tokenizer.get_vocab().items())).encode()).hexdigest())
+    parts += [
+        repr(tokenizer.all_special_tokens),
+        str(getattr(tokenizer, "chat_template", None)),
+        str(tokenizer.eos_token_id),
+    ]
+    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
+
+
+def _tokenize_batch(batch: dict[str, list], tokenizer: Any, template: str, separator: str) -> dict[str, list]:
+    prompts = [
+        build_prompt(query, input_text or "", template, tokenizer)
+        for query, input_text in zip(batch["query"], batch["input"], strict=True)
+    ]
+    # Chat templates already contain their special tokens; text templates get the tokenizer's BOS (if any).
+    prompt_ids = tokenizer(prompts, add_special_tokens=template != "chat")["input_ids"]
+    responses = [separator + response.strip() for response in batch["response"]]
+    response_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
+    eos = [tokenizer.eos_token_id]
+    input_ids = [prompt + response + eos for prompt, response in zip(prompt_ids, response_ids, strict=True)]
+    return {
+        "input_ids": input_ids,
+        "prompt_length": [len(prompt) for prompt in prompt_ids],
+        "length": [len(ids) for ids in input_ids],
+    }
+
+
+def tokenize_instructions(
+    records: Dataset, tokenizer: Any, template: str = "alpaca", num_proc: int | None = None
+) -> Dataset:
+    """Tokenise canonical records into ``input_ids`` / ``prompt_length`` / ``length`` (+ reference, task).
+
+    The result is cached by ``datasets`` under a fingerprint of (records, tokenizer, template), so a second
+    run with the same inputs reads it from disk instead of tokenising again.
+
+    Args:
+        records: a ``Dataset`` with :data:`CANONICAL_COLUMNS`.
+        tokenizer: a Hugging Face tokenizer with an ``eos_token_id``.
+        template: prompt template (see ``lit_svd.data.prompts``).
+        num_proc: processes for ``datasets.map`` (``None``: in-process; fast tokenizers batch anyway).
+
+    Returns:
+        A ``Dataset`` with columns ``input_ids`` (list[int], untruncated), ``prompt_length`` (int),
+        ``length`` (int), ``reference`` (str) and ``task`` (str).
+    """
+    check_columns(records, CANONICAL_COLUMNS, "canonical records")
+    if tokenizer.eos_token_id is None:
+        raise ValueError(
+            "the tokenizer has no eos_token_id; responses must end with EOS for generation to stop"
+        )
+    separator = response_separator(template, tokenizer)
+    fingerprint = Hasher.hash(
+        ["lit_svd.tokenize_instructions/v1", records._fingerprint, tokenizer_fingerprint(tokenizer), template]
+    )
+    return records.map(
+        _tokenize_batch,
+        batched=True,
+        batch_size=1000,
+        num_proc=num_proc,
+        remove_columns=["query", "input", "response"],
+        fn_kwargs={"tokenizer": tokenizer, "template": template, "separator": separator},
+        new_fingerprint=fingerprint,
+        desc="Tokenising",
+    )
+
+
+# ------------------------------------------------------------------------------------- batching
+
+
+def _to_tensor(rows: list[list[int]], pad_value: int, width: int, left: bool) -> torch.Tensor:
+    out = torch.full((len(rows), width), pad_value, dtype=torch.long)
+    for row_index, row in enumerate(rows):
+        if not row:
+            continue
+        values = torch.tensor(row, dtype=torch.long)
+        if left:
+            out[row_index, width - len(row) :] = values
+        else:
+            out[row_index, : len(row)] = values
+    return out
+
+
+@dataclass
+class InstructionCollator:
+    """Dynamic padding of tokenised records into a batch.
+
+    Args:
+        pad_token_id: id used for padding (the tokenizer's pad token, else its EOS).
+        max_length: training sequences are cut to this many tokens (the response end is lost); ``None``
+            keeps them whole.
+        generation_inputs: also emit left-padded prompts and the references (for evaluation batches).
+
+    Returns (from ``__call__``):
+        ``input_ids`` (B, T) long, right-padded; ``attention_mask`` (B, T) long; ``labels`` (B, T) long,
+        ``-100`` on prompt and padding. With ``generation_inputs``: ``prompt_input_ids`` and
+        ``prompt_attention_mask`` (B, P), left-padded so generation continues every row at the same
+        position; ``references`` list[str] of length B; ``task`` list[str] of length B.
+    """
+
+    pad_token_id: int
+    max_length: int | None = None
+    generation_inputs: bool = False
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        sequences = [list(example["input_ids"][: self.max_length]) for example in examples]
+        width = max(len(sequence) for sequence in sequences)
+        input_ids = _to_tensor(sequences, self.pad_token_id, width, left=False)
+        attention_mask = _to_tensor([[1] * len(sequence) for sequence in sequences], 0, width, left=False)
+        labels = torch.full_like(input_ids, IGNORE_INDEX)
+        for row, (sequence, example) in enumerate(zip(sequences, examples, strict=True)):
+            start = min(int(example["prompt_length"]), len(sequence))
+            labels[row, start : len(sequence)] = input_ids[row, start : len(sequence)]
+        batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        if self.generation_inputs:
+            # The prompt is never truncated: a question cut short cannot be answered.
+            prompts = [list(example["input_ids"][: example["prompt_length"]]) for example in examples]
+            prompt_width = max(len(prompt) for prompt in prompts)
+            batch["prompt_input_ids"] = _to_tensor(prompts, self.pad_token_id, prompt_width, left=True)
+            batch["prompt_attention_mask"] = _to_tensor(
+                [[1] * len(prompt) for prompt in prompts], 0, prompt_width, left=True
+            )
+            batch["references"] = [example["reference"] for example in examples]
+            batch["task"] = [example["task"] for example in examples]
+        return batch
+
+
+class LengthGroupedSampler(DistributedSampler):
+    """Random order, but examples of similar length end up in the same batch (less padding).
+
+    Indices are shuffled (seeded, reshuffled by ``set_epoch``), cut into mega-batches of
+    ``batch_size * num_replicas * mega_batch_factor`` and each mega-batch is sorted by length, longest first.
+    Under DDP each rank takes every ``num_replicas``-th index, so one step's batches across ranks come from
+    the same sorted stretch. It subclasses ``DistributedSampler`` so Lightning does not wrap it again (which
+    would reshuffle the indices and undo the grouping).
+
+    Args:
+        lengths: token count per example (after truncation).
+        batch_size: per-device batch size.
+        num_replicas: world size (default: from ``torch.distributed`` if initialised, else 1).
+        rank: this process's rank (default: from ``torch.distributed`` if initialised, else 0).
+        seed: shuffling seed; epoch ``e`` uses ``seed + e``.
+        drop_last: drop the tail so every rank gets the same count (else it is padded by repetition).
+        mega_batch_factor: batches per rank per sorted mega-batch (50 as in HF ``Trainer``).
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        seed: int = 0,
+        drop_last: bool = False,
+        mega_batch_factor: int = 50,
+    ) -> None:
+        distributed = dist.is_available() and dist.is_initialized()
+        if num_replicas is None:
+            num_replicas = dist.get_world_size() if distributed else 1
+        if rank is None:
+            rank = dist.get_rank() if distributed else 0
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        super().__init__(
+            self.lengths, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=drop_last
+        )
+        self.batch_size = batch_size
+        self.mega_batch_size = batch_size * num_replicas * mega_batch_factor
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=generator).numpy()
+        mega_batches = [
+            order[start : start + self.mega_batch_size]
+            for start in range(0, len(order), self.mega_batch_size)
+        ]
+        arranged = (
+            np.concatenate([mega[np.argsort(-self.lengths[mega], kind="stable")] for mega in mega_batches])
+            if mega_batches
+            else order
+        )
+        if self.drop_last:
+            arranged = arranged[: self.total_size]
+        elif len(arranged) < self.total_size:
+            repeats = -(-(self.total_size - len(arranged)) // max(len(arranged), 1))
+            arranged = np.concatenate([arranged, np.tile(arranged, repeats)])[: self.total_size]
+        return iter(arranged[self.rank : self.total_size : self.num_replicas].tolist())
+
+
+# ------------------------------------------------------------------------------------- datamodule
+
+
+class InstructionDataModule(LightningDataModule):
+    """Base ``LightningDataModule`` for instruction tuning with generation-based evaluation.
+
+    Subclasses implement ``_load_train_records()`` and ``_load_eval_records()`` (returning ``Dataset``s with
+    :data:`CANONICAL_COLUMNS`) and ``make_metric()``.
+
+    Splits: ``train_dataloader`` serves the training records (minus ``val_size`` held-out ones);
+    ``val_dataloader`` serves the held-out records (LM loss only, no generation inputs) when
+    ``val_size > 0``, otherwise the evaluation set (test split, capped at ``max_eval_examples``) as
+    generation batches; ``test_dataloader`` and ``predict_dataloader`` always serve the evaluation set.
+
+    The tokenizer: give a Hub id / local path in ``tokenizer`` (plus ``tokenizer_gguf_file`` for a GGUF
+    checkpoint), call ``set_tokenizer(tokenizer)``, or leave both empty and attach the datamodule to a
+    ``Trainer`` whose ``LightningModule`` has a ``tokenizer`` attribute: ``setup`` then takes that one.
+
+    Args:
+        tokenizer: Hub id or local path of the tokenizer (``AutoTokenizer.from_pretrained``); ``None`` to
+            hand one over later.
+        tokenizer_gguf_file: file name of a GGUF checkpoint inside ``tokenizer`` (e.g. the embedded
+            SmolLM2's ``SmolLM2-135M-Instruct.Q4_1.gguf``).
+        data_dir: folder with local data files; ``None`` loads from the Hugging Face Hub.
+        prompt_template: ``"alpaca"`` (default, the MetaMath/PiSSA/SORSA prompt), ``"chat"`` (the
+            tokenizer's chat template) or a format string with ``{query}``.
+        max_length: maximum training sequence length in tokens (prompt + response + EOS).
+        overlength: what to do with longer training examples: ``"truncate"`` cuts the response end,
+            ``"drop"`` removes the example. Examples whose prompt alone fills ``max_length`` are always
+            dropped (no response token would remain). Counts are logged and kept in ``length_stats``.
+        batch_size: training batch size per device.
+        eval_batch_size: evaluation batch size per device (default: ``batch_size``).
+        num_workers: ``DataLoader`` worker processes.
+        seed: seed for the held-out split, shuffling and the length-grouped sampler.
+        val_size: number of training examples held out for validation loss; 0 validates on the eval set.
+        max_train_examples: use only the first N training examples (``None``: all).
+        max_eval_examples: use only the first N examples of each evaluation set (``None``: all).
+        group_by_length: batch examples of similar length together (:class:`LengthGroupedSampler`).
+        cache_dir: ``datasets`` cache folder for downloads, Arrow files and tokenisation (default: the HF
+            cache, ``~/.cache/huggingface/datasets``).
+        num_proc: processes for tokenisation with ``datasets.map`` (``None``: in-process).
+    """
+
+    def __init__(
+        self,
+        tokenizer: str | None = None,
+        tokenizer_gguf_file: str | None = None,
+        data_dir: str | None = None,
+        prompt_template: str = "alpaca",
+        max_length: int = 512,
+        overlength: Literal["truncate", "drop"] = "truncate",
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        seed: int = 42,
+        val_size: int = 0,
+        max_train_examples: int | None = None,
+        max_eval_examples: int | None = None,
+        group_by_length: bool = False,
+        cache_dir: str | None = None,
+        num_proc: int | None = None,
+    ) -> None:
+        super().__init__()
+        validate_template(prompt_template)
+        problems = []
+        if max_length < 2:
+            problems.append(f"max_length must be at least 2, got {max_length}")
+        if overlength not in ("truncate", "drop"):
+            problems.append(f"overlength must be 'truncate' or 'drop', got {overlength!r}")
+        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if value is not None and value < 1:
+                problems.append(f"{name} must be positive, got {value}")
+        for name, value in (
+            ("max_train_examples", max_train_examples),
+            ("max_eval_examples", max_eval_examples),
+        ):
+            if value is not None and value < 1:
+                problems.append(f"{name} must be positive or None, got {value}")
+        if val_size < 0:
+            problems.append(f"val_size must be >= 0, got {val_size}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        self.save_hyperparameters()
+        self.tokenizer_name = tokenizer
+        self.tokenizer_gguf_file = tokenizer_gguf_file
+        self.data_dir = data_dir
+        self.prompt_template = prompt_template
+        self.max_length = max_length
+        self.overlength = overlength
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.val_size = val_size
+        self.max_train_examples = max_train_examples
+        self.max_eval_examples = max_eval_examples
+        self.group_by_length = group_by_length
+        self.cache_dir = cache_dir
+        self.num_proc = num_proc
+        self.tokenizer: Any = None
+        self.length_stats: dict[str, dict[str, int]] = {}
+        self.train_dataset: Dataset | None = None
+        self.val_dataset: Dataset | None = None
+        self.eval_dataset: Dataset | None = None
+
+    # -- hooks for subclasses ---------------------------------------------------------------------
+
+    def _load_train_records(self) -> Dataset:
+        """Training records with :data:`CANONICAL_COLUMNS`."""
+        raise NotImplementedError
+
+    def _load_eval_records(self) -> Dataset:
+        """Evaluation records with :data:`CANONICAL_COLUMNS` (all eval sets, ``max_eval_examples`` each)."""
+        raise NotImplementedError
+
+    def make_metric(self):
+        """The torchmetrics ``Metric`` that judges this datamodule's evaluation batches."""
+        raise NotImplementedError
+
+    # -- tokenizer --------------------------------------------------------------------------------
+
+    def set_tokenizer(self, tokenizer: Any) -> None:
+        """Use this tokenizer (e.g. the LightningModule's); forgets datasets tokenised with another one.
+
+        Args:
+            tokenizer: a Hugging Face tokenizer with an EOS token.
+        """
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no EOS token; set tokenizer.eos_token before handing it over")
+        self.tokenizer = tokenizer
+        self.train_dataset = self.val_dataset = self.eval_dataset = None
+
+    def _resolve_tokenizer(self, required: bool) -> Any:
+        if self.tokenizer is None and self.tokenizer_name is not None:
+            from transformers import AutoTokenizer
+
+            kwargs = {"gguf_file": self.tokenizer_gguf_file} if self.tokenizer_gguf_file else {}
+            self.set_tokenizer(AutoTokenizer.from_pretrained(self.tokenizer_name, **kwargs))
+        if self.tokenizer is None:
+            module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+            if getattr(module, "tokenizer", None) is not None:
+                self.set_tokenizer(module.tokenizer)
+        if self.tokenizer is None and required:
+            raise ValueError(
+                f"{type(self).__name__} has no tokenizer: pass tokenizer='<hub id or path>', call "
+                "set_tokenizer(tok), or attach it to a Trainer whose LightningModule has a .tokenizer"
+            )
+        return self.tokenizer
+
+    @property
+    def pad_token_id(self) -> int:
+        """Padding id: the tokenizer's pad token, else its EOS (labels mask padding anyway)."""
+        tokenizer = self._resolve_tokenizer(required=True)
+        return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    # -- Lightning hooks --------------------------------------------------------------------------
+
+    def prepare_data(self) -> None:
+        """Download Hub data and, when a tokenizer is known, tokenise once so that every rank hits the cache.
+
+        Local files that are missing are skipped here; ``setup`` reports them for the stage that needs them.
+        """
+        tokenizer = self._resolve_tokenizer(required=False)
+        for load in (self._train_records, self._load_eval_records):
+            try:
+                records = load()
+            except FileNotFoundError:
+                continue
+            if tokenizer is not None:
+                tokenize_instructions(records, tokenizer, self.prompt_template, self.num_proc)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the tokenised datasets the stage needs (``"fit"``, ``"validate"``, ``"test"``, ...)."""
+        tokenizer = self._resolve_tokenizer(required=True)
+        needs_train = stage in ("fit", None) or (stage == "validate" and self.val_size > 0)
+        if needs_train and self.train_dataset is None:
+            train = tokenize_instructions(
+                self._train_records(), tokenizer, self.prompt_template, self.num_proc
+            )
+            if self.val_size:
+                if self.val_size >= len(train):
+                    raise ValueError(
+                        f"val_size={self.val_size} leaves no training examples (have {len(train)})"
+                    )
+                order = np.random.default_rng(self.seed).permutation(len(train))
+                self.val_dataset = self._apply_overlength(
+                    train.select(np.sort(order[: self.val_size])), "val"
+                )
+                train = train.select(np.sort(order[self.val_size :]))
+            self.train_dataset = self._apply_overlength(train, "train")
+        needs_eval = stage in ("test", "predict", None) or (
+            stage in ("fit", "validate") and not self.val_size
+        )
+        if needs_eval and self.eval_dataset is None:
+            records = self._load_eval_records()
+            self.eval_dataset = tokenize_instructions(records, tokenizer, self.prompt_template, self.num_proc)
+            over = int((_column(self.eval_dataset, "length") > self.max_length).sum())
+            self.length_stats["eval"] = {"total": len(self.eval_dataset), "over_max_length": over}
+
+    def _train_records(self) -> Dataset:
+        records = self._load_train_records()
+        if self.max_train_examples is not None and self.max_train_examples < len(records):
+            records = records.select(range(self.max_train_examples))
+        return records
+
+    def _apply_overlength(self, dataset: Dataset, split: str) -> Dataset:
+        lengths = _column(dataset, "length")
+        prompt_lengths = _column(dataset, "prompt_length")
+        over = lengths > self.max_length
+        prompt_fills = prompt_lengths >= self.max_length
+        keep = ~over if self.overlength == "drop" else ~prompt_fills
+        stats = {
+            "total": len(dataset),
+            "over_max_length": int(over.sum()),
+            "truncated": int((over & keep).sum()),
+            "dropped": int((~keep).sum()),
+        }
+        self.length_stats[split] = stats
+        if stats["over_max_length"]:
+            message = (
+                f"{type(self).__name__} {split}: {stats['over_max_length']} of {stats['total']} examples are "
+                f"longer than max_length={self.max_length}; truncated {stats['truncated']}, "
+                f"dropped {stats['dropped']} (overlength={self.overlength!r})"
+            )
+            # A few long outliers are normal; more than 1% means max_length is probably too small.
+            if stats["over_max_length"] > 0.01 * stats["total"]:
+                rank_zero_warn(message)
+            else:
+                rank_zero_info(message)
+        if stats["dropped"] == 0:
+            return dataset
+        return dataset.select(np.flatnonzero(keep))
+
+    # -- dataloaders ------------------------------------------------------------------------------
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled (or length-grouped) training batches; see :class:`InstructionCollator`."""
+        if self.train_dataset is None:
+            self.setup("fit")
+        dataset = self.train_dataset.select_columns(["input_ids", "prompt_length"])
+        collate = InstructionCollator(self.pad_token_id, self.max_length)
+        if self.group_by_length:
+            lengths = np.minimum(_column(self.train_dataset, "length"), self.max_length)
+            sampler = LengthGroupedSampler(lengths, self.batch_size, seed=self.seed)
+            return DataLoader(
+                dataset, self.batch_size, sampler=sampler, collate_fn=collate, num_workers=self.num_workers
+            )
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            dataset,
+            self.batch_size,
+            shuffle=True,
+            generator=generator,
+            collate_fn=collate,
+            num_workers=self.num_workers,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        """Held-out LM-loss batches (``val_size > 0``) or generation batches from the eval set."""
+        if self.val_size:
+            if self.val_dataset is None:
+                self.setup("validate")
+            dataset = self.val_dataset.select_columns(["input_ids", "prompt_length"])
+            collate = InstructionCollator(self.pad_token_id, self.max_length)
+            return DataLoader(dataset, self.eval_batch_size, collate_fn=collate, num_workers=self.num_workers)
+        return self.eval_dataloader()
+
+    def test_dataloader(self) -> DataLoader:
+        """Generation batches from the evaluation set."""
+        return self.eval_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        """Generation batches from the evaluation set."""
+        return self.eval_dataloader()
+
+    def eval_dataloader(self, batch_size: int | None = None) -> DataLoader:
+        """Evaluation batches in dataset order, with generation inputs, references and task names.
+
+        Args:
+            batch_size: override ``eval_batch_size``.
+        """
+        if self.eval_dataset is None:
+            self.setup("test")
+        collate = InstructionCollator(self.pad_token_id, self.max_length, generation_inputs=True)
+        return DataLoader(
+            self.eval_dataset,
+            batch_size or self.eval_batch_size,
+            collate_fn=collate,
+            num_workers=self.num_workers,
+        )
+
+
+def _column(dataset: Dataset, name: str) -> np.ndarray:
+    return np.asarray(dataset.with_format("numpy")[name])
