@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -150,10 +150,20 @@ def inject_adapters(model: nn.Module, config: AdapterConfig, initialize: bool = 
 
 
 @torch.no_grad()
-def initialize_adapters(model: nn.Module, compute_dtype: torch.dtype = torch.float32) -> dict[str, float]:
+def initialize_adapters(
+    model: nn.Module,
+    compute_dtype: torch.dtype = torch.float32,
+    broadcast: Callable[[torch.Tensor], None] | None = None,
+) -> dict[str, float]:
     """Initialise every adapter not yet initialised, one batched decomposition per weight shape.
 
     The SVD/QR runs on the device the weights live on (move the model to the GPU first to use it).
+
+    Args:
+        model: Model with injected adapters.
+        compute_dtype: Working precision of the decompositions (float32, or float64 for reference runs).
+        broadcast: In-place broadcast applied to every batch of factors before use (e.g. from rank 0
+            under DDP), so that all processes form bit-identical adapters and residuals.
 
     Returns:
         ``{"count": layers initialised, "seconds": wall time, "max_reconstruction_error": max over layers
@@ -182,6 +192,10 @@ def initialize_adapters(model: nn.Module, compute_dtype: torch.dtype = torch.flo
                     batched = top_r_svd(stacked, rank, method=svd_method, dtype=compute_dtype)
                 else:
                     batched = thin_qr(stacked, rank, dtype=compute_dtype)
+                if broadcast is not None:
+                    batched = tuple(t.contiguous() for t in batched)
+                    for t in batched:
+                        broadcast(t)
                 factors = [tuple(t[i] for t in batched) for i in range(len(chunk))]
             for layer, layer_factors in zip(chunk, factors, strict=True):
                 max_error = max(max_error, layer.initialize(layer_factors))

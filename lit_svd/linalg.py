@@ -22,6 +22,8 @@ __all__ = [
     "residual_weight",
     "orthonormality_error",
     "optimal_residual_norm",
+    "low_rank_svd",
+    "low_rank_frobenius_norm",
 ]
 
 SVDMethod = Literal["auto", "gram", "full"]
@@ -149,3 +151,22 @@ def orthonormality_error(X: torch.Tensor) -> torch.Tensor:
 def optimal_residual_norm(S_all: torch.Tensor, r: int) -> torch.Tensor:
     """Eckart–Young bound ``sqrt(Σ_{i>r} σ_i²)`` from all singular values ``S_all`` (..., k)."""
     return S_all[..., r:].pow(2).sum(-1).sqrt()
+
+
+def low_rank_svd(P: torch.Tensor, Q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD of ``P Qᵀ`` without forming it: ``P`` (..., m, k), ``Q`` (..., n, k), k ≪ m, n.
+
+    ``P = Q_P R_P`` and ``Q = Q_Q R_Q`` reduce the problem to the k×k matrix ``R_P R_Qᵀ``.
+
+    Returns:
+        ``U`` (..., m, k), ``S`` (..., k) descending, ``V`` (..., n, k) with ``P Qᵀ = U diag(S) Vᵀ``.
+    """
+    Q_P, R_P = torch.linalg.qr(P, mode="reduced")
+    Q_Q, R_Q = torch.linalg.qr(Q, mode="reduced")
+    U_small, S, Vh_small = torch.linalg.svd(R_P @ R_Q.mT, full_matrices=False)
+    return Q_P @ U_small, S, Q_Q @ Vh_small.mT
+
+
+def low_rank_frobenius_norm(P: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    """``‖P Qᵀ‖_F`` from the k×k Gram matrices: ``sqrt(trace((PᵀP)(QᵀQ)))``; shape ``(...)``."""
+    return ((P.mT @ P) * (Q.mT @ Q)).sum((-2, -1)).clamp_min(0).sqrt()

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from lit_svd.linalg import (
+    low_rank_frobenius_norm,
+    low_rank_svd,
     optimal_residual_norm,
     orthonormality_error,
     principal_weight,
@@ -82,3 +84,14 @@ def test_orthonormality_error_value():
     X = torch.tensor([[1.0, 0.0], [0.0, 2.0], [0.0, 0.0]], dtype=torch.float64)
     # XᵀX − I = diag(0, 3)
     assert orthonormality_error(X).item() == pytest.approx(3.0)
+
+
+def test_low_rank_svd_and_norm_match_the_dense_product():
+    P = torch.randn(2, 30, 6, dtype=torch.float64)
+    Q = torch.randn(2, 20, 6, dtype=torch.float64)
+    dense = P @ Q.mT
+    U, S, V = low_rank_svd(P, Q)
+    torch.testing.assert_close(S, torch.linalg.svdvals(dense)[:, :6], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(principal_weight(U, S, V), dense, rtol=1e-10, atol=1e-12)
+    assert orthonormality_error(U).max() < 1e-12 and orthonormality_error(V).max() < 1e-12
+    torch.testing.assert_close(low_rank_frobenius_norm(P, Q), torch.linalg.matrix_norm(dense), rtol=1e-12, atol=0)

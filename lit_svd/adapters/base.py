@@ -11,7 +11,8 @@ A concrete method fills in four hooks, each a few lines:
 - ``create_adapter(dtype, device)``: register its parameters/buffers with their shapes;
 - ``init_from_base(weight, factors)``: set them from the original weight ``W`` (m, n) and its top-r
   factors (SVD ``(U, S, V)``, QR ``(Q_r, R_r)`` or ``None``), computed in batch by ``initialize_adapters``;
-- ``delta_weight(tensors)``: the dense (m, n) change the adapter adds, used only by merge/export/init;
+- ``low_rank_factors(tensors)``: ``(P (m, k), Q (n, k))`` with adapter delta ``P Qᵀ``; merge, export,
+  init and monitoring all derive from it, and only merge/init ever form the dense (m, n) product;
 - ``adapter_forward(x)``: the low-rank path on activations (never an m×n product).
 
 The base class owns rank, scaling, dropout, the idempotent ``merge``/``unmerge``, and the residual
@@ -103,7 +104,7 @@ class AdapterLayer(nn.Module):
     def init_from_base(self, weight: torch.Tensor, factors: Factors) -> None:
         raise NotImplementedError
 
-    def delta_weight(self, tensors: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def low_rank_factors(self, tensors: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -123,6 +124,18 @@ class AdapterLayer(nn.Module):
             source = f"init_{n}" if initial and self.decomposition is not None else n
             out[n] = getattr(self, source).float()
         return out
+
+    def initial_low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(P_0, Q_0)`` of the delta at init (zero for methods whose init leaves ``W`` unchanged)."""
+        if self.decomposition is None:
+            P, Q = self.low_rank_factors(self.factors())
+            return torch.zeros_like(P), Q
+        return self.low_rank_factors(self.factors(initial=True))
+
+    def delta_weight(self, tensors: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The dense ``(m, n)`` float32 change ``P Qᵀ`` (merge/init only; default: current tensors)."""
+        P, Q = self.low_rank_factors(self.factors() if tensors is None else tensors)
+        return P @ Q.T
 
     def weight_matrix(self) -> torch.Tensor:
         """The base weight as ``(out_features, in_features)`` (a view for ``Conv1D``)."""

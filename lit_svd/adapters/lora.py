@@ -33,9 +33,8 @@ class LowRankProductLayer(AdapterLayer):
         self.A = nn.Parameter(torch.empty(self.rank, self.in_features, dtype=dtype, device=device))
         self.B = nn.Parameter(torch.zeros(self.out_features, self.rank, dtype=dtype, device=device))
 
-    def delta_weight(self, tensors: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
-        t = self.factors() if tensors is None else tensors
-        return self.scaling * (t["B"] @ t["A"])
+    def low_rank_factors(self, t: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.scaling * t["B"], t["A"].T
 
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x, self.A), self.B) * self.scaling

@@ -22,7 +22,6 @@ from torch import nn
 
 from lit_svd.adapters.base import AdapterLayer, Factors
 from lit_svd.adapters.registry import register
-from lit_svd.linalg import principal_weight
 
 __all__ = ["OSoRALayer"]
 
@@ -47,9 +46,8 @@ class OSoRALayer(AdapterLayer):
         self.S.copy_(S)
         self.output_scale.fill_(1.0)
 
-    def delta_weight(self, tensors: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
-        t = self.factors() if tensors is None else tensors
-        return t["output_scale"][:, None] * principal_weight(t["U"], t["S"], t["V"])
+    def low_rank_factors(self, t: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return t["output_scale"][:, None] * t["U"] * t["S"], t["V"]
 
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear((x @ self.V) * self.S, self.U) * self.output_scale

@@ -21,7 +21,6 @@ from torch import nn
 
 from lit_svd.adapters.base import AdapterLayer, Factors
 from lit_svd.adapters.registry import register
-from lit_svd.linalg import principal_weight
 
 __all__ = ["SORSALayer"]
 
@@ -44,9 +43,8 @@ class SORSALayer(AdapterLayer):
         self.S.copy_(S)
         self.V.copy_(V)
 
-    def delta_weight(self, tensors: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
-        t = self.factors() if tensors is None else tensors
-        return self.scaling * principal_weight(t["U"], t["S"], t["V"])
+    def low_rank_factors(self, t: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return t["U"] * (self.scaling * t["S"]), t["V"]
 
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
         # (x V_p) is (..., r): the m×n product U_p diag(S_p) V_pᵀ is never formed.

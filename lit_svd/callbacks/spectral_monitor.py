@@ -1,0 +1,107 @@
+"""`SpectralMonitor`: log singular-value drift, orthonormality and weight change of every adapter."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
+from typing_extensions import override
+
+from lit_svd.inject import adapter_layers
+from lit_svd.spectral import LayerSpectrum, layer_position, layer_spectrum, original_weight_norm
+
+__all__ = ["SpectralMonitor", "drift_heatmap"]
+
+
+def drift_heatmap(spectra: dict[str, LayerSpectrum]):
+    """A matplotlib figure: decoder layers (rows) × module names (columns), colour = singular-value drift."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    positions = {name: layer_position(name) for name in spectra}
+    rows = sorted({p[0] for p in positions.values()})
+    cols = list(dict.fromkeys(p[1] for p in positions.values()))
+    grid = torch.full((len(rows), len(cols)), float("nan"))
+    for name, (row, col) in positions.items():
+        grid[rows.index(row), cols.index(col)] = spectra[name].sv_drift
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(cols), 1.0 + 0.22 * len(rows)))
+    image = ax.imshow(grid.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right")
+    ax.set_yticks(range(len(rows)), [str(r) for r in rows])
+    ax.set_xlabel("module")
+    ax.set_ylabel("decoder layer")
+    ax.set_title("singular-value drift ‖S_t − S_0‖/‖S_0‖")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    return fig
+
+
+class SpectralMonitor(Callback):
+    """Every ``every_n_steps`` optimizer steps, measure each adapter's spectrum and log it.
+
+    Scalars ``spectral/{sv_drift,orth_U,orth_V,weight_change}_{mean,max}``; with a TensorBoard logger also
+    a histogram ``spectral/singular_values`` and the image ``spectral/drift_heatmap`` (decoder layer ×
+    module). All metrics come from the r-dimensional factors (see ``lit_svd.spectral``).
+
+    Example::
+
+        trainer = Trainer(callbacks=[SVDInit(), SpectralMonitor(every_n_steps=50)])
+
+    Args:
+        every_n_steps: Interval in optimizer steps (also logged at step 0 after init).
+        log_per_layer: Also log one scalar per layer and metric (``spectral/<layer>/<metric>``).
+        log_images: Log the heat-map image and the histogram (TensorBoard only).
+    """
+
+    METRICS = ("sv_drift", "orth_U", "orth_V", "weight_change")
+
+    def __init__(self, every_n_steps: int = 50, log_per_layer: bool = False, log_images: bool = True) -> None:
+        if not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be a positive integer, got {every_n_steps!r}")
+        self.every_n_steps = every_n_steps
+        self.log_per_layer = log_per_layer
+        self.log_images = log_images
+        self._weight_norms: dict[str, float] = {}
+        self._last_step = -1
+        self.last_spectra: dict[str, LayerSpectrum] = {}
+
+    def measure(self, pl_module: LightningModule) -> dict[str, LayerSpectrum]:
+        """Spectra of every adapter of ``pl_module`` now."""
+        spectra = {}
+        for name, layer in adapter_layers(pl_module):
+            if name not in self._weight_norms:
+                self._weight_norms[name] = original_weight_norm(layer)
+            spectra[name] = layer_spectrum(layer, self._weight_norms[name])
+        return spectra
+
+    @override
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if step == self._last_step or (step % self.every_n_steps != 0 and step != 1):
+            return
+        self._last_step = step
+        spectra = self.measure(pl_module)
+        self.last_spectra = spectra
+        if not spectra:
+            return
+        for metric in self.METRICS:
+            values = torch.tensor([getattr(s, metric) for s in spectra.values()])
+            pl_module.log(f"spectral/{metric}_mean", values.mean())
+            pl_module.log(f"spectral/{metric}_max", values.max())
+            if self.log_per_layer:
+                for name, spectrum in spectra.items():
+                    pl_module.log(f"spectral/{name}/{metric}", getattr(spectrum, metric))
+        if self.log_images and trainer.is_global_zero:
+            for logger in trainer.loggers:
+                if isinstance(logger, TensorBoardLogger):
+                    writer = logger.experiment
+                    writer.add_histogram(
+                        "spectral/singular_values", torch.cat([s.singular_values for s in spectra.values()]), step
+                    )
+                    writer.add_figure("spectral/drift_heatmap", drift_heatmap(spectra), step)

@@ -1,0 +1,155 @@
+"""Export a trained model: a plain merged Hugging Face checkpoint, or a standard PEFT LoRA adapter.
+
+Both writers fill a temporary sibling directory and rename it into place at the end, so a failure never
+leaves a half-written export behind.
+
+PEFT export: for every method the total change against the *original* base weight is
+``ΔW = (W_base + P_t Q_tᵀ) − W = P_t Q_tᵀ − P_0 Q_0ᵀ = [P_t, −P_0] [Q_t, Q_0]ᵀ`` (rank ≤ 2r; ≤ r for LoRA,
+whose ``P_0 Q_0ᵀ = 0``), so it is written as a LoRA of rank 2r (r for LoRA) through a thin SVD of the
+factored ``ΔW`` — no m×n matrix is formed. Served on the original base model (vLLM, PEFT, …) it
+reproduces our trained model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lit_svd.adapters import AdapterLayer
+from lit_svd.inject import adapter_layers
+from lit_svd.linalg import low_rank_svd
+
+__all__ = ["atomic_directory", "merged_state_dict", "export_merged", "peft_lora_factors", "export_peft_lora"]
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory that replaces ``path`` only if the block finishes without error."""
+    target = Path(path).expanduser().resolve()
+    if target.exists() and not overwrite and (not target.is_dir() or any(target.iterdir())):
+        raise FileExistsError(f"export target already exists and is not empty: {target} (pass overwrite=True)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield staging
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _check_exportable(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
+    layers = list(adapter_layers(model))
+    if not layers:
+        raise ValueError("model has no lit_svd adapters to export")
+    for name, layer in layers:
+        if not bool(layer.initialized):
+            raise ValueError(f"adapter '{name}' was never initialised; train (or initialise) before exporting")
+        if layer.merged:
+            raise ValueError(f"adapter '{name}' is merged; unmerge() before exporting")
+    return layers
+
+
+@torch.no_grad()
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict the merged plain model would have, computed layer by layer (model unchanged)."""
+    layers = dict(_check_exportable(model))
+    state = {}
+    for key, tensor in model.state_dict().items():
+        owner, _, leaf = key.rpartition(".")
+        if owner in layers:  # an adapter tensor: not part of the plain model
+            continue
+        layer_name = owner.removesuffix(".base_layer")
+        if owner.endswith(".base_layer") and layer_name in layers:
+            if leaf == "weight":
+                layer = layers[layer_name]
+                merged = layer.weight_matrix().float() + layer.delta_weight()
+                tensor = (merged.T if layer.is_conv1d else merged).to(tensor.dtype).contiguous()
+            key = f"{layer_name}.{leaf}"
+        state[key] = tensor
+    return state
+
+
+def export_merged(model: nn.Module, path: str | os.PathLike, tokenizer=None, overwrite: bool = False) -> Path:
+    """Write a plain Hugging Face checkpoint (+ tokenizer) with every adapter folded in.
+
+    ``AutoModelForCausalLM.from_pretrained(path)`` then loads it with the same logits. The in-memory
+    model keeps its adapters.
+    """
+    state = merged_state_dict(model)
+    with atomic_directory(path, overwrite) as staging:
+        model.save_pretrained(staging, state_dict=state)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+    return Path(path)
+
+
+@torch.no_grad()
+def peft_lora_factors(layer: AdapterLayer) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT ``lora_A`` (k, n) and ``lora_B`` (m, k) with ``lora_B @ lora_A = ΔW`` against the original weight.
+
+    ``k = r`` for methods whose init leaves the base weight unchanged (LoRA), else ``2r``.
+    """
+    P_t, Q_t = layer.low_rank_factors(layer.factors())
+    if layer.decomposition is not None:
+        P_0, Q_0 = layer.initial_low_rank_factors()
+        P_t, Q_t = torch.cat([P_t, -P_0], dim=1), torch.cat([Q_t, Q_0], dim=1)
+    U, S, V = low_rank_svd(P_t.double(), Q_t.double())
+    root = S.sqrt()
+    return (V * root).T.float().contiguous(), (U * root).float().contiguous()
+
+
+def export_peft_lora(
+    model: nn.Module, path: str | os.PathLike, base_model_name_or_path: str | None = None, overwrite: bool = False
+) -> Path:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` of an equivalent PEFT LoRA adapter.
+
+    Args:
+        model: A model with trained lit_svd adapters (any method).
+        path: Output directory (created atomically).
+        base_model_name_or_path: Recorded in the config so ``PeftModel.from_pretrained`` users know which
+            original base model to load.
+        overwrite: Replace an existing non-empty ``path``.
+    """
+    from safetensors.torch import save_file
+
+    try:
+        from peft import LoraConfig
+    except ImportError as err:  # peft is an optional dependency
+        raise ImportError("export_peft_lora needs peft: pip install peft") from err
+    layers = _check_exportable(model)
+    conv = {layer.is_conv1d for _, layer in layers}
+    if len(conv) > 1:
+        raise ValueError("cannot export a mix of nn.Linear and Conv1D adapters to one PEFT config (fan_in_fan_out)")
+    tensors, ranks = {}, set()
+    for name, layer in layers:
+        A, B = peft_lora_factors(layer)
+        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+            raise ValueError(f"adapter '{name}' has non-finite values; nothing exported")
+        ranks.add(A.shape[0])
+        tensors[f"base_model.model.{name}.lora_A.weight"] = A.cpu()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = B.cpu()
+    (rank,) = ranks
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=rank,  # scaling 1: the factors already carry the method's scale
+        target_modules=[name for name, _ in layers],
+        fan_in_fan_out=conv.pop(),
+        base_model_name_or_path=base_model_name_or_path,
+        task_type="CAUSAL_LM",
+    )
+    with atomic_directory(path, overwrite) as staging:
+        save_file(tensors, staging / "adapter_model.safetensors", metadata={"format": "pt"})
+        config.save_pretrained(staging)
+        (staging / "lit_svd.json").write_text(json.dumps({"method": layers[0][1].method, "rank": layers[0][1].rank}))
+    return Path(path)

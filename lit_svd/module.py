@@ -1,0 +1,323 @@
+"""`LitSVDAdapter`: the LightningModule that fine-tunes a Hugging Face causal LM with an SVD-family adapter.
+
+Thin glue over ``lit_svd.inject``: the constructor loads the model and injects *uninitialised* adapters;
+the ``SVDInit`` callback initialises them on the accelerator at fit start (added automatically if
+missing). Checkpoints hold only adapter tensors plus optimizer/scheduler state.
+
+Overridable hooks for research code (see ``docs/subclassing.md``):
+
+- ``adapter_config()``: the ``AdapterConfig`` to inject (default: the ``adapter`` argument);
+- ``compute_loss(batch)``: the training loss (default: masked LM loss, labels −100 ignored);
+- ``regularizer()``: the term SORSA's step back-propagates after clipping (default: ``L_orth``);
+- ``generate_answers(batch)``: decoded generations for evaluation batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.optim.lr_scheduler import LambdaLR
+from transformers import PreTrainedModel
+
+from lit_svd.config import AdapterConfig
+from lit_svd.export import export_merged, export_peft_lora
+from lit_svd.inject import (
+    adapter_layers,
+    adapter_state_dict,
+    inject_adapters,
+    load_adapter_state_dict,
+    orthonormal_regularizer,
+)
+from lit_svd.models import EMBEDDED_MODEL, load_causal_lm, load_tokenizer
+
+__all__ = ["LitSVDAdapter"]
+
+_CHECKPOINT_KEY = "lit_svd"
+
+
+class LitSVDAdapter(LightningModule):
+    """Fine-tune a causal LM with a lit_svd adapter.
+
+    Args:
+        model: Hub id, local directory, ``.gguf`` path, ``"embedded:SmolLM2-135M-Instruct"`` (the
+            offline default) or a ready ``PreTrainedModel``.
+        adapter: Method, rank, targets, γ … (``AdapterConfig``).
+        gguf_file: GGUF file name inside ``model`` when it is a directory.
+        model_dtype: Dtype to load the base weights in (``"bfloat16"``, ``"float32"``…; ``None`` = default).
+        tokenizer: Tokenizer path/id if it differs from ``model``.
+        learning_rate: AdamW learning rate of the adapter parameters.
+        singular_value_lr: Separate learning rate for singular values (SORSA/OSoRA ``S``); ``None`` = same.
+        weight_decay: AdamW weight decay (not applied to singular values).
+        betas: AdamW betas.
+        scheduler: ``"cosine"``, ``"linear"`` (both decay to 0 after warmup) or ``"constant"``.
+        warmup_ratio: Fraction of the total optimizer steps spent in linear warmup.
+        max_new_tokens: Generation length for evaluation.
+        gradient_checkpointing: Trade compute for memory in the base model.
+    """
+
+    def __init__(
+        self,
+        model: str | PreTrainedModel = EMBEDDED_MODEL,
+        adapter: AdapterConfig | None = None,
+        gguf_file: str | None = None,
+        model_dtype: Literal["float32", "bfloat16", "float16"] | None = None,
+        tokenizer: str | None = None,
+        learning_rate: float = 2e-4,
+        singular_value_lr: float | None = None,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        scheduler: Literal["cosine", "linear", "constant"] = "cosine",
+        warmup_ratio: float = 0.03,
+        max_new_tokens: int = 256,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        problems = []
+        if learning_rate <= 0:
+            problems.append(f"learning_rate must be > 0, got {learning_rate}")
+        if singular_value_lr is not None and singular_value_lr <= 0:
+            problems.append(f"singular_value_lr must be > 0 or None, got {singular_value_lr}")
+        if not 0 <= warmup_ratio < 1:
+            problems.append(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
+        if problems:
+            raise ValueError("invalid LitSVDAdapter arguments: " + "; ".join(problems))
+        if isinstance(adapter, dict):  # as stored in checkpoints' hyper-parameters
+            adapter = AdapterConfig(**adapter)
+        self._adapter = adapter or AdapterConfig()
+        self.save_hyperparameters(ignore=["model"] if isinstance(model, PreTrainedModel) else None)
+        # Plain types only, so checkpoints load with torch.load(weights_only=True).
+        self.hparams["adapter"] = dataclasses.asdict(self._adapter)
+        if isinstance(model, PreTrainedModel):
+            self.model_name = getattr(model, "name_or_path", "") or ""
+            self.model = model
+            self.tokenizer = load_tokenizer(tokenizer) if tokenizer else None
+        else:
+            self.model_name = model
+            self.model = load_causal_lm(model, gguf_file=gguf_file, dtype=model_dtype)
+            self.tokenizer = load_tokenizer(tokenizer or model, gguf_file=None if tokenizer else gguf_file)
+        if gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.model.enable_input_require_grads()
+        inject_adapters(self.model, self.adapter_config(), initialize=False)
+        self.metric = None
+        self._tokens_seen = 0
+        self._step_started: float | None = None
+        # The base model is frozen and not saved; Lightning must not insist on its keys when loading.
+        self.strict_loading = False
+
+    # ----- overridable hooks ------------------------------------------------------------------------------
+    def adapter_config(self) -> AdapterConfig:
+        """The adapter configuration to inject; override to derive it programmatically."""
+        return self._adapter
+
+    def compute_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Masked causal-LM loss: mean cross-entropy over tokens whose label is not −100."""
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+        logits = out.logits[:, :-1].float()
+        labels = batch["labels"][:, 1:]
+        return torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
+        )
+
+    def regularizer(self) -> torch.Tensor:
+        """SORSA's orthonormal regulariser ``L_orth`` (zero for the other methods)."""
+        return orthonormal_regularizer(self.model)
+
+    @torch.no_grad()
+    def generate_answers(self, batch: dict[str, Any]) -> list[str]:
+        """Greedy, KV-cached generation for the batch's left-padded prompts; returns the decoded continuations."""
+        if self.tokenizer is None:
+            raise ValueError("generation needs a tokenizer; pass tokenizer= to LitSVDAdapter")
+        prompt = batch["prompt_input_ids"]
+        output = self.model.generate(
+            input_ids=prompt,
+            attention_mask=batch["prompt_attention_mask"],
+            max_new_tokens=self.hparams.max_new_tokens,
+            do_sample=False,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+        )
+        return self.tokenizer.batch_decode(output[:, prompt.shape[1] :], skip_special_tokens=True)
+
+    # ----- Lightning hooks --------------------------------------------------------------------------------
+    def forward(self, **batch: torch.Tensor) -> Any:
+        return self.model(**batch)
+
+    def configure_callbacks(self) -> list[Callback]:
+        from lit_svd.callbacks import SVDInit
+
+        if any(isinstance(cb, SVDInit) for cb in self.trainer.callbacks):
+            return []
+        rank_zero_warn("no SVDInit callback given: LitSVDAdapter adds one so adapters are initialised at fit start")
+        return [SVDInit()]
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None:
+            if hasattr(datamodule, "set_tokenizer") and self.tokenizer is not None:
+                datamodule.set_tokenizer(self.tokenizer)
+            if self.metric is None and hasattr(datamodule, "make_metric"):
+                self.metric = datamodule.make_metric()
+
+    def on_train_start(self) -> None:
+        # from_pretrained leaves HF models in eval mode; adapter dropout must be active in training.
+        self.model.train()
+        pending = [name for name, layer in adapter_layers(self.model) if not bool(layer.initialized)]
+        if pending:
+            raise RuntimeError(
+                f"{len(pending)} adapter(s) are not initialised (e.g. '{pending[0]}'): an uninitialised SVD "
+                "adapter must never train; add the SVDInit callback or call initialize_adapters(model)"
+            )
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.compute_loss(batch)
+        batch_size = batch["input_ids"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        mask = batch.get("attention_mask")
+        self._tokens_seen += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+        return loss
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._step_started is None:
+            self._step_started = time.perf_counter()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0 and self._step_started is not None:
+            elapsed = time.perf_counter() - self._step_started
+            if elapsed > 0:
+                self.log("train/tokens_per_second", self._tokens_seen / elapsed)
+            self._tokens_seen, self._step_started = 0, None
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip the task gradient, *then* add SORSA's regulariser gradient scaled by γ/η_t (SPEC §3).
+
+        Lightning calls this once per optimizer step (after gradient accumulation, after
+        ``on_before_optimizer_step``), right before ``optimizer.step()``.
+        """
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        self.apply_regularizer_gradient(optimizer)
+
+    def apply_regularizer_gradient(self, optimizer: torch.optim.Optimizer) -> None:
+        """Add ``∇ (γ/η_t)·L_orth`` to the factors' gradients; η_t is the current LR of their param group."""
+        gamma = self.adapter_config().gamma
+        if gamma == 0:
+            return
+        with torch.enable_grad():
+            value = self.regularizer()
+        if not value.requires_grad:
+            return
+        lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+        # At lr = 0 (end of a decayed schedule) no step is taken, so the regulariser is skipped too.
+        factors = [p for p in self.model.parameters() if p.requires_grad and lr_of.get(id(p), 0) > 0]
+        if not factors:
+            return
+        grads = torch.autograd.grad(value, factors, allow_unused=True)
+        for p, g in zip(factors, grads, strict=True):
+            if g is not None:
+                g = g * (gamma / lr_of[id(p)])
+                p.grad = g if p.grad is None else p.grad.add_(g)
+        self.log("train/orthonormality", value.detach())
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        singular, other = [], []
+        for _, layer in adapter_layers(self.model):
+            for tensor_name in layer.trainable_names:
+                (singular if tensor_name == "S" else other).append(getattr(layer, tensor_name))
+        groups = [{"params": other, "weight_decay": hp.weight_decay, "lr": hp.learning_rate}]
+        if singular:
+            groups.append({"params": singular, "weight_decay": 0.0, "lr": hp.singular_value_lr or hp.learning_rate})
+        groups = [g for g in groups if g["params"]]
+        optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=tuple(hp.betas))
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(hp.warmup_ratio * total)
+        scheduler = LambdaLR(optimizer, lambda step: _lr_factor(step, warmup, total, hp.scheduler))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _evaluation_step(self, batch: dict[str, Any], stage: str) -> None:
+        batch_size = batch["input_ids"].shape[0] if "input_ids" in batch else len(batch.get("references", [1]))
+        if "labels" in batch:
+            self.log(f"{stage}/loss", self.compute_loss(batch), batch_size=batch_size, sync_dist=True)
+        if "references" in batch and self.metric is not None:
+            self.metric.update(self.generate_answers(batch), batch["references"])
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluation_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluation_step(batch, "test")
+
+    def _log_metric(self, stage: str) -> None:
+        if self.metric is None or not getattr(self.metric, "update_count", 1):
+            return
+        value = self.metric.compute()
+        values = value if isinstance(value, dict) else {"accuracy": value}
+        for key, v in values.items():
+            self.log(f"{stage}/{key}", v, rank_zero_only=False)
+        self.metric.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metric("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metric("test")
+
+    # ----- adapter-only checkpoints ----------------------------------------------------------------------
+    def _checkpoint_metadata(self) -> dict[str, Any]:
+        config = self.adapter_config()
+        return {"method": config.method, "rank": config.rank, "model": str(self.model_name), "version": 1}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = {f"model.{k}": v for k, v in adapter_state_dict(self.model).items()}
+        checkpoint[_CHECKPOINT_KEY] = self._checkpoint_metadata()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get(_CHECKPOINT_KEY)
+        if saved is None:
+            raise ValueError("not a lit_svd checkpoint (no 'lit_svd' metadata); was it written by LitSVDAdapter?")
+        current = self._checkpoint_metadata()
+        mismatches = [
+            f"{k}: checkpoint {saved.get(k)!r} vs this module {current[k]!r}"
+            for k in ("method", "rank", "model")
+            if saved.get(k) != current[k]
+        ]
+        if mismatches:
+            raise ValueError("checkpoint does not match this LitSVDAdapter: " + "; ".join(mismatches))
+        prefix = "model."
+        state = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+        load_adapter_state_dict(self.model, state)
+        # Already loaded (with residual rebuilding); Lightning's own load_state_dict gets nothing to do.
+        checkpoint["state_dict"] = {}
+
+    # ----- export ------------------------------------------------------------------------------------------
+    def export_merged(self, path: str | Path, overwrite: bool = False) -> Path:
+        """Plain Hugging Face checkpoint (+ tokenizer) with the adapters folded in."""
+        return export_merged(self.model, path, tokenizer=self.tokenizer, overwrite=overwrite)
+
+    def export_peft_lora(self, path: str | Path, overwrite: bool = False) -> Path:
+        """Standard PEFT LoRA adapter (rank ≤ 2r) against the original base weights of ``self.model_name``."""
+        return export_peft_lora(self.model, path, base_model_name_or_path=str(self.model_name), overwrite=overwrite)
+
+
+def _lr_factor(step: int, warmup: int, total: int, kind: str) -> float:
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if kind == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if kind == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
