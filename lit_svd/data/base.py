@@ -483,6 +483,8 @@ class InstructionDataModule(LightningDataModule):
         Args:
             tokenizer: a Hugging Face tokenizer with an EOS token.
         """
+        if tokenizer is self.tokenizer:
+            return  # e.g. the LightningModule handing over the tokenizer setup() already took from it
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no EOS token; set tokenizer.eos_token before handing it over")
         self.tokenizer = tokenizer

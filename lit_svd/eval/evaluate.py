@@ -88,8 +88,7 @@ def evaluate(
         ``return_predictions``, ``"predictions"`` is a list of ``{"task", "reference", "generation",
         "correct"}`` dicts in dataset order.
     """
-    if datamodule.tokenizer is not tokenizer:
-        datamodule.set_tokenizer(tokenizer)
+    datamodule.set_tokenizer(tokenizer)  # a no-op when it already has this one
     datamodule.setup("test")
     loader = datamodule.eval_dataloader(batch_size)
     metric = datamodule.make_metric()
