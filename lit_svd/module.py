@@ -160,6 +160,9 @@ class LitSVDAdapter(LightningModule):
         return [SVDInit()]
 
     def setup(self, stage: str) -> None:
+        if stage == "fit":
+            # from_pretrained leaves HF models in eval mode; adapter dropout must be active in training.
+            self.model.train()
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None:
             if hasattr(datamodule, "set_tokenizer") and self.tokenizer is not None:
@@ -168,8 +171,6 @@ class LitSVDAdapter(LightningModule):
                 self.metric = datamodule.make_metric()
 
     def on_train_start(self) -> None:
-        # from_pretrained leaves HF models in eval mode; adapter dropout must be active in training.
-        self.model.train()
         pending = [name for name, layer in adapter_layers(self.model) if not bool(layer.initialized)]
         if pending:
             raise RuntimeError(
