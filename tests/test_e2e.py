@@ -1,0 +1,96 @@
+"""End-to-end: the flagship recipe through `lightning run` on the embedded SmolLM2 and real GSM8K files.
+
+Marked ``e2e``: slow (minutes on 2 CPU cores), run once in CI as part of the normal test command.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import DATA_DIR
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from transformers import AutoModelForCausalLM
+
+pytestmark = pytest.mark.e2e
+REPO = Path(__file__).resolve().parents[1]
+
+
+def lightning_command() -> list[str]:
+    exe = shutil.which("lightning", path=str(Path(sys.executable).parent))
+    assert exe is not None, "the `lightning` console script is not installed (pip install -e .)"
+    return [exe]
+
+
+def test_gsm8k_sorsa_recipe_end_to_end(tmp_path):
+    args = [
+        *lightning_command(), "run", "--accelerator", "cpu", "--devices", "1", "recipes/gsm8k_sorsa.py",
+        "--data.data_dir", str(DATA_DIR / "gsm8k"),
+        "--data.max_length", "256",
+        "--data.max_train_examples", "2",  # a tiny batch the model overfits: the loss must fall
+        "--data.batch_size", "2",
+        "--data.max_eval_examples", "8",
+        "--data.eval_batch_size", "8",
+        "--data.cache_dir", str(tmp_path / "hf_cache"),
+        "--model.learning_rate", "2e-3",
+        "--model.warmup_ratio", "0",
+        "--model.scheduler", "constant",
+        "--model.max_new_tokens", "48",
+        "--trainer.max_steps", "3",
+        "--trainer.val_check_interval", "3",
+        "--trainer.log_every_n_steps", "1",
+        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+        "--trainer.default_root_dir", str(tmp_path),
+        "--export.merged_dir", str(tmp_path / "merged"),
+    ]
+    result = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=1500)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+
+    (log_dir,) = (tmp_path / "runs" / "gsm8k_sorsa").glob("version_*")
+    assert list((log_dir / "checkpoints").glob("*.ckpt")), "no checkpoint written"
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    losses = [e.value for e in events.Scalars("train/loss")]
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+    assert losses[-1] < losses[0], losses
+    assert "val/accuracy" in events.Tags()["scalars"]
+    assert "spectral/sv_drift_max" in events.Tags()["scalars"]
+    assert "spectral/drift_heatmap" in events.Tags()["images"]
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    ids = torch.tensor([[1, 504, 3458, 314]])
+    with torch.no_grad():
+        assert torch.isfinite(merged(ids).logits).all()
+
+
+def test_bad_yaml_key_is_named(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "recipes/gsm8k_sorsa.py", "fit", "--trainer.max_stepz", "3"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode != 0
+    assert "max_stepz" in result.stderr
+
+
+def test_missing_model_path_is_a_clear_error(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "recipes/gsm8k_sorsa.py", "fit", "--model.model", str(tmp_path / "no_such_model")],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode != 0
+    assert f"model path does not exist: {tmp_path / 'no_such_model'}" in result.stderr
+
+
+def test_fsdp_on_cpu_is_refused_not_hung(tmp_path):
+    result = subprocess.run(
+        [*lightning_command(), "run", "--accelerator", "cpu", "--devices", "2", "--strategy", "fsdp",
+         "recipes/gsm8k_sorsa.py", "--trainer.max_steps", "1"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode != 0
+    assert "--strategy fsdp needs CUDA GPUs" in result.stderr + result.stdout
