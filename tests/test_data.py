@@ -600,6 +600,7 @@ def test_datamodules_are_constructible_from_lightning_cli(monkeypatch):
             "--data.tasks=[boolq,piqa]",
             "--data.max_length=256",
             "--data.overlength=drop",
+            "--seed_everything=1",
             "--trainer.logger=false",
         ],
     )
