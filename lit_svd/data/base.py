@@ -37,6 +37,7 @@ from datasets.fingerprint import Hasher
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, DistributedSampler
+from torchmetrics import Metric
 
 from lit_svd.data.prompts import build_prompt, response_separator, validate_template
 
@@ -419,8 +420,11 @@ class InstructionDataModule(LightningDataModule):
         num_proc: int | None = None,
     ) -> None:
         super().__init__()
-        validate_template(prompt_template)
         problems = []
+        try:
+            validate_template(prompt_template)
+        except ValueError as error:
+            problems.append(str(error))
         if max_length < 2:
             problems.append(f"max_length must be at least 2, got {max_length}")
         if overlength not in ("truncate", "drop"):
@@ -465,15 +469,15 @@ class InstructionDataModule(LightningDataModule):
 
     def _load_train_records(self) -> Dataset:
         """Training records with :data:`CANONICAL_COLUMNS`."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must say where its training records come from")
 
     def _load_eval_records(self) -> Dataset:
         """Evaluation records with :data:`CANONICAL_COLUMNS` (all eval sets, ``max_eval_examples`` each)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must say where its evaluation records come from")
 
-    def make_metric(self):
+    def make_metric(self) -> Metric:
         """The torchmetrics ``Metric`` that judges this datamodule's evaluation batches."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must say which metric judges its evaluation")
 
     # -- tokenizer --------------------------------------------------------------------------------
 
