@@ -253,7 +253,7 @@ class LitSVDAdapter(LightningModule):
         if "labels" in batch:
             self.log(f"{stage}/loss", self.compute_loss(batch), batch_size=batch_size, sync_dist=True)
         if "references" in batch and self.metric is not None:
-            self.metric.update(self.generate_answers(batch), batch["references"])
+            self.metric.update(self.generate_answers(batch), batch["references"], batch.get("task"))
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluation_step(batch, "val")
