@@ -1,0 +1,202 @@
+"""The documentation builds, its examples run, and the recipe YAMLs parse and name real classes."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from conftest import TOLERANCE, make_tiny_model
+from jsonargparse import ArgumentParser
+from lightning.pytorch import Trainer
+from lightning_helpers import RandomTokensData
+
+from lit_svd import AdapterConfig, adapter_layers, adapter_state_dict, inject_adapters, trainable_parameter_count
+from lit_svd.adapters import registry
+from lit_svd.callbacks import SVDInit
+from lit_svd.module import LitSVDAdapter
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "docs" / "examples"
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+def load_example(name: str) -> ModuleType:
+    """Import ``docs/examples/<name>.py`` afresh (docs/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"lit_svd_docs_example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ----- the site ------------------------------------------------------------------------------------------------
+def test_mkdocs_build_strict(tmp_path):
+    mkdocs = shutil.which("mkdocs", path=str(Path(sys.executable).parent)) or shutil.which("mkdocs")
+    if mkdocs is None:
+        pytest.skip("mkdocs is not installed (pip install -e '.[dev]')")
+    result = subprocess.run(
+        [mkdocs, "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert (tmp_path / "site" / "api" / "index.html").is_file()
+
+
+# ----- recipe configs ------------------------------------------------------------------------------------------
+def _class_paths(node) -> list[str]:
+    if isinstance(node, dict):
+        found = [node["class_path"]] if isinstance(node.get("class_path"), str) else []
+        return found + [p for value in node.values() for p in _class_paths(value)]
+    if isinstance(node, list):
+        return [p for value in node for p in _class_paths(value)]
+    return []
+
+
+def _resolve(path: str):
+    module_name, _, attribute = path.rpartition(".")
+    return getattr(importlib.import_module(module_name), attribute)
+
+
+CONFIGS = sorted((REPO / "recipes" / "configs").glob("*.yaml"))
+
+
+def test_there_is_a_config_per_recipe():
+    recipes = {p.stem for p in (REPO / "recipes").glob("*.py")}
+    assert CONFIGS and recipes == {p.stem for p in CONFIGS}
+
+
+@pytest.mark.parametrize("config_file", CONFIGS, ids=lambda p: p.stem)
+def test_recipe_config_parses_and_names_existing_classes(config_file):
+    config = yaml.safe_load(config_file.read_text())
+    assert set(config) >= {"trainer", "model", "data"}, sorted(config)
+    paths = _class_paths(config)
+    assert "lit_svd.callbacks.SVDInit" in paths, paths
+    for path in paths:
+        assert isinstance(_resolve(path), type), path
+    adapter = AdapterConfig(**config["model"]["adapter"])  # validates method, rank, targets, gamma …
+    assert adapter.method in config_file.stem
+    # The keys and types LightningCLI will see: the recipe's datamodule, LitSVDAdapter and the Trainer.
+    recipe = (REPO / "recipes" / f"{config_file.stem}.py").read_text()
+    data_class = _resolve("lit_svd.data." + re.search(r"run_recipe\((\w+)", recipe).group(1))
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--seed_everything", type=int | bool | None)
+    parser.add_class_arguments(Trainer, "trainer")
+    parser.add_class_arguments(LitSVDAdapter, "model")
+    parser.add_class_arguments(data_class, "data")
+    parsed = parser.parse_object(config)  # raises on an unknown key or a wrong type
+    assert parsed.model.adapter.method == adapter.method
+
+
+# ----- docs/examples/custom_module.py (docs/subclassing.md) ----------------------------------------------------
+def test_custom_module_example_trains_with_its_overridden_hooks(tmp_path):
+    example = load_example("custom_module")
+    config = AdapterConfig(method="sorsa", rank=4, target_modules=TARGETS)
+    L.seed_everything(0)
+    module = example.UpperLayersSVDAdapter(
+        make_tiny_model("llama"), config, first_layer=1, label_smoothing=0.1, learning_rate=1e-2
+    )
+    # adapter_config(): only decoder layer 1 of the 2 is adapted
+    names = [name for name, _ in adapter_layers(module.model)]
+    assert names and all(".layers.1." in name for name in names), names
+    assert len(names) == len(TARGETS)
+
+    calls = []
+    original = module.compute_loss
+
+    def counting(batch):
+        calls.append(1)
+        return original(batch)
+
+    module.compute_loss = counting
+    batch = next(iter(RandomTokensData(batch_size=4).train_dataloader()))
+    batch["labels"][0, 3:8] = -100  # uneven response lengths, so per-example ≠ per-token averaging
+    module.model.eval()
+    with torch.no_grad():
+        custom = example.UpperLayersSVDAdapter.compute_loss(module, batch)
+        default = LitSVDAdapter.compute_loss(module, batch)
+    assert not torch.isclose(custom, default, rtol=1e-4), (custom, default)
+
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+        callbacks=[SVDInit()],
+    )
+    before = {k: v.clone() for k, v in adapter_state_dict(module.model).items()}
+    trainer.fit(module, datamodule=RandomTokensData())
+    assert len(calls) == 2, "training_step must call the overridden compute_loss once per step"
+    after = adapter_state_dict(module.model)
+    assert any(not torch.equal(before[k], after[k]) for k in after if k.endswith((".U", ".S", ".V")))
+    assert module.hparams["first_layer"] == 1 and module.hparams["label_smoothing"] == 0.1
+
+
+def test_per_example_loss_weighs_examples_equally():
+    example = load_example("custom_module")
+    logits = torch.randn(2, 6, 11)
+    labels = torch.randint(0, 11, (2, 6))
+    labels[0, :4] = -100  # example 0: 1 response token, example 1: 5
+    per_token = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], reduction="none")
+    mask = labels[:, 1:] != -100
+    expected = torch.stack([per_token[i][mask[i]].mean() for i in range(2)]).mean()
+    torch.testing.assert_close(example.per_example_loss(logits, labels), expected)
+
+
+# ----- docs/examples/svd_scale_adapter.py (docs/adding_an_adapter.md) ------------------------------------------
+@pytest.fixture
+def svd_scale(monkeypatch):
+    """Register the example adapter in a copy of the registry, so other tests still see the five methods."""
+    monkeypatch.setattr(registry, "_ADAPTERS", dict(registry._ADAPTERS))
+    return load_example("svd_scale_adapter")
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_example_adapter_keeps_the_adapter_contract(svd_scale, input_ids):
+    assert "svd-scale" in registry.available_adapters()
+    reference = _logits(make_tiny_model("llama"), input_ids)
+    model = inject_adapters(make_tiny_model("llama"), AdapterConfig(method="svd-scale", rank=4, target_modules=TARGETS))
+
+    # init preserves the logits
+    assert (_logits(model, input_ids) - reference).abs().max().item() < TOLERANCE[torch.float32]
+    # trainable count = r per layer, and only the singular values train
+    layers = list(adapter_layers(model))
+    assert trainable_parameter_count(model) == 4 * len(layers)
+    assert all(isinstance(layer, svd_scale.SVDScaleLayer) for _, layer in layers)
+
+    # perturbing the singular values changes the logits …
+    with torch.no_grad():
+        for _, layer in layers:
+            layer.S.mul_(1.5)
+    trained = _logits(model, input_ids)
+    assert (trained - reference).abs().max().item() > 1e-3
+    # … and merge / unmerge round-trip (idempotent both ways)
+    weights = {name: layer.base_layer.weight.clone() for name, layer in layers}
+    for _, layer in layers:
+        layer.merge()
+        layer.merge()
+    assert (_logits(model, input_ids) - trained).abs().max().item() < TOLERANCE[torch.float32]
+    for name, layer in layers:
+        layer.unmerge()
+        layer.unmerge()
+        torch.testing.assert_close(layer.base_layer.weight, weights[name], rtol=0, atol=1e-6)
+    assert (_logits(model, input_ids) - trained).abs().max().item() < TOLERANCE[torch.float32]
