@@ -7,6 +7,7 @@ missing). Checkpoints hold only adapter tensors plus optimizer/scheduler state.
 Overridable hooks for research code (see ``docs/subclassing.md``):
 
 - ``adapter_config()``: the ``AdapterConfig`` to inject (default: the ``adapter`` argument);
+- ``inject(model)``: how adapters get into the model (default: ``inject_adapters(..., initialize=False)``);
 - ``compute_loss(batch)``: the training loss (default: masked LM loss, labels −100 ignored);
 - ``regularizer()``: the term SORSA's step back-propagates after clipping (default: ``L_orth``);
 - ``generate_answers(batch)``: decoded generations for evaluation batches.
@@ -106,7 +107,7 @@ class LitSVDAdapter(LightningModule):
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.enable_input_require_grads()
-        inject_adapters(self.model, self.adapter_config(), initialize=False)
+        self.model = self.inject(self.model)
         self.metric = None
         self._tokens_seen = 0
         self._step_started: float | None = None
@@ -117,6 +118,10 @@ class LitSVDAdapter(LightningModule):
     def adapter_config(self) -> AdapterConfig:
         """The adapter configuration to inject; override to derive it programmatically."""
         return self._adapter
+
+    def inject(self, model: PreTrainedModel) -> PreTrainedModel:
+        """Put the (uninitialised) adapters into ``model``; ``SVDInit`` initialises them at fit start."""
+        return inject_adapters(model, self.adapter_config(), initialize=False)
 
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Masked causal-LM loss: mean cross-entropy over tokens whose label is not −100."""
@@ -234,10 +239,15 @@ class LitSVDAdapter(LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        singular, other = [], []
-        for _, layer in adapter_layers(self.model):
-            for tensor_name in layer.trainable_names:
-                (singular if tensor_name == "S" else other).append(getattr(layer, tensor_name))
+        singular_ids = {
+            id(getattr(layer, name))
+            for _, layer in adapter_layers(self.model)
+            for name in layer.trainable_names
+            if name == "S"
+        }
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        singular = [p for p in trainable if id(p) in singular_ids]
+        other = [p for p in trainable if id(p) not in singular_ids]
         groups = [{"params": other, "weight_decay": hp.weight_decay, "lr": hp.learning_rate}]
         if singular:
             groups.append({"params": singular, "weight_decay": 0.0, "lr": hp.singular_value_lr or hp.learning_rate})

@@ -37,7 +37,7 @@ def test_gsm8k_sorsa_recipe_end_to_end(tmp_path):
         "--data.max_eval_examples", "8",
         "--data.eval_batch_size", "8",
         "--data.cache_dir", str(tmp_path / "hf_cache"),
-        "--model.learning_rate", "2e-3",
+        "--model.learning_rate", "3e-4",
         "--model.warmup_ratio", "0",
         "--model.scheduler", "constant",
         "--model.max_new_tokens", "48",

@@ -6,14 +6,14 @@
             └── dropout ── adapter_forward (low-rank, trainable) ──┘
 ```
 
-A concrete method fills in four hooks, each a few lines:
+A concrete method fills in three hooks, each a few lines:
 
 - ``create_adapter(dtype, device)``: register its parameters/buffers with their shapes;
 - ``init_from_base(weight, factors)``: set them from the original weight ``W`` (m, n) and its top-r
   factors (SVD ``(U, S, V)``, QR ``(Q_r, R_r)`` or ``None``), computed in batch by ``initialize_adapters``;
-- ``low_rank_factors(tensors)``: ``(P (m, k), Q (n, k))`` with adapter delta ``P Qᵀ``; merge, export,
-  init and monitoring all derive from it, and only merge/init ever form the dense (m, n) product;
-- ``adapter_forward(x)``: the low-rank path on activations (never an m×n product).
+- ``low_rank_factors(tensors)``: ``(P (m, k), Q (n, k))`` with adapter delta ``P Qᵀ``. The forward pass
+  (``h = x W_baseᵀ + (x Q) Pᵀ``, the second product accumulated in place into the first), merge, export,
+  init and monitoring all derive from it; only merge/init ever form the dense (m, n) product.
 
 The base class owns rank, scaling, dropout, the idempotent ``merge``/``unmerge``, and the residual
 bookkeeping: methods whose init moves the principal part out of the base weight (``decomposition`` not
@@ -108,7 +108,9 @@ class AdapterLayer(nn.Module):
         raise NotImplementedError
 
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The low-rank path ``(x Q) Pᵀ`` for ``x`` (..., n): an (..., k) intermediate, never m×n."""
+        P, Q = self.low_rank_factors(self.tensors())
+        return (x @ Q) @ P.mT
 
     # ----- shared machinery ---------------------------------------------------------------------------
     @property
@@ -116,6 +118,10 @@ class AdapterLayer(nn.Module):
         """Every tensor an adapter checkpoint must hold for this layer."""
         snapshots = tuple(f"init_{n}" for n in self.trainable_names) if self.decomposition else ()
         return (*self.trainable_names, *self.frozen_names, *snapshots, "initialized")
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Current adapter tensors by name, as stored (for the forward pass)."""
+        return {n: getattr(self, n) for n in (*self.trainable_names, *self.frozen_names)}
 
     def factors(self, initial: bool = False) -> dict[str, torch.Tensor]:
         """Current (or, with ``initial``, init-time) adapter tensors by name, in float32."""
@@ -198,13 +204,19 @@ class AdapterLayer(nn.Module):
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)
-        if self.merged:
-            return result
-        adapter_dtype = getattr(self, self.trainable_names[0]).dtype
-        if x.dtype != adapter_dtype and not torch.is_autocast_enabled(x.device.type):
-            x = x.to(adapter_dtype)
-        return result + self.adapter_forward(self.adapter_dropout(x)).to(result.dtype)
+        shape = x.shape
+        # 2-D input makes the base output a fresh tensor, so the adapter term can be accumulated into it
+        # in place by one GEMM (no extra (tokens, m) temporaries or casts).
+        x2d = x.reshape(-1, shape[-1])
+        result = self.base_layer(x2d)
+        if not self.merged:
+            adapter_dtype = getattr(self, self.trainable_names[0]).dtype
+            x_in = self.adapter_dropout(x2d)
+            if x_in.dtype != adapter_dtype and not torch.is_autocast_enabled(x.device.type):
+                x_in = x_in.to(adapter_dtype)
+            P, Q = self.low_rank_factors(self.tensors())
+            result.addmm_((x_in @ Q).to(result.dtype), P.to(result.dtype).mT)
+        return result.view(*shape[:-1], result.shape[-1])
 
     def extra_repr(self) -> str:
         return (

@@ -15,7 +15,6 @@ import math
 from collections.abc import Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lit_svd.adapters.base import AdapterLayer, Factors
@@ -36,8 +35,6 @@ class LowRankProductLayer(AdapterLayer):
     def low_rank_factors(self, t: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         return self.scaling * t["B"], t["A"].T
 
-    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x, self.A), self.B) * self.scaling
 
 
 @register("lora")

@@ -17,7 +17,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lit_svd.adapters.base import AdapterLayer, Factors
@@ -49,5 +48,3 @@ class OSoRALayer(AdapterLayer):
     def low_rank_factors(self, t: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         return t["output_scale"][:, None] * t["U"] * t["S"], t["V"]
 
-    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear((x @ self.V) * self.S, self.U) * self.output_scale

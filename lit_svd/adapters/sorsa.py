@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lit_svd.adapters.base import AdapterLayer, Factors
@@ -46,6 +45,3 @@ class SORSALayer(AdapterLayer):
     def low_rank_factors(self, t: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         return t["U"] * (self.scaling * t["S"]), t["V"]
 
-    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
-        # (x V_p) is (..., r): the m×n product U_p diag(S_p) V_pᵀ is never formed.
-        return F.linear((x @ self.V) * (self.S * self.scaling), self.U)
