@@ -52,7 +52,7 @@ class SpectralMonitor(Callback):
         trainer = Trainer(callbacks=[SVDInit(), SpectralMonitor(every_n_steps=50)])
 
     Args:
-        every_n_steps: Interval in optimizer steps (also logged at step 0 after init).
+        every_n_steps: Interval in optimizer steps (also measured after the first optimizer step).
         log_per_layer: Also log one scalar per layer and metric (``spectral/<layer>/<metric>``).
         log_images: Log the heat-map image and the histogram (TensorBoard only).
     """
