@@ -84,10 +84,12 @@ def run_recipe(datamodule_class: type, config_file: str | os.PathLike, args: lis
     if not config_file.is_file():
         raise FileNotFoundError(f"recipe config not found: {config_file}")
     defaults = {"default_config_files": [str(config_file)]}
+    if args is None:  # LightningCLI reads sys.argv itself (and warns when both are given)
+        sys.argv[1:] = argv
     return LitSVDCLI(
         LitSVDAdapter,
         datamodule_class,
-        args=argv,
+        args=None if args is None else argv,
         parser_kwargs={sub: defaults for sub in _SUBCOMMANDS},
         save_config_kwargs={"overwrite": True},
     )
