@@ -154,6 +154,7 @@ def initialize_adapters(
     model: nn.Module,
     compute_dtype: torch.dtype = torch.float32,
     broadcast: Callable[[torch.Tensor], None] | None = None,
+    compute: bool = True,
 ) -> dict[str, float]:
     """Initialise every adapter not yet initialised, one batched decomposition per weight shape.
 
@@ -164,6 +165,8 @@ def initialize_adapters(
         compute_dtype: Working precision of the decompositions (float32, or float64 for reference runs).
         broadcast: In-place broadcast applied to every batch of factors before use (e.g. from rank 0
             under DDP), so that all processes form bit-identical adapters and residuals.
+        compute: ``False`` skips the decompositions and takes the factors from ``broadcast`` alone (the
+            receiving ranks, which then spend no time on a result they would overwrite).
 
     Returns:
         ``{"count": layers initialised, "seconds": wall time, "max_reconstruction_error": max over layers
@@ -187,11 +190,22 @@ def initialize_adapters(
             chunk = layers[first : first + per_chunk]
             factors: list = [None] * len(chunk)
             if decomposition is not None:
-                stacked = torch.stack([layer.weight_matrix().to(compute_dtype) for layer in chunk])
-                if decomposition == "svd":
-                    batched = top_r_svd(stacked, rank, method=svd_method, dtype=compute_dtype)
+                if compute:
+                    stacked = torch.stack([layer.weight_matrix().to(compute_dtype) for layer in chunk])
+                    if decomposition == "svd":
+                        batched = top_r_svd(stacked, rank, method=svd_method, dtype=compute_dtype)
+                    else:
+                        batched = thin_qr(stacked, rank, dtype=compute_dtype)
+                elif broadcast is not None:
+                    (m, n), b, device = shape, len(chunk), chunk[0].weight_matrix().device
+                    shapes = (
+                        [(b, m, rank), (b, rank), (b, n, rank)]
+                        if decomposition == "svd"
+                        else [(b, m, rank), (b, rank, n)]
+                    )
+                    batched = tuple(torch.empty(s, dtype=compute_dtype, device=device) for s in shapes)
                 else:
-                    batched = thin_qr(stacked, rank, dtype=compute_dtype)
+                    raise ValueError("initialize_adapters(compute=False) needs a broadcast to receive the factors")
                 if broadcast is not None:
                     batched = tuple(t.contiguous() for t in batched)
                     for t in batched:

@@ -42,7 +42,7 @@ class SVDInit(Callback):
 
     Args:
         compute_dtype: Working precision of the decompositions.
-        verify_across_ranks: All-gather a checksum and raise if any rank differs.
+        verify_across_ranks: All-gather a checksum after init and at the end of fit; raise if any rank differs.
     """
 
     def __init__(self, compute_dtype: Literal["float32", "float64"] = "float32", verify_across_ranks: bool = True):
@@ -60,7 +60,10 @@ class SVDInit(Callback):
             return
         distributed = trainer.world_size > 1 and dist.is_available() and dist.is_initialized()
         broadcast = (lambda t: dist.broadcast(t, src=0)) if distributed else None
-        self.report = initialize_adapters(pl_module, self.compute_dtype, broadcast=broadcast)
+        # Only rank 0 decomposes; the others receive its factors (identical results, no wasted work).
+        self.report = initialize_adapters(
+            pl_module, self.compute_dtype, broadcast=broadcast, compute=not distributed or trainer.global_rank == 0
+        )
         rank_zero_info(
             f"SVDInit: initialised {self.report['count']} adapters in {self.report['seconds']:.2f}s "
             f"(max relative reconstruction error {self.report['max_reconstruction_error']:.2e})"
@@ -74,7 +77,17 @@ class SVDInit(Callback):
                 step=0,
             )
         if distributed and self.verify_across_ranks:
-            checksum = adapter_checksum(pl_module).to(pl_module.device)
-            gathered = trainer.strategy.all_gather(checksum)
-            if not bool((gathered == gathered.flatten()[0]).all()):
-                raise RuntimeError(f"SVDInit: adapters differ across ranks after init (checksums {gathered.tolist()})")
+            self._verify(trainer, pl_module, "init")
+
+    @override
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized() and self.verify_across_ranks:
+            self._verify(trainer, pl_module, "fit")
+
+    def _verify(self, trainer: Trainer, pl_module: LightningModule, when: str) -> None:
+        checksum = adapter_checksum(pl_module).to(pl_module.device)
+        gathered = trainer.strategy.all_gather(checksum).flatten()
+        if not bool((gathered == gathered[0]).all()):
+            raise RuntimeError(f"SVDInit: adapters differ across ranks after {when} (checksums {gathered.tolist()})")
+        ranks, value = gathered.numel(), int(gathered[0])
+        rank_zero_info(f"SVDInit: adapters identical on all {ranks} ranks after {when} (checksum {value})")
