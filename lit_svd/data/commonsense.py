@@ -105,7 +105,7 @@ class CommonsenseDataModule(InstructionDataModule):
 
     Example::
 
-        dm = CommonsenseDataModule(data_dir="../shared/data/commonsense",
+        dm = CommonsenseDataModule(data_dir="data/commonsense",
                                    train_files=["boolq/train.json", "ARC-Easy/train.json"],
                                    tasks=["boolq", "piqa", "ARC-Easy"], max_eval_examples=100)
 

@@ -260,7 +260,7 @@ class GSM8KDataModule(InstructionDataModule):
 
     Example::
 
-        dm = GSM8KDataModule(data_dir="../shared/data/gsm8k", max_length=512, batch_size=8)
+        dm = GSM8KDataModule(data_dir="data/gsm8k", max_length=512, batch_size=8)
         dm.set_tokenizer(tokenizer)
 
     Args:
@@ -315,7 +315,7 @@ class MATHDataModule(InstructionDataModule):
 
     Example::
 
-        dm = MATHDataModule(data_dir="../shared/data/math500")   # local MATH-500 for evaluation
+        dm = MATHDataModule(data_dir="data/math500")   # local MATH-500 for evaluation
         dm.set_tokenizer(tokenizer); dm.setup("test")
 
     Args:
@@ -362,7 +362,7 @@ class MetaMathQADataModule(InstructionDataModule):
     Example::
 
         dm = MetaMathQADataModule(subset_size=100_000, eval_datasets=["gsm8k", "math"],
-                                  gsm8k_dir="../shared/data/gsm8k", math_dir="../shared/data/math500")
+                                  gsm8k_dir="data/gsm8k", math_dir="data/math500")
 
     Args:
         hub_id: Hub id of MetaMathQA, used when ``data_dir`` is ``None``.
