@@ -33,7 +33,6 @@ __all__ = [
     "trainable_parameter_count",
 ]
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 # Stacking same-shape weights for one batched decomposition is capped so CPU runs don't double RAM.
 _MAX_BATCH_BYTES = 2 * 1024**3
 
@@ -124,7 +123,7 @@ def inject_adapters(model: nn.Module, config: AdapterConfig, initialize: bool = 
     if initialize:
         _check_finite({n: modules[n].weight for n in targets})
 
-    adapter_dtype = _DTYPES[config.adapter_dtype] if config.adapter_dtype else None
+    adapter_dtype = getattr(torch, config.adapter_dtype) if config.adapter_dtype else None
     scaling = 1.0 if config.method == "osora" else config.scaling
     for name in targets:
         parent_name, _, child = name.rpartition(".")

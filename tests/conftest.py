@@ -32,28 +32,20 @@ def _deterministic_matmuls():
 def make_tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
     """A random 2-layer model with non-square projections (32 hidden, 48/64 intermediate)."""
     torch.manual_seed(seed)
+    # Llama and Qwen2 share the same small shape: 32 hidden, 48 intermediate, grouped-query attention.
+    decoder = dict(
+        vocab_size=101,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     if arch == "llama":
-        config = LlamaConfig(
-            vocab_size=101,
-            hidden_size=32,
-            intermediate_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-        )
-        model = LlamaForCausalLM(config)
+        model = LlamaForCausalLM(LlamaConfig(**decoder))
     elif arch == "qwen2":
-        config = Qwen2Config(
-            vocab_size=101,
-            hidden_size=32,
-            intermediate_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-        )
-        model = Qwen2ForCausalLM(config)
+        model = Qwen2ForCausalLM(Qwen2Config(**decoder))
     elif arch == "gpt2":
         config = GPT2Config(vocab_size=101, n_embd=32, n_layer=2, n_head=4, n_positions=64)
         model = GPT2LMHeadModel(config)

@@ -165,22 +165,23 @@ class AdapterLayer(nn.Module):
         original = weight.detach().clone()
         work = original.double() if original.dtype == torch.float64 else original.float()
         self.init_from_base(work, factors)
+        # Right after init the snapshot equals the current tensors, so one dense delta serves both the
+        # residual and the reconstruction check.
+        delta = self.delta_weight()
         if self.decomposition is not None:
             for n in self.trainable_names:
                 getattr(self, f"init_{n}").copy_(getattr(self, n))
-            self._form_residual(original)
+            self._write_weight_matrix(residual_weight(original, delta))
         self.initialized.fill_(True)
-        rebuilt = self.weight_matrix().float() + self.delta_weight()
+        rebuilt = self.weight_matrix().float() + delta
         return (torch.linalg.norm(rebuilt - original.float()) / torch.linalg.norm(original.float())).item()
-
-    def _form_residual(self, original: torch.Tensor) -> None:
-        self._write_weight_matrix(residual_weight(original, self.delta_weight(self.factors(initial=True))))
 
     @torch.no_grad()
     def rebuild_residual(self) -> None:
         """Turn an *original* base weight into the residual recorded by the init snapshot (on load)."""
         if self.decomposition is not None:
-            self._form_residual(self.weight_matrix().detach().clone())
+            original = self.weight_matrix().detach().clone()
+            self._write_weight_matrix(residual_weight(original, self.delta_weight(self.factors(initial=True))))
         self.initialized.fill_(True)
 
     @torch.no_grad()
