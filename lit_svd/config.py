@@ -35,8 +35,9 @@ class AdapterConfig:
             ``0`` disables the regulariser.
         adapter_dtype: Storage dtype of the adapter tensors (e.g. ``"float32"`` to keep factors in fp32
             under bf16 training); ``None`` uses the base layer's dtype.
-        svd_method: How the top-r SVD is computed at init: ``"auto"``, ``"gram"`` (Gram eigendecomposition
-            + float64 Rayleigh–Ritz, exact) or ``"full"`` (``torch.linalg.svd``).
+        svd_method: How the top-r SVD is computed at init (see ``lit_svd.linalg.top_r_svd``): ``"auto"``,
+            ``"subspace"`` (Chebyshev-filtered subspace iteration, the fast exact path for r ≪ min(m, n)),
+            ``"gram"`` (full Gram eigendecomposition + float64 Rayleigh–Ritz) or ``"full"`` (``torch.linalg.svd``).
     """
 
     method: str = "sorsa"
@@ -49,7 +50,7 @@ class AdapterConfig:
     dropout: float = 0.0
     gamma: float = 4e-4
     adapter_dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = None
-    svd_method: Literal["auto", "gram", "full"] = "auto"
+    svd_method: Literal["auto", "subspace", "gram", "full"] = "auto"
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -67,8 +68,8 @@ class AdapterConfig:
             problems.append(f"gamma must be >= 0 (0 disables the SORSA regulariser), got {self.gamma!r}")
         if self.adapter_dtype is not None and self.adapter_dtype not in _DTYPES:
             problems.append(f"adapter_dtype must be one of {', '.join(_DTYPES)} or None, got {self.adapter_dtype!r}")
-        if self.svd_method not in ("auto", "gram", "full"):
-            problems.append(f"svd_method must be one of auto, gram, full; got {self.svd_method!r}")
+        if self.svd_method not in ("auto", "subspace", "gram", "full"):
+            problems.append(f"svd_method must be one of auto, subspace, gram, full; got {self.svd_method!r}")
         if isinstance(self.target_modules, str):
             if self.target_modules != "all-linear":
                 try:

@@ -10,6 +10,7 @@ Notation (SPEC §2): a weight ``W`` has shape ``(m, n) = (out_features, in_featu
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -26,7 +27,7 @@ __all__ = [
     "low_rank_frobenius_norm",
 ]
 
-SVDMethod = Literal["auto", "gram", "full"]
+SVDMethod = Literal["auto", "subspace", "gram", "full"]
 
 
 def _compute_dtype(w: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
@@ -67,6 +68,134 @@ def _gram_rayleigh_ritz(w: torch.Tensor, r: int, oversample: int) -> tuple[torch
     return U_k[..., :r], S_k[..., :r], V_k[..., :r]
 
 
+def _orthonormalize(X: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis of the columns of ``X`` (..., n, k): Cholesky QR twice, Householder QR if that fails.
+
+    Two Cholesky-QR passes are as accurate as Householder QR for condition numbers up to ~1/sqrt(eps)
+    and are two batched GEMMs plus a k×k factorisation, where a batched Householder QR is far slower on GPUs.
+    """
+    X = X / torch.linalg.vector_norm(X, dim=-2, keepdim=True).clamp_min(torch.finfo(X.dtype).tiny)
+    for _ in range(2):
+        chol, info = torch.linalg.cholesky_ex(X.mT @ X)
+        if bool((info != 0).any()):
+            return torch.linalg.qr(X, mode="reduced")[0]
+        X = torch.linalg.solve_triangular(chol, X.mT, upper=False).mT
+    return X
+
+
+def _gram_matrix(w: torch.Tensor) -> torch.Tensor:
+    """``wᵀ w`` (..., n, n) in float64; bf16/fp16 CUDA weights use a tensor-core GEMM with float32 output.
+
+    Products of bf16 numbers are exact in float32, so only the float32 accumulation rounds; the Gram matrix
+    only steers the subspace iteration (the singular values come from ``w`` itself), which tolerates that.
+    """
+    m, n = w.shape[-2:]
+    if w.is_cuda and w.dtype in (torch.bfloat16, torch.float16):
+        flat = w.reshape(-1, m, n)
+        try:
+            return torch.bmm(flat.mT, flat, out_dtype=torch.float32).reshape(*w.shape[:-2], n, n).double()
+        except (RuntimeError, TypeError):  # a torch without the out_dtype overload
+            pass
+    return torch.cat([chunk.mT @ chunk for chunk in _float64_slices(w)]).reshape(*w.shape[:-2], n, n)
+
+
+def _float64_slices(w: torch.Tensor, max_bytes: int = 1 << 30):
+    """Float64 copies of successive slices of the flattened batch of ``w``, each at most ~``max_bytes``."""
+    flat = w.reshape(-1, *w.shape[-2:])
+    per_slice = max(1, max_bytes // (8 * flat[0].numel()))
+    for start in range(0, flat.shape[0], per_slice):
+        yield flat[start : start + per_slice].double()
+
+
+def _chebyshev_filter(gram: torch.Tensor, X: torch.Tensor, degree: int, cut: torch.Tensor) -> torch.Tensor:
+    """``T_d((2G − cut·I)/cut) X``: damps eigenvalues in [0, cut] to at most 1, grows those above like cosh.
+
+    ``cut`` has shape ``(...)``; the polynomial is the Chebyshev polynomial of the first kind mapped from
+    [-1, 1] onto [0, cut], evaluated by its three-term recurrence (one product with ``gram`` per degree).
+    """
+    half = (cut / 2).unsqueeze(-1).unsqueeze(-1)
+    previous, current = X, (gram @ X - half * X) / half
+    for _ in range(degree - 1):
+        previous, current = current, 2 * (gram @ current - half * current) / half - previous
+    return current
+
+
+def _rayleigh_ritz(w: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Best rank-k approximation of ``w`` within the column space ``basis`` (..., n, k), from ``w`` itself.
+
+    Returns ``θ`` (..., k) descending (the squared singular values of ``w @ basis``), the rotated basis
+    ``basis Y`` and ``w basis Y`` (..., m, k), all float64, with Y the eigenvectors of ``(w B)ᵀ (w B)``.
+    """
+    flat_basis = basis.reshape(-1, *basis.shape[-2:])
+    products, start = [], 0
+    for chunk in _float64_slices(w):  # bounded float64 copies of w: a chunk of 7B weights is several GiB
+        products.append(chunk @ flat_basis[start : start + chunk.shape[0]])
+        start += chunk.shape[0]
+    projected = torch.cat(products).reshape(*w.shape[:-1], basis.shape[-1])
+    eigenvalues, rotation = torch.linalg.eigh(projected.mT @ projected)
+    eigenvalues, rotation = eigenvalues.flip(-1), rotation.flip(-1)
+    return eigenvalues.clamp_min(0), basis @ rotation, projected @ rotation
+
+
+def _filtered_subspace_iteration(
+    w: torch.Tensor,
+    r: int,
+    oversample: int,
+    tol: float = 1e-8,
+    max_rounds: int = 12,
+    max_degree: int = 16,
+    growth_limit: float = 1e12,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-r SVD of a tall-or-square ``w`` (m >= n) by Chebyshev-filtered subspace iteration on ``wᵀ w``.
+
+    Only a block of ``k = r + oversample`` vectors is iterated, so the cost is a few dozen (n×n)·(n×k)
+    products instead of a full n×n eigendecomposition. Each round applies a Chebyshev polynomial that
+    damps the unwanted part of the spectrum, [0, θ_k] with θ_k the smallest current Ritz value (a lower
+    bound of λ_k, so nothing wanted is damped), re-orthonormalises, and extracts Ritz pairs from ``w``
+    itself in float64 (so σ is accurate relative to each σ_i, not to σ_1 as Gram eigenvalues would be).
+    The degree keeps the growth at the top of the spectrum below ``growth_limit`` so that the weakest
+    wanted directions survive the float64 re-orthonormalisation. It stops when the top-r Ritz values of
+    every matrix changed by less than ``tol`` (relative) in a round; any matrix that has not converged
+    after ``max_rounds`` is recomputed with a full eigendecomposition (``_gram_rayleigh_ritz``).
+    """
+    n = w.shape[-1]
+    k = min(n, r + oversample)
+    gram = _gram_matrix(w)
+    generator = torch.Generator(device=w.device).manual_seed(0)
+    basis = torch.randn(*w.shape[:-2], n, k, dtype=torch.float64, device=w.device, generator=generator)
+    for _ in range(2):  # two plain power steps give usable spectrum bounds for the first filter
+        basis = _orthonormalize(gram @ basis)
+    theta, basis, projected = _rayleigh_ritz(w, basis)
+    converged = torch.zeros(theta.shape[:-1], dtype=torch.bool, device=w.device)
+    previous_change = torch.ones_like(theta[..., 0])
+    for _ in range(max_rounds):
+        top = theta[..., 0]
+        cut = torch.maximum(theta[..., -1], top * 1e-12 + torch.finfo(torch.float64).tiny)
+        x_top = (2 * top / cut - 1).clamp_min(1.0 + 1e-12)
+        degree = int((math.acosh(growth_limit) / torch.acosh(x_top)).floor().clamp(1, max_degree).min())
+        basis = _orthonormalize(_chebyshev_filter(gram, basis, degree, cut))
+        new_theta, basis, projected = _rayleigh_ritz(w, basis)
+        change = ((new_theta[..., :r] - theta[..., :r]).abs() / new_theta[..., :r].clamp_min(1e-300)).amax(-1)
+        theta = new_theta
+        # Ritz values converge geometrically, so the next change (≈ the error left) is about change²/previous.
+        converged = (change <= tol) | (change * change <= tol * previous_change)
+        previous_change = change
+        if bool(converged.all()):
+            break
+    sigma = theta[..., :r].sqrt()
+    U = projected[..., :r] / sigma.clamp_min(torch.finfo(torch.float64).tiny).unsqueeze(-2)
+    V = basis[..., :r]
+    if not bool(converged.all()):
+        # Rare (e.g. a nearly flat spectrum around σ_r): exact eigendecomposition for the matrices left over.
+        batch_shape, m = w.shape[:-2], w.shape[-2]
+        U, sigma, V = U.reshape(-1, m, r).clone(), sigma.reshape(-1, r).clone(), V.reshape(-1, n, r).clone()
+        redo = (~converged.reshape(-1)).nonzero().squeeze(-1)
+        U_e, S_e, V_e = _gram_rayleigh_ritz(w.reshape(-1, m, n)[redo].double(), r, oversample)
+        U[redo], sigma[redo], V[redo] = U_e, S_e, V_e
+        U, sigma, V = U.reshape(*batch_shape, m, r), sigma.reshape(*batch_shape, r), V.reshape(*batch_shape, n, r)
+    return U, sigma, V
+
+
 def top_r_svd(
     w: torch.Tensor,
     r: int,
@@ -79,12 +208,16 @@ def top_r_svd(
     Args:
         w: Weights of shape ``(..., m, n)``; any leading dimensions are a batch of same-shape matrices.
         r: How many triplets to keep, ``1 <= r <= min(m, n)``.
-        method: ``"gram"``: eigendecomposition of the smaller Gram matrix followed by a float64
-            Rayleigh–Ritz step (exact to working precision, the fast path on GPUs); ``"full"``:
-            ``torch.linalg.svd`` of the whole matrix, the reference; ``"auto"``: ``"full"`` for small
-            matrices or ranks close to ``min(m, n)``, ``"gram"`` otherwise.
-        dtype: Working precision; default float32 (float64 if ``w`` is float64).
-        oversample: Extra Gram eigenvectors kept for the Rayleigh–Ritz step (default ``max(8, r // 4)``).
+        method: ``"subspace"``: Chebyshev-filtered subspace iteration on the smaller Gram matrix with
+            float64 Rayleigh–Ritz steps taken on ``w`` itself, iterated until the top-r singular values
+            stop changing (the fast path when ``r`` is small next to ``min(m, n)``); ``"gram"``: full
+            eigendecomposition of the smaller Gram matrix, then the same float64 Rayleigh–Ritz step;
+            ``"full"``: ``torch.linalg.svd`` of the whole matrix, the reference; ``"auto"``: ``"full"``
+            for small matrices, ``"subspace"`` when ``r + oversample <= min(m, n) / 4``, else ``"gram"``.
+            All three agree to working precision (tests/test_linalg.py).
+        dtype: Precision of the returned factors; default float32 (float64 if ``w`` is float64).
+        oversample: Extra vectors carried beyond ``r`` (default ``max(16, r // 2)`` for ``"subspace"``,
+            ``max(8, r // 4)`` for ``"gram"``); more widen the spectral gap the iteration converges with.
 
     Returns:
         ``U`` ``(..., m, r)``, ``S`` ``(..., r)`` descending, ``V`` ``(..., n, r)`` in ``dtype``, with
@@ -93,14 +226,26 @@ def top_r_svd(
     m, n = w.shape[-2:]
     if not 1 <= r <= min(m, n):
         raise ValueError(f"rank r={r} must be between 1 and min(m, n)={min(m, n)} for a {m}×{n} matrix")
-    if method not in ("auto", "gram", "full"):
-        raise ValueError(f"unknown svd method {method!r}; choose one of: auto, full, gram")
+    if method not in ("auto", "subspace", "gram", "full"):
+        raise ValueError(f"unknown svd method {method!r}; choose one of: auto, full, gram, subspace")
     work_dtype = _compute_dtype(w, dtype)
-    work = w.to(work_dtype)
-    if oversample is None:
-        oversample = max(8, r // 4)
     if method == "auto":
-        method = "full" if min(m, n) <= 256 or r + oversample >= min(m, n) else "gram"
+        if min(m, n) <= 256:
+            method = "full"
+        elif r + (oversample if oversample is not None else max(16, r // 2)) <= min(m, n) // 4:
+            method = "subspace"
+        else:
+            method = "gram"
+    if oversample is None:
+        oversample = max(16, r // 2) if method == "subspace" else max(8, r // 4)
+    if method == "subspace":
+        # Takes w as stored (e.g. bf16): it only ever reads it through float64 or tensor-core products.
+        if m >= n:
+            U, S, V = _filtered_subspace_iteration(w, r, oversample)
+        else:
+            V, S, U = _filtered_subspace_iteration(w.mT, r, oversample)
+        return U.to(work_dtype), S.to(work_dtype), V.to(work_dtype)
+    work = w.to(work_dtype)
     if method == "full":
         U, S, V = _full_svd(work, r)
     elif m >= n:

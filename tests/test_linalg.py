@@ -30,7 +30,7 @@ def spectrum_matrix(m: int, n: int, batch: int = 3, seed: int = 0, decay: float 
     return principal_weight(U, S, V)
 
 
-@pytest.mark.parametrize("method", ["gram", "full", "auto"])
+@pytest.mark.parametrize("method", ["subspace", "gram", "full", "auto"])
 @pytest.mark.parametrize(("m", "n", "r"), [(300, 120, 16), (120, 300, 16), (256, 256, 64), (64, 48, 48)])
 def test_top_r_svd_matches_float64_reference(method, m, n, r):
     w64 = spectrum_matrix(m, n)
@@ -53,6 +53,47 @@ def test_top_r_svd_float64_is_exact_to_float64():
     _, S, _ = top_r_svd(w64, 10, method="gram")
     assert S.dtype == torch.float64
     torch.testing.assert_close(S, torch.linalg.svdvals(w64)[:, :10], rtol=1e-10, atol=0)
+
+
+def test_subspace_iteration_on_hard_spectra():
+    """Flat random (Marchenko–Pastur) and steep power-law spectra, bf16 input as stored in models."""
+    g = torch.Generator().manual_seed(1)
+    flat = torch.randn(2, 600, 500, generator=g).bfloat16()
+    U0, _ = torch.linalg.qr(torch.randn(600, 500, generator=g, dtype=torch.float64))
+    V0, _ = torch.linalg.qr(torch.randn(500, 500, generator=g, dtype=torch.float64))
+    steep = principal_weight(U0, 50 * torch.arange(1, 501, dtype=torch.float64) ** -1.2, V0)[None]
+    for w, r in ((flat, 32), (steep, 40)):
+        S_ref = torch.linalg.svdvals(w.double())
+        U, S, V = top_r_svd(w, r, method="subspace")
+        rel = ((S.double() - S_ref[:, :r]).abs() / S_ref[:, :r]).max().item()
+        assert rel < 1e-6, rel
+        residual = torch.linalg.matrix_norm(w.double() - principal_weight(U.double(), S.double(), V.double()))
+        assert (residual <= (1 + 1e-6) * optimal_residual_norm(S_ref, r)).all()
+        assert orthonormality_error(U.double()).max() < 1e-5 and orthonormality_error(V.double()).max() < 1e-5
+
+
+def test_subspace_iteration_is_deterministic_and_handles_rank_deficiency():
+    w = spectrum_matrix(400, 300, batch=2).float()
+    first, second = top_r_svd(w, 20, method="subspace"), top_r_svd(w, 20, method="subspace")
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+    # rank 10 < r + oversample: the block holds null-space directions; the top 10 must still be exact
+    low = torch.randn(2, 400, 10, dtype=torch.float64) @ torch.randn(2, 10, 300, dtype=torch.float64)
+    U, S, V = top_r_svd(low, 12, method="subspace")
+    S_ref = torch.linalg.svdvals(low)
+    torch.testing.assert_close(S[:, :10], S_ref[:, :10], rtol=1e-10, atol=0)
+    assert S[:, 10:].abs().max() < 1e-10 * S_ref[:, 0].min()
+    assert orthonormality_error(V).max() < 1e-8
+
+
+def test_subspace_iteration_falls_back_to_eigh_when_not_converged():
+    from lit_svd.linalg import _filtered_subspace_iteration
+
+    w = spectrum_matrix(300, 200, batch=2)
+    U, S, V = _filtered_subspace_iteration(w, 16, 8, tol=0.0, max_rounds=1)  # tol 0: never "converged"
+    torch.testing.assert_close(S, torch.linalg.svdvals(w)[:, :16], rtol=1e-10, atol=0)
+    assert U.shape == (2, 300, 16) and V.shape == (2, 200, 16)
+    assert orthonormality_error(U).max() < 1e-8
 
 
 def test_top_r_svd_rejects_bad_rank_and_method():

@@ -32,7 +32,7 @@ def real_layers(smollm2) -> nn.Module:
     return holder
 
 
-@pytest.mark.parametrize("svd_method", ["gram", "full", "auto"])
+@pytest.mark.parametrize("svd_method", ["subspace", "gram", "full", "auto"])
 @pytest.mark.parametrize("rank", [8, 64])
 def test_top_r_exact_on_smollm2(smollm2, rank, svd_method):
     holder = real_layers(smollm2)
