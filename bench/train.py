@@ -56,9 +56,6 @@ DEFAULT_RUNS = [
     "ours:sorsa",
     "ours:osora",
     "ours:lora-bf16",
-    "proto:lora",
-    "proto:sorsa",
-    "proto:osora",
 ]
 GAMMA = 4e-4  # SORSA's default γ (SPEC §3)
 LR = 1e-4
@@ -233,6 +230,25 @@ def prototype_agreement(model: nn.Module, original_forward, args: argparse.Names
     return (torch.linalg.norm(fused - reference) / torch.linalg.norm(reference)).item()
 
 
+def monitor_cost(model: nn.Module, device: torch.device, step_seconds: float) -> dict[str, Any]:
+    """Seconds of one SpectralMonitor measurement (+ heat-map figure) and its share of training time at the
+    default interval: the callback runs once every ``every_n_steps`` optimizer steps, so its overhead is
+    ``cost / (every_n_steps × step time)``."""
+    from lit_svd.callbacks import SpectralMonitor
+    from lit_svd.callbacks.spectral_monitor import drift_heatmap
+
+    monitor = SpectralMonitor()
+    monitor.measure(model)  # first call also records each original weight norm, once per run
+    with Timer(device) as t:
+        spectra = monitor.measure(model)
+        drift_heatmap(spectra)
+    return {
+        "monitor_seconds": t.seconds,
+        "monitor_every_n_steps": monitor.every_n_steps,
+        "monitor_overhead": t.seconds / (monitor.every_n_steps * step_seconds),
+    }
+
+
 def measure(run: str, args: argparse.Namespace, device: torch.device, profile_it: bool) -> dict[str, Any]:
     if run.startswith("proto:"):
         original_forward = AdapterLayer.forward
@@ -267,6 +283,7 @@ def measure(run: str, args: argparse.Namespace, device: torch.device, profile_it
             info["proto_rel_logit_diff"] = prototype_agreement(model, original_forward, args, device)
         if run.startswith(("ours:", "proto:")):
             info["adapted_layers"] = sum(1 for _ in adapter_layers(model))
+            info |= monitor_cost(model, device, info["step_ms"] / 1e3)
     finally:
         if run.startswith("proto:"):
             AdapterLayer.forward = original_forward  # type: ignore[method-assign]
@@ -353,6 +370,7 @@ def main() -> None:
             r["run"]: {
                 "ge_1.10x_tokens_per_s": r["x_vs_peft_lora"] >= 1.10,
                 "peak_le_peft_lora": r.get("peak_le_peft_lora"),
+                "monitor_overhead_le_2pct": r.get("monitor_overhead", 1.0) <= 0.02,
             }
             for r in ours
         }
@@ -370,8 +388,16 @@ def main() -> None:
                 "x_vs_peft_lora",
                 "step_ms",
                 "peak_memory_gb",
+                "monitor_seconds",
+                "monitor_overhead",
             ],
-            {"tokens_per_s": "{:.0f}".format, "x_vs_peft_lora": "{:.3f}".format, "step_ms": "{:.1f}".format},
+            {
+                "tokens_per_s": "{:.0f}".format,
+                "x_vs_peft_lora": "{:.3f}".format,
+                "step_ms": "{:.1f}".format,
+                "monitor_seconds": "{:.3f}".format,
+                "monitor_overhead": "{:.2%}".format,
+            },
         )
     )
     for row in results["runs"]:

@@ -244,9 +244,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     try:
         metric = TaskAccuracy(["gsm8k", "boolq"])
         if rank == 0:  # gsm8k 1 of 2, boolq 1 of 1
-            metric.update(
-                ["The answer is 1", "The answer is 2", "true"], ["1", "3", "true"], ["gsm8k"] * 2 + ["boolq"]
-            )
+            metric.update(["The answer is 1", "The answer is 2", "true"], ["1", "3", "true"], ["gsm8k"] * 2 + ["boolq"])
         else:  # gsm8k 1 of 1, boolq 0 of 1
             metric.update(["The answer is 4", "true"], ["4", "false"], ["gsm8k", "boolq"])
         values = {task: float(value) for task, value in metric.compute().items()}
@@ -261,9 +259,7 @@ def test_metric_state_is_summed_across_ddp_ranks(tmp_path):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     # fork: the children inherit the imported modules, so two ranks start in well under a second.
-    context = mp.start_processes(
-        _ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=False, start_method="fork"
-    )
+    context = mp.start_processes(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=False, start_method="fork")
     deadline = time.monotonic() + 60
     while not context.join(timeout=1):
         if time.monotonic() > deadline:
@@ -317,14 +313,15 @@ def gsm8k_answer_key(count: int) -> dict[str, str]:
 
 @pytest.mark.parametrize(("wrong", "accuracy"), [(False, 1.0), (True, 0.0)])
 def test_evaluate_scores_generations(tokenizer, tmp_path, wrong, accuracy):
-    datamodule = GSM8KDataModule(
-        data_dir=str(DATA_DIR / "gsm8k"), cache_dir=str(tmp_path), max_eval_examples=8
-    )
+    datamodule = GSM8KDataModule(data_dir=str(DATA_DIR / "gsm8k"), cache_dir=str(tmp_path), max_eval_examples=8)
     model = AnswerKeyModel(tokenizer, gsm8k_answer_key(8), wrong=wrong)
     result = evaluate(model, tokenizer, datamodule, max_new_tokens=32, batch_size=3, return_predictions=True)
     assert result["accuracy"] == accuracy and result["num_examples"] == 8
     assert len(model.calls) == 3 and model.calls[0]["max_new_tokens"] == 32  # batches of 3, 3, 2
     assert [p["correct"] for p in result["predictions"]] == [not wrong] * 8
+    # batches are formed longest prompt first, but predictions come back in dataset order
+    references = [gsm8k_reference(r["answer"]) for r in read_jsonl(DATA_DIR / "gsm8k" / "test.jsonl")[:8]]
+    assert [p["reference"] for p in result["predictions"]] == references
     assert result["predictions"][0]["generation"].startswith(" Let me think.")  # new tokens only
 
 
@@ -370,9 +367,7 @@ def tiny_llama(vocab_size: int, seed: int = 0):
 
 
 def test_batched_left_padded_generation_equals_one_by_one(tokenizer, tmp_path):
-    datamodule = GSM8KDataModule(
-        data_dir=str(DATA_DIR / "gsm8k"), cache_dir=str(tmp_path), max_eval_examples=6
-    )
+    datamodule = GSM8KDataModule(data_dir=str(DATA_DIR / "gsm8k"), cache_dir=str(tmp_path), max_eval_examples=6)
     datamodule.set_tokenizer(tokenizer)
     datamodule.setup("test")
     model = tiny_llama(len(tokenizer))
@@ -386,6 +381,29 @@ def test_batched_left_padded_generation_equals_one_by_one(tokenizer, tmp_path):
         assert batched[row] == single[0]
 
 
+def test_length_sorted_and_static_cache_evaluation_equal_dataset_order_generation(tokenizer, tmp_path):
+    datamodule = GSM8KDataModule(data_dir=str(DATA_DIR / "gsm8k"), cache_dir=str(tmp_path), max_eval_examples=7)
+    model = tiny_llama(len(tokenizer), seed=3)
+    runs = {
+        (sort, static): evaluate(
+            model,
+            tokenizer,
+            datamodule,
+            max_new_tokens=10,
+            batch_size=3,
+            progress=False,
+            return_predictions=True,
+            sort_by_length=sort,
+            compile=static,
+        )
+        for sort, static in [(False, False), (True, False), (True, True)]
+    }
+    expected = [p["generation"] for p in runs[(False, False)]["predictions"]]
+    assert len(set(expected)) > 1  # a model that says the same thing everywhere would hide a reordering
+    for key, run in runs.items():
+        assert [p["generation"] for p in run["predictions"]] == expected, key
+
+
 def test_generation_stops_at_eos(tokenizer):
     model = tiny_llama(len(tokenizer))
     # An output layer whose bias makes EOS the greedy choice after any prompt.
@@ -395,9 +413,7 @@ def test_generation_stops_at_eos(tokenizer):
         head.bias.zero_()
         head.bias[tokenizer.eos_token_id] = 10.0
     model.lm_head = head
-    prompt = tokenizer(
-        ["Question: what is 1 + 1?", "Q: 2?"], return_tensors="pt", padding=True, padding_side="left"
-    )
+    prompt = tokenizer(["Question: what is 1 + 1?", "Q: 2?"], return_tensors="pt", padding=True, padding_side="left")
     texts = generate_batch(model, tokenizer, prompt["input_ids"], prompt["attention_mask"], max_new_tokens=20)
     assert texts == ["", ""]
     output = model.generate(
@@ -419,9 +435,7 @@ def test_lightning_module_generates_and_updates_the_datamodule_metric(tokenizer,
             self.counts: list[int] = []
 
         def training_step(self, batch, batch_index):
-            loss = self.model(
-                batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
-            ).loss
+            loss = self.model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
             self.losses.append(float(loss.detach()))
             return loss
 

@@ -1,9 +1,14 @@
 """Standalone generation-based evaluation of a (trained or merged) Hugging Face causal LM.
 
-    for each eval batch (left-padded prompts):
+    order = questions sorted by prompt length, longest first        (less padding per batch)
+    for each batch of that order (left-padded prompts):
         new_tokens = model.generate(prompt, greedy, KV cache, stop at EOS)[:, prompt_width:]
         metric.update(decode(new_tokens), references, tasks)
-    return metric.compute() as floats
+    return metric.compute() as floats; predictions back in dataset order
+
+A small model's decoding step is dominated by per-step overhead, not arithmetic, so throughput comes from
+few, large batches (``batch_size``) and, on CUDA, optionally from a static KV cache whose decoding step
+transformers compiles into CUDA graphs (``compile=True``); ``bench/generate.py`` measures both.
 
 The datamodule decides the data, the prompt template and the metric, so ``evaluate(model, tok, dm)``
 scores GSM8K, MATH or the commonsense suite the same way the ``LightningModule`` does during validation.
@@ -14,6 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from lit_svd.eval.answers import is_correct
@@ -28,6 +34,7 @@ def generate_batch(
     prompt_input_ids: torch.Tensor,
     prompt_attention_mask: torch.Tensor,
     max_new_tokens: int = 512,
+    static_cache: bool = False,
 ) -> list[str]:
     """Greedy generation for a batch of left-padded prompts.
 
@@ -37,6 +44,8 @@ def generate_batch(
         prompt_input_ids: (B, P) long, left-padded.
         prompt_attention_mask: (B, P) long, 0 on padding.
         max_new_tokens: generation budget per example; rows stop early at EOS.
+        static_cache: preallocate the KV cache (``cache_implementation="static"``); on CUDA transformers
+            then compiles the decoding step (CUDA graphs), which pays off over many steps of one shape.
 
     Returns:
         B decoded strings: the new tokens only, special tokens removed.
@@ -55,6 +64,7 @@ def generate_batch(
         temperature=None,
         top_p=None,
         top_k=None,
+        **({"cache_implementation": "static"} if static_cache else {}),
     )
     new_tokens = output[:, prompt_input_ids.shape[1] :]
     return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
@@ -68,6 +78,8 @@ def evaluate(
     batch_size: int | None = None,
     progress: bool = True,
     return_predictions: bool = False,
+    sort_by_length: bool = True,
+    compile: bool = False,
 ) -> dict[str, Any]:
     """Score a model on a datamodule's evaluation set by batched greedy generation.
 
@@ -78,9 +90,15 @@ def evaluate(
         datamodule: an :class:`~lit_svd.data.base.InstructionDataModule` (GSM8K, MATH, MetaMathQA,
             Commonsense); its ``max_eval_examples`` limits the number of questions.
         max_new_tokens: generation budget per question.
-        batch_size: questions per ``generate`` call (default: the datamodule's ``eval_batch_size``).
+        batch_size: questions per ``generate`` call (default: the datamodule's ``eval_batch_size``). On a
+            GPU, larger is faster until memory runs out (KV cache ≈ batch × (prompt + new tokens) × layers ×
+            2 × kv_heads × head_dim × 2 bytes).
         progress: show a tqdm progress bar.
         return_predictions: also return every question's generation, reference and verdict.
+        sort_by_length: batch questions of similar prompt length together (longest first, so running out
+            of memory happens at once); results and predictions are reported in dataset order either way.
+        compile: static KV cache with transformers' compiled (CUDA-graph) decoding step; the first batch of
+            each shape pays the compilation.
 
     Returns:
         ``{"accuracy": float, "num_examples": int}`` for single-task metrics; for multi-task metrics
@@ -91,11 +109,18 @@ def evaluate(
     datamodule.set_tokenizer(tokenizer)  # a no-op when it already has this one
     datamodule.setup("test")
     loader = datamodule.eval_dataloader(batch_size)
+    order = list(range(len(loader.dataset)))
+    if sort_by_length:
+        prompt_lengths = [int(n) for n in loader.dataset["prompt_length"]]
+        order.sort(key=lambda i: -prompt_lengths[i])
+        loader = DataLoader(
+            loader.dataset, loader.batch_size, sampler=order, collate_fn=loader.collate_fn, num_workers=0
+        )
     metric = datamodule.make_metric()
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    predictions: list[dict[str, Any]] = []
+    generated: list[tuple[str, str, str]] = []  # (generation, reference, task) in loader order
     try:
         for batch in tqdm(loader, desc="Evaluating", unit="batch", disable=not progress):
             generations = generate_batch(
@@ -104,31 +129,27 @@ def evaluate(
                 batch["prompt_input_ids"].to(device),
                 batch["prompt_attention_mask"].to(device),
                 max_new_tokens,
+                static_cache=compile,
             )
             metric.update(generations, batch["references"], batch["task"])
-            if return_predictions:
-                for generation, reference, task in zip(
-                    generations, batch["references"], batch["task"], strict=True
-                ):
-                    predictions.append(
-                        {
-                            "task": task,
-                            "reference": reference,
-                            "generation": generation,
-                            "correct": is_correct(generation, reference, task),
-                        }
-                    )
+            generated.extend(zip(generations, batch["references"], batch["task"], strict=True))
     finally:
         model.train(was_training)
     value = metric.compute()
     result: dict[str, Any] = {"num_examples": int(metric.total.sum())}
     if isinstance(value, dict):
         result["accuracy"] = float(value["average"])
-        result.update(
-            {f"accuracy/{task}": float(accuracy) for task, accuracy in value.items() if task != "average"}
-        )
+        result.update({f"accuracy/{task}": float(accuracy) for task, accuracy in value.items() if task != "average"})
     else:
         result["accuracy"] = float(value)
     if return_predictions:
-        result["predictions"] = predictions
+        in_dataset_order: list[dict[str, Any]] = [{} for _ in order]
+        for position, (generation, reference, task) in zip(order, generated, strict=True):
+            in_dataset_order[position] = {
+                "task": task,
+                "reference": reference,
+                "generation": generation,
+                "correct": is_correct(generation, reference, task),
+            }
+        result["predictions"] = in_dataset_order
     return result

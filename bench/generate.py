@@ -1,0 +1,207 @@
+"""GSM8K-test generation throughput: lit_svd's evaluation path vs batched HF ``generate``, in one run.
+
+The anchor is what a user gets from transformers without thinking about it: ``model.generate`` (greedy,
+default dynamic KV cache) over the test set in dataset order, 192 prompts per call. lit_svd's path is
+``lit_svd.eval.evaluate``: prompts sorted by length into few large batches, optionally a static KV cache
+whose decoding step transformers compiles into CUDA graphs. Both run on the same model (SmolLM2-135M-
+Instruct, bf16 weights, bf16 autocast), the same prompts and the same budget (256 new tokens, stop at
+EOS). Throughput counts generated tokens (up to and including EOS) per second of wall time; for compiled
+variants the first pass (which compiles) and a second, steady-state pass are both reported.
+
+Variants, each over all questions unless ``--questions``:
+    anchor            HF generate, dataset order, batch 192, dynamic cache, base model
+    ours/base         evaluate(): length-sorted, batch --batch-size, dynamic cache, base model
+    ours/base/static  the same with compile=True (static cache + CUDA graphs; CUDA only)
+    ours/merged       SORSA r=16 on all 7 projections, merged into the weights, best of the above
+    ours/unmerged     the same adapters left unmerged (adapter forward in every step), dynamic cache
+
+Greedy outputs of ``ours/*`` on the base model are compared with the anchor's on the first 64 prompts.
+
+Usage:
+    PYTHONPATH=. python bench/generate.py --data-dir ../shared/data/gsm8k           # → bench/results/generate.json
+    PYTHONPATH=. python bench/generate.py --data-dir ../shared/data/gsm8k --smoke   # 8 questions, CPU ok
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+from pathlib import Path
+from typing import Any
+
+import torch
+from _common import RESULTS_DIR, Timer, environment, format_table, write_json
+
+from lit_svd import AdapterConfig, inject_adapters, merge_adapters
+from lit_svd.data import GSM8KDataModule
+from lit_svd.eval import evaluate
+from lit_svd.models import EMBEDDED_MODEL, load_causal_lm, load_tokenizer
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def count_generated_tokens(model: Any, eos_token_id: int) -> list[int]:
+    """Wrap ``model.generate`` so each call adds its rows' new-token counts (through EOS) to the returned list."""
+    counts: list[int] = []
+    generate = model.generate
+
+    @functools.wraps(generate)
+    def counting(*args: Any, **kwargs: Any) -> torch.Tensor:
+        output = generate(*args, **kwargs)
+        prompt_width = kwargs["input_ids"].shape[1]
+        new = output[:, prompt_width:]
+        is_eos = new == eos_token_id
+        first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, new.shape[1])
+        counts.extend(first_eos.tolist())
+        return output
+
+    model.generate = counting
+    return counts
+
+
+def run_variant(
+    name: str, model: Any, tokenizer: Any, args: argparse.Namespace, device: torch.device, **evaluate_kwargs: Any
+) -> dict[str, Any]:
+    data = GSM8KDataModule(
+        data_dir=args.data_dir, max_eval_examples=args.questions, cache_dir=args.cache_dir, eval_batch_size=192
+    )
+    counts = count_generated_tokens(model, tokenizer.eos_token_id)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"), Timer(device) as t:
+        result = evaluate(
+            model,
+            tokenizer,
+            data,
+            max_new_tokens=args.max_new_tokens,
+            progress=False,
+            return_predictions=True,
+            **evaluate_kwargs,
+        )
+    del model.generate  # back to the class's method
+    row = {
+        "variant": name,
+        "questions": result["num_examples"],
+        "batch_size": evaluate_kwargs.get("batch_size"),
+        "sorted": evaluate_kwargs.get("sort_by_length", True),
+        "compiled": evaluate_kwargs.get("compile", False),
+        "seconds": t.seconds,
+        "generated_tokens": sum(counts),
+        "tokens_per_s": sum(counts) / t.seconds,
+        "accuracy": result["accuracy"],
+        "generations": [p["generation"] for p in result["predictions"]],
+    }
+    print(f"{name}: {row['tokens_per_s']:.0f} tok/s, {t.seconds:.1f} s, acc {row['accuracy']:.4f}", flush=True)
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=EMBEDDED_MODEL)
+    p.add_argument("--data-dir", required=True, help="folder with GSM8K test.jsonl")
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--questions", type=int, default=None, help="first N test questions (default all 1319)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--anchor-batch", type=int, default=192)
+    p.add_argument("--batch-size", type=int, default=1319, help="lit_svd path: prompts per generate call")
+    p.add_argument("--no-compile", action="store_true", help="skip the static-cache/CUDA-graph variants")
+    p.add_argument("--identity-prompts", type=int, default=64)
+    p.add_argument("--smoke", action="store_true", help="8 questions, 16 new tokens: checks the script")
+    p.add_argument("--out", type=Path, default=RESULTS_DIR / "generate.json")
+    args = p.parse_args()
+    if args.smoke:
+        args.questions, args.max_new_tokens, args.batch_size, args.anchor_batch = 8, 16, 8, 3
+        args.identity_prompts = 8
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    tokenizer = load_tokenizer(args.model)
+    base = load_causal_lm(args.model, dtype=dtype).to(device)
+    results: dict[str, Any] = {"meta": environment(device) | {"model": args.model}, "runs": []}
+    compile_ok = device.type == "cuda" and not args.no_compile
+
+    def save() -> None:
+        write_json(args.out, results)
+
+    # A short warm-up pass so CUDA/cuBLAS initialisation is not charged to whichever variant runs first.
+    warm = copy.copy(args)
+    warm.questions, warm.max_new_tokens = 8, 8
+    run_variant("warm-up", base, tokenizer, warm, device, batch_size=8, sort_by_length=False)
+
+    runs = results["runs"]
+    runs.append(
+        run_variant("anchor", base, tokenizer, args, device, batch_size=args.anchor_batch, sort_by_length=False)
+    )
+    save()
+    runs.append(run_variant("ours/base", base, tokenizer, args, device, batch_size=args.batch_size))
+    save()
+    if compile_ok:
+        for attempt in ("first pass", "second pass"):
+            try:
+                runs.append(
+                    run_variant(
+                        f"ours/base/static ({attempt})",
+                        base,
+                        tokenizer,
+                        args,
+                        device,
+                        batch_size=args.batch_size,
+                        compile=True,
+                    )
+                )
+            except Exception as err:  # report and go on: compilation support varies across versions
+                runs.append({"variant": f"ours/base/static ({attempt})", "error": repr(err)[:500]})
+                print(f"static/compiled variant failed: {err!r}"[:500], flush=True)
+                break
+            save()
+    steady = [
+        r for r in runs if r["variant"].startswith("ours/base") and "error" not in r and "first" not in r["variant"]
+    ]
+    best = max(steady, key=lambda r: r["tokens_per_s"])
+    best_kwargs = {"batch_size": args.batch_size, "compile": best["compiled"]}
+
+    adapted = copy.deepcopy(base)
+    inject_adapters(adapted, AdapterConfig(method="sorsa", rank=16, target_modules=TARGETS, adapter_dtype="float32"))
+    runs.append(run_variant("ours/unmerged (sorsa r=16)", adapted, tokenizer, args, device, batch_size=args.batch_size))
+    save()
+    merged = merge_adapters(adapted)
+    runs.append(run_variant("ours/merged (sorsa r=16)", merged, tokenizer, args, device, **best_kwargs))
+    save()
+
+    anchor = runs[0]
+    n = args.identity_prompts
+    for row in runs:
+        if "error" in row:
+            continue
+        row["x_anchor"] = row["tokens_per_s"] / anchor["tokens_per_s"]
+        row[f"identical_first_{n}"] = sum(
+            a == b for a, b in zip(row["generations"][:n], anchor["generations"][:n], strict=True)
+        )
+    for row in runs:
+        row.pop("generations", None)
+    save()
+    cols = [
+        "variant",
+        "batch_size",
+        "seconds",
+        "generated_tokens",
+        "tokens_per_s",
+        "x_anchor",
+        "accuracy",
+        f"identical_first_{n}",
+    ]
+    print(
+        format_table(
+            [r for r in runs if "error" not in r],
+            cols,
+            {
+                "seconds": "{:.1f}".format,
+                "tokens_per_s": "{:.0f}".format,
+                "x_anchor": "{:.2f}".format,
+                "accuracy": "{:.4f}".format,
+            },
+        )
+    )
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
