@@ -85,14 +85,15 @@ def free(device: torch.device) -> None:
 
 
 def load_real_weights(source: str) -> dict[str, torch.Tensor]:
-    """SmolLM2 projection matrices (float32, CPU) from a safetensors dump or ``"embedded"`` (needs gguf)."""
-    if source != "embedded":
+    """SmolLM2 projection matrices (float32, CPU) from a safetensors dump, a ``.gguf`` file or ``"embedded"``
+    (the packaged GGUF; both GGUF routes need the ``gguf`` package)."""
+    if source != "embedded" and not source.endswith(".gguf"):
         from safetensors.torch import load_file
 
         return load_file(source)
     from lit_svd.models import EMBEDDED_MODEL, load_causal_lm
 
-    model = load_causal_lm(EMBEDDED_MODEL, dtype=torch.float32)
+    model = load_causal_lm(EMBEDDED_MODEL if source == "embedded" else source, dtype=torch.float32)
     return {
         f"layers.{i}.{path}": model.model.layers[i].get_submodule(path).weight.detach().float().contiguous().clone()
         for i in REAL_LAYERS
