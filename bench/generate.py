@@ -61,13 +61,20 @@ def count_generated_tokens(model: Any, eos_token_id: int) -> list[int]:
 
 
 def run_variant(
-    name: str, model: Any, tokenizer: Any, args: argparse.Namespace, device: torch.device, **evaluate_kwargs: Any
+    name: str,
+    model: Any,
+    tokenizer: Any,
+    args: argparse.Namespace,
+    device: torch.device,
+    autocast: bool = True,
+    **evaluate_kwargs: Any,
 ) -> dict[str, Any]:
     data = GSM8KDataModule(
         data_dir=args.data_dir, max_eval_examples=args.questions, cache_dir=args.cache_dir, eval_batch_size=192
     )
     counts = count_generated_tokens(model, tokenizer.eos_token_id)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"), Timer(device) as t:
+    enabled = autocast and device.type == "cuda"
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled), Timer(device) as t:
         result = evaluate(
             model,
             tokenizer,
@@ -94,6 +101,49 @@ def run_variant(
     return row
 
 
+def identity_check(base: Any, tokenizer: Any, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Greedy outputs on the first prompts, anchor vs lit_svd's path, in float32 and in bf16.
+
+    bf16 GEMMs round differently for different batch shapes, and a 135M model often has near-tied logits,
+    so bf16 greedy continuations drift apart after a while whatever the code path; HF's own generate at two
+    batch sizes shows how much. In float32 both paths must agree token for token.
+    """
+    few = copy.copy(args)
+    few.questions = args.identity_prompts
+    out: dict[str, Any] = {"prompts": few.questions}
+    fp32 = copy.deepcopy(base).float()
+    runs = {
+        "fp32 anchor": run_variant(
+            "fp32 anchor", fp32, tokenizer, few, device, False, batch_size=args.anchor_batch, sort_by_length=False
+        ),
+        "fp32 ours": run_variant("fp32 ours", fp32, tokenizer, few, device, False, batch_size=args.batch_size),
+        "bf16 anchor": run_variant(
+            "bf16 anchor", base, tokenizer, few, device, batch_size=args.anchor_batch, sort_by_length=False
+        ),
+        "bf16 anchor, batch 16": run_variant(
+            "bf16 anchor, batch 16", base, tokenizer, few, device, batch_size=16, sort_by_length=False
+        ),
+        "bf16 ours": run_variant("bf16 ours", base, tokenizer, few, device, batch_size=args.batch_size),
+    }
+    if device.type == "cuda" and not args.no_compile:
+        runs["fp32 ours static"] = run_variant(
+            "fp32 ours static", fp32, tokenizer, few, device, False, batch_size=args.batch_size, compile=True
+        )
+    del fp32
+    pairs = [
+        ("fp32 ours", "fp32 anchor"),
+        ("fp32 ours static", "fp32 anchor"),
+        ("bf16 ours", "bf16 anchor"),
+        ("bf16 anchor, batch 16", "bf16 anchor"),
+    ]
+    for a, b in pairs:
+        if a in runs and b in runs:
+            out[f"identical: {a} vs {b}"] = sum(
+                x == y for x, y in zip(runs[a]["generations"], runs[b]["generations"], strict=True)
+            )
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=EMBEDDED_MODEL)
@@ -106,6 +156,7 @@ def main() -> None:
     p.add_argument("--no-compile", action="store_true", help="skip the static-cache/CUDA-graph variants")
     p.add_argument("--identity-prompts", type=int, default=64)
     p.add_argument("--smoke", action="store_true", help="8 questions, 16 new tokens: checks the script")
+    p.add_argument("--only-identity", action="store_true", help="only the output-identity check (first prompts)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "generate.json")
     args = p.parse_args()
     if args.smoke:
@@ -126,6 +177,11 @@ def main() -> None:
     warm.questions, warm.max_new_tokens = 8, 8
     run_variant("warm-up", base, tokenizer, warm, device, batch_size=8, sort_by_length=False)
 
+    results["identity"] = identity_check(base, tokenizer, args, device)
+    save()
+    print("identity:", results["identity"], flush=True)
+    if args.only_identity:
+        return
     runs = results["runs"]
     runs.append(
         run_variant("anchor", base, tokenizer, args, device, batch_size=args.anchor_batch, sort_by_length=False)

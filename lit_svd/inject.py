@@ -190,7 +190,14 @@ def initialize_adapters(
             factors: list = [None] * len(chunk)
             if decomposition is not None:
                 if compute:
-                    stacked = torch.stack([layer.weight_matrix().to(compute_dtype) for layer in chunk])
+                    # The SVD keeps the storage dtype (bf16 weights take a tensor-core Gram product and
+                    # are read in float64 after that); QR works in the compute dtype.
+                    stacked = torch.stack(
+                        [
+                            layer.weight_matrix() if decomposition == "svd" else layer.weight_matrix().to(compute_dtype)
+                            for layer in chunk
+                        ]
+                    )
                     if decomposition == "svd":
                         batched = top_r_svd(stacked, rank, method=svd_method, dtype=compute_dtype)
                     else:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from lit_svd.adapters import AdapterLayer
-from lit_svd.linalg import low_rank_frobenius_norm, low_rank_svd, orthonormality_error
+from lit_svd.linalg import low_rank_frobenius_norm, low_rank_singular_values, orthonormality_error
 
 __all__ = ["LayerSpectrum", "layer_spectrum", "layer_position"]
 
@@ -27,8 +27,9 @@ class LayerSpectrum:
         singular_values: Current singular values ``S_t`` (r,) of the adapter (SORSA/OSoRA: the trained
             ``S``; LoRA family: of ``s·B A`` via a thin SVD in r-dimensional space).
         sv_drift: ``‖S_t − S_0‖ / ‖S_0‖`` (``‖S_t‖ / ‖W_0‖_F`` when ``S_0 = 0``, i.e. LoRA).
-        orth_U: ``‖UᵀU − I‖_F`` of the left singular factor.
-        orth_V: ``‖VᵀV − I‖_F`` of the right singular factor.
+        orth_U: ``‖UᵀU − I‖_F`` of the left singular factor (SORSA/OSoRA; 0 for the LoRA family, whose
+            singular vectors are orthonormal by definition and not trained as such).
+        orth_V: ``‖VᵀV − I‖_F`` of the right singular factor (likewise).
         weight_change: ``‖W_t − W_0‖_F / ‖W_0‖_F`` of the effective weight.
     """
 
@@ -53,17 +54,27 @@ def original_weight_norm(layer: AdapterLayer) -> float:
 
 
 @torch.no_grad()
-def layer_spectrum(layer: AdapterLayer, weight_norm: float) -> LayerSpectrum:
-    """Spectral metrics of ``layer``; ``weight_norm`` is its ``original_weight_norm`` (computed once)."""
-    now, init = layer.factors(), layer.factors(initial=True)
-    P_t, Q_t = layer.low_rank_factors(now)
+def layer_spectrum(
+    layer: AdapterLayer, weight_norm: float, initial_singular_values: torch.Tensor | None = None
+) -> LayerSpectrum:
+    """Spectral metrics of ``layer``.
+
+    Args:
+        layer: an adapted layer.
+        weight_norm: its ``original_weight_norm`` (computed once per run).
+        initial_singular_values: ``S_0`` of a LoRA-family layer if already known (it never changes, so
+            callers that measure repeatedly cache it); computed when ``None``.
+    """
+    P_t, Q_t = layer.low_rank_factors(layer.factors())
     P_0, Q_0 = layer.initial_low_rank_factors()
     if "S" in layer.trainable_names:  # SORSA / OSoRA: the singular values are parameters
-        S_t, S_0 = now["S"], init["S"]
-        U, V = now["U"], now["V"]
+        now = layer.factors()
+        S_t, S_0 = now["S"].double().cpu(), layer.factors(initial=True)["S"].double().cpu()
+        orth = torch.stack([orthonormality_error(now["U"].float()), orthonormality_error(now["V"].float())]).cpu()
     else:
-        U, S_t, V = low_rank_svd(P_t, Q_t)
-        S_0 = low_rank_svd(P_0, Q_0)[1]
+        S_t = low_rank_singular_values(P_t, Q_t)
+        S_0 = low_rank_singular_values(P_0, Q_0) if initial_singular_values is None else initial_singular_values
+        orth = torch.zeros(2)
     reference = torch.linalg.norm(S_0).item()
     drift = (
         torch.linalg.norm(S_t - S_0).item() / reference
@@ -72,9 +83,9 @@ def layer_spectrum(layer: AdapterLayer, weight_norm: float) -> LayerSpectrum:
     )
     change = low_rank_frobenius_norm(torch.cat([P_t, -P_0], 1), torch.cat([Q_t, Q_0], 1)).item() / weight_norm
     return LayerSpectrum(
-        singular_values=S_t.detach().cpu(),
+        singular_values=S_t.float(),
         sv_drift=drift,
-        orth_U=orthonormality_error(U).item(),
-        orth_V=orthonormality_error(V).item(),
+        orth_U=float(orth[0]),
+        orth_V=float(orth[1]),
         weight_change=change,
     )

@@ -36,7 +36,6 @@ class LowRankProductLayer(AdapterLayer):
         return self.scaling * t["B"], t["A"].T
 
 
-
 @register("lora")
 class LoRALayer(LowRankProductLayer):
     """LoRA; ``A`` is drawn at construction like PEFT, so init never reads the weight."""

@@ -47,4 +47,3 @@ class OSoRALayer(AdapterLayer):
 
     def low_rank_factors(self, t: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         return t["output_scale"][:, None] * t["U"] * t["S"], t["V"]
-

@@ -44,4 +44,3 @@ class SORSALayer(AdapterLayer):
 
     def low_rank_factors(self, t: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         return t["U"] * (self.scaling * t["S"]), t["V"]
-

@@ -10,6 +10,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from typing_extensions import override
 
 from lit_svd.inject import adapter_layers
+from lit_svd.linalg import low_rank_singular_values
 from lit_svd.spectral import LayerSpectrum, layer_position, layer_spectrum, original_weight_norm
 
 __all__ = ["SpectralMonitor", "drift_heatmap"]
@@ -66,6 +67,7 @@ class SpectralMonitor(Callback):
         self.log_per_layer = log_per_layer
         self.log_images = log_images
         self._weight_norms: dict[str, float] = {}
+        self._initial_singular_values: dict[str, torch.Tensor] = {}
         self._last_step = -1
         self.last_spectra: dict[str, LayerSpectrum] = {}
 
@@ -75,7 +77,10 @@ class SpectralMonitor(Callback):
         for name, layer in adapter_layers(pl_module):
             if name not in self._weight_norms:
                 self._weight_norms[name] = original_weight_norm(layer)
-            spectra[name] = layer_spectrum(layer, self._weight_norms[name])
+            spectra[name] = layer_spectrum(layer, self._weight_norms[name], self._initial_singular_values.get(name))
+            if "S" not in layer.trainable_names and name not in self._initial_singular_values:
+                # LoRA family: S_0 never changes, so it is measured once per run.
+                self._initial_singular_values[name] = low_rank_singular_values(*layer.initial_low_rank_factors())
         return spectra
 
     @override

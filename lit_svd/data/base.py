@@ -216,9 +216,7 @@ def tokenize_instructions(
     """
     check_columns(records, CANONICAL_COLUMNS, "canonical records")
     if tokenizer.eos_token_id is None:
-        raise ValueError(
-            "the tokenizer has no eos_token_id; responses must end with EOS for generation to stop"
-        )
+        raise ValueError("the tokenizer has no eos_token_id; responses must end with EOS for generation to stop")
     separator = response_separator(template, tokenizer)
     fingerprint = Hasher.hash(
         ["lit_svd.tokenize_instructions/v1", records._fingerprint, tokenizer_fingerprint(tokenizer), template]
@@ -341,8 +339,7 @@ class LengthGroupedSampler(DistributedSampler):
         generator.manual_seed(self.seed + self.epoch)
         order = torch.randperm(len(self.lengths), generator=generator).numpy()
         mega_batches = [
-            order[start : start + self.mega_batch_size]
-            for start in range(0, len(order), self.mega_batch_size)
+            order[start : start + self.mega_batch_size] for start in range(0, len(order), self.mega_batch_size)
         ]
         arranged = (
             np.concatenate([mega[np.argsort(-self.lengths[mega], kind="stable")] for mega in mega_batches])
@@ -538,23 +535,15 @@ class InstructionDataModule(LightningDataModule):
         tokenizer = self._resolve_tokenizer(required=True)
         needs_train = stage in ("fit", None) or (stage == "validate" and self.val_size > 0)
         if needs_train and self.train_dataset is None:
-            train = tokenize_instructions(
-                self._train_records(), tokenizer, self.prompt_template, self.num_proc
-            )
+            train = tokenize_instructions(self._train_records(), tokenizer, self.prompt_template, self.num_proc)
             if self.val_size:
                 if self.val_size >= len(train):
-                    raise ValueError(
-                        f"val_size={self.val_size} leaves no training examples (have {len(train)})"
-                    )
+                    raise ValueError(f"val_size={self.val_size} leaves no training examples (have {len(train)})")
                 order = np.random.default_rng(self.seed).permutation(len(train))
-                self.val_dataset = self._apply_overlength(
-                    train.select(np.sort(order[: self.val_size])), "val"
-                )
+                self.val_dataset = self._apply_overlength(train.select(np.sort(order[: self.val_size])), "val")
                 train = train.select(np.sort(order[self.val_size :]))
             self.train_dataset = self._apply_overlength(train, "train")
-        needs_eval = stage in ("test", "predict", None) or (
-            stage in ("fit", "validate") and not self.val_size
-        )
+        needs_eval = stage in ("test", "predict", None) or (stage in ("fit", "validate") and not self.val_size)
         if needs_eval and self.eval_dataset is None:
             records = self._load_eval_records()
             self.eval_dataset = tokenize_instructions(records, tokenizer, self.prompt_template, self.num_proc)

@@ -88,9 +88,7 @@ def _gsm8k_records(batch: dict[str, list], source: str, clean_solutions: bool) -
             references.append(gsm8k_reference(solution))
         except ValueError as error:
             raise ValueError(f"{source}: {error}") from None
-    responses = [
-        clean_gsm8k_solution(solution) if clean_solutions else solution for solution in batch["answer"]
-    ]
+    responses = [clean_gsm8k_solution(solution) if clean_solutions else solution for solution in batch["answer"]]
     count = len(responses)
     return {
         "query": batch["question"],
@@ -122,9 +120,7 @@ def _metamathqa_records(batch: dict[str, list]) -> dict[str, list]:
     count = len(responses)
     types = batch.get("type") or [""] * count
     # GSM_AnsAug / GSM_Rephrased / GSM_SV / GSM_FOBAR come from GSM8K, MATH_* from MATH.
-    tasks = [
-        "gsm8k" if kind.startswith("GSM") else "math" if kind.startswith("MATH") else "" for kind in types
-    ]
+    tasks = ["gsm8k" if kind.startswith("GSM") else "math" if kind.startswith("MATH") else "" for kind in types]
     return {
         "query": batch["query"],
         "input": [""] * count,
@@ -210,10 +206,7 @@ def load_math(
             raw = load_hub_split(test_hub_id, None, "test", MATH_COLUMNS, cache_dir, hint)
             source = f"{test_hub_id} (test)"
         else:
-            parts = [
-                load_hub_split(hub_id, subject, split, MATH_COLUMNS, cache_dir, hint)
-                for subject in MATH_SUBJECTS
-            ]
+            parts = [load_hub_split(hub_id, subject, split, MATH_COLUMNS, cache_dir, hint) for subject in MATH_SUBJECTS]
             raw = concatenate_datasets([part.select_columns(list(MATH_COLUMNS)) for part in parts])
             source = f"{hub_id} ({split})"
     return raw.map(
@@ -249,9 +242,7 @@ def load_metamathqa(
     else:
         hint = f"pass data_dir='path/to/metamathqa' (a folder with {file})"
         raw = load_hub_split(hub_id, None, split, METAMATHQA_COLUMNS, cache_dir, hint)
-    return raw.map(
-        _metamathqa_records, batched=True, remove_columns=raw.column_names, desc="MetaMathQA records"
-    )
+    return raw.map(_metamathqa_records, batched=True, remove_columns=raw.column_names, desc="MetaMathQA records")
 
 
 class GSM8KDataModule(InstructionDataModule):
@@ -395,9 +386,7 @@ class MetaMathQADataModule(InstructionDataModule):
         eval_datasets = list(eval_datasets) if eval_datasets is not None else ["gsm8k"]
         unknown = [name for name in eval_datasets if name not in ("gsm8k", "math")]
         if unknown or not eval_datasets:
-            raise ValueError(
-                f"eval_datasets must be a non-empty list of 'gsm8k' and/or 'math', got {eval_datasets}"
-            )
+            raise ValueError(f"eval_datasets must be a non-empty list of 'gsm8k' and/or 'math', got {eval_datasets}")
         if subset_size is not None and subset_size < 1:
             raise ValueError(f"subset_size must be positive or None, got {subset_size}")
         self.hub_id = hub_id
@@ -418,13 +407,9 @@ class MetaMathQADataModule(InstructionDataModule):
         parts = []
         for name in self.eval_datasets:
             if name == "gsm8k":
-                records = load_gsm8k(
-                    "test", self.gsm8k_dir, hub_id=self.gsm8k_hub_id, cache_dir=self.cache_dir
-                )
+                records = load_gsm8k("test", self.gsm8k_dir, hub_id=self.gsm8k_hub_id, cache_dir=self.cache_dir)
             else:
-                records = load_math(
-                    "test", self.math_dir, test_hub_id=self.math_test_hub_id, cache_dir=self.cache_dir
-                )
+                records = load_math("test", self.math_dir, test_hub_id=self.math_test_hub_id, cache_dir=self.cache_dir)
             parts.append(_head(records, self.max_eval_examples))
         return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
 

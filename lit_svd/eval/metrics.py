@@ -50,14 +50,10 @@ class TaskAccuracy(Metric):
             raise ValueError("TaskAccuracy needs at least one task name")
         self.tasks = tuple(tasks)
         self._task_index = {task: index for index, task in enumerate(self.tasks)}
-        self.add_state(
-            "correct", default=torch.zeros(len(self.tasks), dtype=torch.long), dist_reduce_fx="sum"
-        )
+        self.add_state("correct", default=torch.zeros(len(self.tasks), dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("total", default=torch.zeros(len(self.tasks), dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(
-        self, predictions: Sequence[str], references: Sequence[str], tasks: Sequence[str] | None = None
-    ) -> None:
+    def update(self, predictions: Sequence[str], references: Sequence[str], tasks: Sequence[str] | None = None) -> None:
         """Judge a batch of generations.
 
         Args:
@@ -73,9 +69,7 @@ class TaskAccuracy(Metric):
             raise ValueError(f"got {len(predictions)} predictions but {len(references)} references")
         if tasks is None:
             if len(self.tasks) != 1:
-                raise ValueError(
-                    f"this metric covers tasks {list(self.tasks)}; pass tasks= for every example"
-                )
+                raise ValueError(f"this metric covers tasks {list(self.tasks)}; pass tasks= for every example")
             tasks = [self.tasks[0]] * len(predictions)
         if len(tasks) != len(predictions):
             raise ValueError(f"got {len(predictions)} predictions but {len(tasks)} task names")
@@ -99,9 +93,7 @@ class TaskAccuracy(Metric):
         accuracy = self.correct.double() / self.total.double()  # 0/0 -> nan for tasks without examples
         values = {task: accuracy[index].float() for task, index in self._task_index.items()}
         seen = self.total > 0
-        values["average"] = (
-            accuracy[seen].mean().float() if bool(seen.any()) else accuracy.new_tensor(0.0).float()
-        )
+        values["average"] = accuracy[seen].mean().float() if bool(seen.any()) else accuracy.new_tensor(0.0).float()
         return values
 
 
@@ -157,7 +149,5 @@ class ChoiceAccuracy(TaskAccuracy):
     def __init__(self, tasks: Sequence[str] = COMMONSENSE_TASKS, **kwargs) -> None:
         unknown = [task for task in tasks if task not in COMMONSENSE_TASKS]
         if unknown:
-            raise ValueError(
-                f"unknown commonsense task(s) {unknown}; choose from: {', '.join(COMMONSENSE_TASKS)}"
-            )
+            raise ValueError(f"unknown commonsense task(s) {unknown}; choose from: {', '.join(COMMONSENSE_TASKS)}")
         super().__init__(tasks, **kwargs)
