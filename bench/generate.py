@@ -120,8 +120,8 @@ def identity_check(base: Any, tokenizer: Any, args: argparse.Namespace, device: 
         "bf16 anchor": run_variant(
             "bf16 anchor", base, tokenizer, few, device, batch_size=args.anchor_batch, sort_by_length=False
         ),
-        "bf16 anchor, batch 16": run_variant(
-            "bf16 anchor, batch 16", base, tokenizer, few, device, batch_size=16, sort_by_length=False
+        "bf16 anchor, batch 32": run_variant(
+            "bf16 anchor, batch 32", base, tokenizer, few, device, batch_size=32, sort_by_length=False
         ),
         "bf16 ours": run_variant("bf16 ours", base, tokenizer, few, device, batch_size=args.batch_size),
     }
@@ -134,7 +134,7 @@ def identity_check(base: Any, tokenizer: Any, args: argparse.Namespace, device: 
         ("fp32 ours", "fp32 anchor"),
         ("fp32 ours static", "fp32 anchor"),
         ("bf16 ours", "bf16 anchor"),
-        ("bf16 anchor, batch 16", "bf16 anchor"),
+        ("bf16 anchor, batch 32", "bf16 anchor"),
     ]
     for a, b in pairs:
         if a in runs and b in runs:
