@@ -4,8 +4,9 @@ Every method is trained by the same Lightning loop (same data order, steps, LR s
 PEFT's adapters enter through the ``inject`` hook of ``LitSVDAdapter``. For each (method, seed) the script
 records trainable parameters, training wall time and tokens/s, the GSM8K test loss (teacher-forced on the
 reference solutions), greedy GSM8K test accuracy and, with ``--math-dir``, greedy MATH-500 accuracy, and
-appends one JSON line. During training the teacher-forced loss of a fixed 256-question subset of GSM8K test
-is logged every 50 steps as ``heldout/loss`` next to ``train/loss`` in ``<out>/runs/<method>/seed<k>``.
+appends one JSON line. During training the teacher-forced loss of a fixed subset of GSM8K test (the first
+``--curve-questions``, 256) is logged every ``--curve-every`` (50) steps as ``heldout/loss`` next to
+``train/loss`` in ``<out>/runs/<method>/seed<k>``.
 ``--methods base`` evaluates the untrained model (once: it is deterministic, so only for the first seed).
 
 Two modes:
@@ -18,9 +19,11 @@ Two modes:
 
 ``--shard i/N`` (0 ≤ i < N) runs every N-th job of the (seed, method[, lr]) list starting at i and appends to
 ``results.shard{i}.jsonl`` / ``grid.shard{i}.jsonl``, so N processes can share one GPU; ``collect.py``
-merges the shard files, ``report.py`` tabulates and plots. On one H100, four shards:
+merges the shard files, ``report.py`` tabulates and plots. On one H100, four shards (``OMP_NUM_THREADS``
+keeps four processes from oversubscribing the CPU cores):
 
     mkdir -p runs/study
+    export OMP_NUM_THREADS=4
     # 1. learning-rate grid (100 steps per run, held-out split of train)
     for i in 0 1 2 3; do
       python recipes/studies/gsm8k_methods.py --data-dir data/gsm8k \\

@@ -1,0 +1,423 @@
+"""Tables, loss curves and a JSON summary of a ``gsm8k_methods.py`` study.
+
+Reads ``<study>/results.jsonl`` and ``<study>/grid.jsonl`` (plus any not yet collected shard files, merged the
+way ``collect.py`` merges them) and the TensorBoard runs ``<study>/runs/<method>/seed<k>``, and writes:
+
+- a markdown page: per method the number of seeds, trainable parameters, learning rate, GSM8K test loss,
+  GSM8K accuracy and MATH-500 accuracy as seed mean ± 95% t-interval (over seeds), the pooled binomial
+  (Wilson) 95% interval of the accuracies, and the mean training time; ours − PEFT differences paired by
+  seed; the learning-rate grid;
+- ``loss_curves.png``: seed-averaged training loss (smoothed) and held-out loss vs step, all methods;
+- a JSON summary with the same numbers.
+
+    python recipes/studies/report.py runs/study
+    python recipes/studies/report.py runs/study --table docs/results/gsm8k_methods.md \\
+        --figure docs/images/loss_curves.png --summary docs/results/gsm8k_methods_summary.json
+
+Needs matplotlib and tensorboard (for the figure); the tables need the standard library only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+# ``collect`` sits next to this script (the script's folder is sys.path[0] when it is run as a script).
+from collect import best_learning_rates, load_records, read_jsonl
+
+LABELS = {
+    "base": "untrained",
+    "lora": "ours LoRA",
+    "pissa": "ours PiSSA",
+    "olora": "ours OLoRA",
+    "sorsa": "ours SORSA",
+    "osora": "ours OSoRA",
+    "peft-lora": "PEFT LoRA",
+    "peft-pissa": "PEFT PiSSA",
+    "peft-olora": "PEFT OLoRA",
+}
+ORDER = list(LABELS)
+# One colour per method family; ours solid, PEFT dashed, so that pairs are easy to compare in the figure.
+COLOURS = {"lora": "C0", "pissa": "C1", "olora": "C2", "sorsa": "C3", "osora": "C4", "base": "C7"}
+
+# Two-sided 95% quantiles t_{0.975, df} of Student's t for df = 1..30 (beyond that a series in 1/df is exact
+# to 1e-4); a table keeps this script free of scipy.
+_T975 = (
+    12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281,
+    2.2010, 2.1788, 2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860,
+    2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423,
+)  # fmt: skip
+Z975 = 1.959964
+
+
+def t_quantile_975(df: int) -> float:
+    """The 97.5% quantile of Student's t with ``df`` degrees of freedom (the 95% two-sided multiplier)."""
+    if df < 1:
+        raise ValueError(f"need at least one degree of freedom, got {df}")
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z, n = Z975, float(df)  # Cornish–Fisher expansion of t around the normal quantile
+    return (
+        z
+        + (z**3 + z) / (4 * n)
+        + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * n**2)
+        + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * n**3)
+    )
+
+
+def mean_ci(values: list[float]) -> dict[str, Any]:
+    """Mean and half-width of the 95% t-interval over ``values`` (``None`` with fewer than two values)."""
+    values = [float(v) for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return {"n": 0, "mean": None, "ci95": None, "values": []}
+    half = None
+    if len(values) > 1:
+        half = t_quantile_975(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    return {"n": len(values), "mean": statistics.fmean(values), "ci95": half, "values": values}
+
+
+def wilson(correct: int, total: int, z: float = Z975) -> dict[str, Any]:
+    """Wilson score 95% interval of a binomial proportion (sensible at small p, unlike the normal one)."""
+    if total == 0:
+        return {"correct": 0, "total": 0, "low": None, "high": None}
+    p = correct / total
+    denominator = 1 + z * z / total
+    centre = (p + z * z / (2 * total)) / denominator
+    half = z / denominator * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total))
+    return {"correct": correct, "total": total, "low": max(0.0, centre - half), "high": min(1.0, centre + half)}
+
+
+def pooled_accuracy(records: list[dict], accuracy_key: str, count_key: str) -> dict[str, Any]:
+    """All seeds' answers pooled into one binomial. It treats every (seed, question) as independent, which
+    ignores that seeds share the questions, so it is narrower than the over-seeds interval; both are given."""
+    correct = total = 0
+    for record in records:
+        if record.get(accuracy_key) is None or not record.get(count_key):
+            continue
+        n = int(record[count_key])
+        correct += round(float(record[accuracy_key]) * n)  # accuracies are stored as float32 fractions
+        total += n
+    return wilson(correct, total)
+
+
+# ----- summary -----------------------------------------------------------------------------------------------
+def summarise(results: list[dict], grid: list[dict]) -> dict[str, Any]:
+    """Per-method statistics, ours − PEFT paired differences and the grid's best learning rates."""
+    by_method: dict[str, list[dict]] = defaultdict(list)
+    for record in results:
+        by_method[record["method"]].append(record)
+    methods = sorted(by_method, key=lambda m: (ORDER.index(m) if m in ORDER else len(ORDER), m))
+    summary: dict[str, Any] = {"methods": {}, "ours_vs_peft": {}, "grid": {}}
+    for method in methods:
+        records = sorted(by_method[method], key=lambda r: r["seed"])
+        entry: dict[str, Any] = {
+            "label": LABELS.get(method, method),
+            "seeds": [r["seed"] for r in records],
+            "trainable_parameters": records[0].get("trainable_parameters", 0),
+            "lr": sorted({r["lr"] for r in records if r.get("lr") is not None}),
+            "test_loss": mean_ci([r.get("test_loss") for r in records]),
+            "accuracy": mean_ci([r.get("accuracy") for r in records]),
+            "accuracy_pooled": pooled_accuracy(records, "accuracy", "eval_questions"),
+            "eval_questions": sorted({r.get("eval_questions") for r in records if r.get("eval_questions")}),
+            "train_seconds": mean_ci([r.get("train_seconds") for r in records]),
+            "tokens_per_second": mean_ci([r.get("tokens_per_second") for r in records]),
+        }
+        if any(r.get("math500_accuracy") is not None for r in records):
+            entry["math500_accuracy"] = mean_ci([r.get("math500_accuracy") for r in records])
+            entry["math500_accuracy_pooled"] = pooled_accuracy(records, "math500_accuracy", "math500_questions")
+            entry["math500_questions"] = sorted({r["math500_questions"] for r in records if r.get("math500_questions")})
+        summary["methods"][method] = entry
+    for method in methods:
+        if not method.startswith("peft-") or method.removeprefix("peft-") not in by_method:
+            continue
+        ours = {r["seed"]: r for r in by_method[method.removeprefix("peft-")]}
+        theirs = {r["seed"]: r for r in by_method[method]}
+        seeds = sorted(ours.keys() & theirs.keys())  # same seed = same data order: pair them
+        pair: dict[str, Any] = {"seeds": seeds}
+        for key in ("test_loss", "accuracy", "math500_accuracy"):
+            diffs = [
+                ours[s][key] - theirs[s][key]
+                for s in seeds
+                if ours[s].get(key) is not None and theirs[s].get(key) is not None
+            ]
+            if diffs:
+                pair[key] = mean_ci(diffs)
+        summary["ours_vs_peft"][method.removeprefix("peft-")] = pair
+    if grid:
+        summary["grid"] = {
+            "best": {
+                m: {**e, "losses": {f"{lr:g}": loss for lr, loss in e["losses"].items()}}
+                for m, e in best_learning_rates(grid).items()
+            },
+            "rows": len(grid),
+            "steps": sorted({r.get("steps") for r in grid if r.get("lr") is not None}),
+            "heldout_examples": sorted({r.get("heldout_examples") for r in grid if r.get("heldout_examples")}),
+        }
+    return summary
+
+
+# ----- markdown ----------------------------------------------------------------------------------------------
+def _fmt(stat: dict[str, Any] | None, scale: float = 1.0, digits: int = 4, unit: str = "") -> str:
+    if not stat or stat.get("mean") is None:
+        return "–"
+    text = f"{stat['mean'] * scale:.{digits}f}"
+    if stat.get("ci95") is not None:
+        text += f" ± {stat['ci95'] * scale:.{digits}f}"
+    return text + unit
+
+
+def _fmt_interval(pooled: dict[str, Any] | None) -> str:
+    if not pooled or not pooled.get("total"):
+        return "–"
+    return f"{100 * pooled['low']:.1f}–{100 * pooled['high']:.1f} % ({pooled['correct']}/{pooled['total']})"
+
+
+def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def markdown(summary: dict[str, Any], grid: list[dict], figure: Path | None, table_path: Path) -> str:
+    """The report page: results table, ours − PEFT differences, learning-rate grid, figure."""
+    methods = summary["methods"]
+    has_math = any("math500_accuracy" in e for e in methods.values())
+    header = ["method", "seeds", "trainable params", "LR", "GSM8K test loss", "GSM8K acc.", "GSM8K acc. pooled"]
+    header += ["MATH-500 acc.", "MATH-500 pooled"] if has_math else []
+    header += ["train s"]
+    rows = []
+    for entry in methods.values():
+        row = [
+            entry["label"],
+            str(len(entry["seeds"])),
+            f"{entry['trainable_parameters']:,}",
+            ", ".join(f"{lr:g}" for lr in entry["lr"]) or "–",
+            _fmt(entry["test_loss"]),
+            _fmt(entry["accuracy"], 100, 2, " %"),
+            _fmt_interval(entry["accuracy_pooled"]),
+        ]
+        if has_math:
+            row += [
+                _fmt(entry.get("math500_accuracy"), 100, 2, " %"),
+                _fmt_interval(entry.get("math500_accuracy_pooled")),
+            ]
+        row.append(_fmt(entry["train_seconds"], digits=1))
+        rows.append(row)
+    questions = sorted({n for e in methods.values() for n in e["eval_questions"]})
+    lines = ["# GSM8K methods study: results"]
+    if rows:
+        lines += [
+            "",
+            "Mean ± half-width of the 95% t-interval over seeds (no ± with one seed). *Pooled*: Wilson 95%",
+            "interval of all seeds' answers taken as one binomial (correct/total); it ignores that seeds share",
+            f"the questions. GSM8K questions per seed: {', '.join(map(str, questions)) or '–'}.",
+            "",
+            *_markdown_table(header, rows),
+        ]
+    pairs = {k: v for k, v in summary["ours_vs_peft"].items() if len(v) > 1}
+    if pairs:
+        lines += ["", "## Ours − PEFT, paired by seed", ""]
+        pair_rows = [
+            [
+                f"{LABELS.get(m, m)} − {LABELS.get('peft-' + m, 'peft-' + m)}",
+                str(len(p["seeds"])),
+                _fmt(p.get("test_loss")),
+                _fmt(p.get("accuracy"), 100, 2, " pt"),
+                _fmt(p.get("math500_accuracy"), 100, 2, " pt"),
+            ]
+            for m, p in pairs.items()
+        ]
+        lines += _markdown_table(["pair", "seeds", "Δ test loss", "Δ GSM8K acc.", "Δ MATH-500 acc."], pair_rows)
+    if grid:
+        info = summary["grid"]
+        lrs = sorted({float(r["lr"]) for r in grid if r.get("lr") is not None})
+        best = best_learning_rates(grid)
+        base = [r["heldout_loss"] for r in grid if r["method"] == "base"]
+        lines += [
+            "",
+            "## Learning-rate grid",
+            "",
+            f"Held-out teacher-forced loss after {', '.join(map(str, info['steps']))} steps on "
+            f"{', '.join(map(str, info['heldout_examples']))} held-out GSM8K training problems (seed mean); "
+            "**bold**: the best learning rate per method."
+            + (f" Untrained model: {statistics.fmean(base):.4f}." if base else ""),
+            "",
+        ]
+        grid_rows = []
+        for method in sorted(best, key=lambda m: ORDER.index(m) if m in ORDER else len(ORDER)):
+            cells = []
+            for lr in lrs:
+                loss = best[method]["losses"].get(lr)
+                cell = "–" if loss is None else f"{loss:.4f}"
+                cells.append(f"**{cell}**" if lr == best[method]["lr"] else cell)
+            grid_rows.append([LABELS.get(method, method), *cells])
+        lines += _markdown_table(["method", *(f"{lr:g}" for lr in lrs)], grid_rows)
+    if figure is not None:
+        link = Path(os.path.relpath(figure.resolve(), table_path.resolve().parent))  # relative: works in the docs
+        lines += ["", "## Loss curves", "", f"![Training and held-out loss]({link.as_posix()})"]
+    return "\n".join(lines) + "\n"
+
+
+# ----- figure ------------------------------------------------------------------------------------------------
+def newest_events_file(run_dir: Path) -> Path | None:
+    """The most recent event file of a run folder: a rerun of the same (method, seed) writes a new file next to
+    the old one, and reading both would mix two runs' points."""
+    files = sorted(run_dir.glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime)
+    return files[-1] if files else None
+
+
+def read_scalars(path: Path, tags: tuple[str, ...]) -> dict[str, dict[int, float]]:
+    """``{tag: {step: value}}`` of one event file (a later value for the same step wins)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(path), size_guidance={"scalars": 0})
+    events.Reload()
+    present = events.Tags()["scalars"]
+    return {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in tags if tag in present}
+
+
+def seed_mean(curves: list[dict[int, float]]) -> tuple[list[int], list[float]]:
+    """Average curves over seeds at the steps all of them have (else at every step, over the seeds that have it)."""
+    curves = [c for c in curves if c]
+    if not curves:
+        return [], []
+    steps = set.intersection(*(set(c) for c in curves)) or set.union(*(set(c) for c in curves))
+    steps_sorted = sorted(steps)
+    return steps_sorted, [statistics.fmean(c[s] for c in curves if s in c) for s in steps_sorted]
+
+
+def ema(values: list[float], weight: float) -> list[float]:
+    """Exponential moving average, TensorBoard's ``smoothing`` (0: raw)."""
+    smoothed, last = [], None
+    for value in values:
+        last = value if last is None else weight * last + (1 - weight) * value
+        smoothed.append(last)
+    return smoothed
+
+
+def loss_curves(runs_dir: Path, results: list[dict], smoothing: float) -> dict[str, dict[str, Any]]:
+    """Seed-averaged ``train/loss`` and ``heldout/loss`` per method from the TensorBoard runs.
+
+    Only seeds with a record in ``results`` are used when the method has any (a run that crashed before its
+    record was written is left out); the records' ``heldout_curve`` stands in when a run folder is missing.
+    """
+    seeds_of: dict[str, set[int]] = defaultdict(set)
+    for record in results:
+        seeds_of[record["method"]].add(record["seed"])
+    method_dirs = sorted(p for p in runs_dir.iterdir() if p.is_dir()) if runs_dir.is_dir() else []
+    curves: dict[str, dict[str, Any]] = {}
+    for method_dir in method_dirs:
+        method = method_dir.name
+        train, heldout, seeds = [], [], []
+        for run_dir in sorted(method_dir.glob("seed*")):
+            seed = int(run_dir.name.removeprefix("seed"))
+            if seeds_of.get(method) and seed not in seeds_of[method]:
+                continue
+            events = newest_events_file(run_dir)
+            if events is None:
+                continue
+            scalars = read_scalars(events, ("train/loss", "heldout/loss"))
+            train.append(scalars.get("train/loss", {}))
+            heldout.append(scalars.get("heldout/loss", {}))
+            seeds.append(seed)
+        if seeds:
+            curves[method] = {"seeds": seeds, "train": seed_mean(train), "heldout": seed_mean(heldout)}
+    for method in seeds_of:
+        if method in curves or method == "base":
+            continue
+        stored = [{int(s): float(v) for s, v in r.get("heldout_curve", [])} for r in results if r["method"] == method]
+        if any(stored):
+            curves[method] = {"seeds": sorted(seeds_of[method]), "train": ([], []), "heldout": seed_mean(stored)}
+    for entry in curves.values():
+        steps, values = entry["train"]
+        entry["train_smoothed"] = (steps, ema(values, smoothing))
+    return curves
+
+
+def plot_curves(curves: dict[str, dict[str, Any]], path: Path, smoothing: float) -> Path:
+    """Two panels: smoothed training loss and held-out loss vs optimizer step, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (train_ax, heldout_ax) = plt.subplots(1, 2, figsize=(12, 4.6), sharex=True)
+    for method in sorted(curves, key=lambda m: ORDER.index(m) if m in ORDER else len(ORDER)):
+        entry = curves[method]
+        family = method.removeprefix("peft-")
+        style = {
+            "color": COLOURS.get(family),
+            "linestyle": "--" if method.startswith("peft-") else "-",
+            "label": f"{LABELS.get(method, method)} (n={len(entry['seeds'])})",
+        }
+        steps, raw = entry["train"]
+        if steps:
+            train_ax.plot(steps, raw, color=style["color"], alpha=0.2, linewidth=0.8)
+            train_ax.plot(*entry["train_smoothed"], **style)
+        if entry["heldout"][0]:
+            heldout_ax.plot(*entry["heldout"], marker="o", markersize=3, **style)
+    train_ax.set_title(f"training loss (seed mean, EMA smoothing {smoothing:g})")
+    heldout_ax.set_title("held-out loss (seed mean, fixed GSM8K test subset)")
+    for ax in (train_ax, heldout_ax):
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("token NLL")
+        ax.grid(alpha=0.3)
+    handles, labels = heldout_ax.get_legend_handles_labels()
+    if not handles:
+        handles, labels = train_ax.get_legend_handles_labels()
+    if handles:
+        heldout_ax.legend(handles, labels, fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ----- command line ------------------------------------------------------------------------------------------
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("study_dir", type=Path, help="the --out folder of gsm8k_methods.py")
+    parser.add_argument("--results", type=Path, default=None, help="a results.jsonl instead of the study's")
+    parser.add_argument("--grid", type=Path, default=None, help="a grid.jsonl instead of the study's")
+    parser.add_argument("--runs", type=Path, default=None, help="TensorBoard runs folder (default: <study>/runs)")
+    parser.add_argument("--table", type=Path, default=Path("docs/results/gsm8k_methods.md"))
+    parser.add_argument("--figure", type=Path, default=Path("docs/images/loss_curves.png"))
+    parser.add_argument("--summary", type=Path, default=Path("docs/results/gsm8k_methods_summary.json"))
+    parser.add_argument("--smoothing", type=float, default=0.6, help="EMA weight for the training loss")
+    parser.add_argument("--no-figure", action="store_true", help="tables and summary only (no matplotlib)")
+    args = parser.parse_args()
+    results = read_jsonl(args.results) if args.results else load_records(args.study_dir, "results")
+    grid = read_jsonl(args.grid) if args.grid else load_records(args.study_dir, "grid")
+    if not results and not grid:
+        raise SystemExit(f"no results.jsonl / grid.jsonl records under {args.study_dir}")
+    summary = summarise(results, grid)
+    figure = None
+    if not args.no_figure and results:
+        curves = loss_curves(args.runs or args.study_dir / "runs", results, args.smoothing)
+        summary["curves"] = {
+            method: {
+                "seeds": e["seeds"],
+                "train": list(map(list, e["train"])),
+                "heldout": list(map(list, e["heldout"])),
+            }
+            for method, e in curves.items()
+        }
+        if curves:
+            figure = plot_curves(curves, args.figure, args.smoothing)
+            print(f"wrote {figure}")
+    args.table.parent.mkdir(parents=True, exist_ok=True)
+    args.table.write_text(markdown(summary, grid, figure, args.table))
+    args.summary.parent.mkdir(parents=True, exist_ok=True)
+    args.summary.write_text(json.dumps(summary, indent=1) + "\n")
+    print(f"wrote {args.table} and {args.summary}")
+    print(args.table.read_text())
+
+
+if __name__ == "__main__":
+    main()
