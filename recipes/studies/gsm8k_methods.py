@@ -66,7 +66,7 @@ import lightning as L
 import torch
 
 # ``collect`` sits next to this script (the script's folder is sys.path[0] when it is run as a script).
-from collect import best_learning_rates, format_best, load_records, read_jsonl
+from collect import KEYS, best_learning_rates, format_best, load_records, merge_records, read_jsonl
 from lightning.pytorch import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader
@@ -481,7 +481,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.grid_best = {}
     if args.lr_from_grid is not None:
         source = Path(args.lr_from_grid)
-        rows = load_records(source, "grid") if source.is_dir() else read_jsonl(source)
+        rows = load_records(source, "grid") if source.is_dir() else merge_records(read_jsonl(source), KEYS["grid"])
         args.grid_best = best_learning_rates(rows)
         print(f"learning rates from {source}:\n{format_best(args.grid_best)}", flush=True)
     return args

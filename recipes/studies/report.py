@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 # ``collect`` sits next to this script (the script's folder is sys.path[0] when it is run as a script).
-from collect import best_learning_rates, load_records, read_jsonl
+from collect import KEYS, best_learning_rates, load_records, merge_records, read_jsonl
 
 LABELS = {
     "base": "untrained",
@@ -392,8 +392,11 @@ def main() -> None:
     parser.add_argument("--smoothing", type=float, default=0.6, help="EMA weight for the training loss")
     parser.add_argument("--no-figure", action="store_true", help="tables and summary only (no matplotlib)")
     args = parser.parse_args()
-    results = read_jsonl(args.results) if args.results else load_records(args.study_dir, "results")
-    grid = read_jsonl(args.grid) if args.grid else load_records(args.study_dir, "grid")
+    # An explicit file is deduplicated like collect.py does, in case it was concatenated by hand.
+    results = merge_records(read_jsonl(args.results), KEYS["results"]) if args.results else None
+    grid = merge_records(read_jsonl(args.grid), KEYS["grid"]) if args.grid else None
+    results = results if results is not None else load_records(args.study_dir, "results")
+    grid = grid if grid is not None else load_records(args.study_dir, "grid")
     if not results and not grid:
         raise SystemExit(f"no results.jsonl / grid.jsonl records under {args.study_dir}")
     summary = summarise(results, grid)
