@@ -65,10 +65,10 @@ def layer_spectrum(
         initial_singular_values: ``S_0`` of a LoRA-family layer if already known (it never changes, so
             callers that measure repeatedly cache it); computed when ``None``.
     """
-    P_t, Q_t = layer.low_rank_factors(layer.factors())
+    now = layer.factors()
+    P_t, Q_t = layer.low_rank_factors(now)
     P_0, Q_0 = layer.initial_low_rank_factors()
     if "S" in layer.trainable_names:  # SORSA / OSoRA: the singular values are parameters
-        now = layer.factors()
         S_t, S_0 = now["S"].double().cpu(), layer.factors(initial=True)["S"].double().cpu()
         orth = torch.stack([orthonormality_error(now["U"].float()), orthonormality_error(now["V"].float())]).cpu()
     else:
