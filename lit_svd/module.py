@@ -15,6 +15,7 @@ Overridable hooks for research code (see ``docs/subclassing.md``):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -28,6 +29,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import PreTrainedModel
 
+from lit_svd.attention import packed_attention
 from lit_svd.config import AdapterConfig
 from lit_svd.export import export_merged, export_peft_lora
 from lit_svd.inject import (
@@ -37,6 +39,7 @@ from lit_svd.inject import (
     load_adapter_state_dict,
     orthonormal_regularizer,
 )
+from lit_svd.losses import IGNORE_INDEX, causal_lm_loss
 from lit_svd.models import EMBEDDED_MODEL, load_causal_lm, load_tokenizer
 
 __all__ = ["LitSVDAdapter"]
@@ -124,13 +127,35 @@ class LitSVDAdapter(LightningModule):
         return inject_adapters(model, self.adapter_config(), initialize=False)
 
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Masked causal-LM loss: mean cross-entropy over tokens whose label is not −100."""
-        out = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
-        logits = out.logits[:, :-1].float()
-        labels = batch["labels"][:, 1:]
-        return torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
-        )
+        """Masked causal-LM loss: mean cross-entropy over tokens whose label is not −100.
+
+        Padded batches (``attention_mask``) and packed ones (``cu_seq_lens``, see ``lit_svd.attention``) give
+        the same value. The head and the cross-entropy run only on labelled positions, fused and chunked
+        (``lit_svd.losses``), unless the model post-processes its logits (soft-capping, logit scaling).
+        """
+        model = _transformers_model(self.model)
+        inputs: dict[str, Any] = {"input_ids": batch["input_ids"]}
+        packed = "cu_seq_lens" in batch
+        if packed:
+            boundaries, longest = batch["cu_seq_lens"], int(batch["max_length"])
+            inputs |= {
+                "position_ids": batch["position_ids"],
+                "cu_seq_lens_q": boundaries,
+                "cu_seq_lens_k": boundaries,
+                "max_length_q": longest,
+                "max_length_k": longest,
+            }
+        else:
+            inputs["attention_mask"] = batch.get("attention_mask")
+        with packed_attention(model) if packed else contextlib.nullcontext():
+            if not _plain_lm_head(model):
+                logits = model(**inputs, use_cache=False).logits[:, :-1].float()
+                labels = batch["labels"][:, 1:]
+                return torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX
+                )
+            hidden = model.base_model(**inputs, use_cache=False).last_hidden_state
+        return causal_lm_loss(hidden, model.get_output_embeddings(), batch["labels"])
 
     def regularizer(self) -> torch.Tensor:
         """SORSA's orthonormal regulariser ``L_orth`` (zero for the other methods)."""
@@ -188,7 +213,8 @@ class LitSVDAdapter(LightningModule):
         batch_size = batch["input_ids"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         mask = batch.get("attention_mask")
-        self._tokens_seen += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+        # A device tensor, not int(mask.sum()): a host sync every step would stall the queue of kernels.
+        self._tokens_seen = self._tokens_seen + (mask.sum() if mask is not None else batch["input_ids"].numel())
         return loss
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -321,6 +347,21 @@ class LitSVDAdapter(LightningModule):
     def export_peft_lora(self, path: str | Path, overwrite: bool = False) -> Path:
         """Standard PEFT LoRA adapter (rank ≤ 2r) against the original base weights of ``self.model_name``."""
         return export_peft_lora(self.model, path, base_model_name_or_path=str(self.model_name), overwrite=overwrite)
+
+
+def _transformers_model(model: torch.nn.Module) -> PreTrainedModel:
+    """The transformers model inside a wrapper (e.g. PEFT's ``PeftModel``, for research subclasses)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _plain_lm_head(model: PreTrainedModel) -> bool:
+    """Whether the logits are exactly ``lm_head(base_model(...).last_hidden_state)`` (then the loss is fused)."""
+    config = model.config
+    head = model.get_output_embeddings()
+    post_processed = any(
+        getattr(config, name, None) not in (None, 1, 1.0) for name in ("final_logit_softcapping", "logit_scale")
+    )
+    return isinstance(head, torch.nn.Linear) and model.base_model is not model and not post_processed
 
 
 def _lr_factor(step: int, warmup: int, total: int, kind: str) -> float:

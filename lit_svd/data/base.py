@@ -39,7 +39,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, DistributedSampler
 from torchmetrics import Metric
 
+from lit_svd.attention import sequence_boundaries
 from lit_svd.data.prompts import build_prompt, response_separator, validate_template
+from lit_svd.losses import IGNORE_INDEX
 
 __all__ = [
     "CANONICAL_COLUMNS",
@@ -55,9 +57,6 @@ __all__ = [
 
 CANONICAL_COLUMNS: tuple[str, ...] = ("query", "input", "response", "reference", "task")
 """Columns every datamodule converts its raw records to before tokenisation."""
-
-IGNORE_INDEX = -100
-"""Label value ignored by ``torch.nn.functional.cross_entropy`` (prompt and padding positions)."""
 
 
 class DataSourceError(OSError):
@@ -258,20 +257,31 @@ class InstructionCollator:
         max_length: training sequences are cut to this many tokens (the response end is lost); ``None``
             keeps them whole.
         generation_inputs: also emit left-padded prompts and the references (for evaluation batches).
+        pack: concatenate the batch into one padding-free row (training only; see ``lit_svd.attention``).
 
     Returns (from ``__call__``):
         ``input_ids`` (B, T) long, right-padded; ``attention_mask`` (B, T) long; ``labels`` (B, T) long,
         ``-100`` on prompt and padding. With ``generation_inputs``: ``prompt_input_ids`` and
         ``prompt_attention_mask`` (B, P), left-padded so generation continues every row at the same
         position; ``references`` list[str] of length B; ``task`` list[str] of length B.
+        With ``pack``: ``input_ids``, ``labels`` and ``position_ids`` (1, N), N = total tokens, positions
+        restarting at 0 per sequence and each sequence's first label −100 (nothing predicts across a
+        boundary); ``cu_seq_lens`` (B+1,) int32 cumulative lengths; ``max_length`` int, the longest length.
     """
 
     pad_token_id: int
     max_length: int | None = None
     generation_inputs: bool = False
+    pack: bool = False
+
+    def __post_init__(self) -> None:
+        if self.pack and self.generation_inputs:
+            raise ValueError("pack=True is for training batches; generation needs padded prompts")
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         sequences = [list(example["input_ids"][: self.max_length]) for example in examples]
+        if self.pack:
+            return self._packed(sequences, examples)
         width = max(len(sequence) for sequence in sequences)
         input_ids = _to_tensor(sequences, self.pad_token_id, width, left=False)
         attention_mask = _to_tensor([[1] * len(sequence) for sequence in sequences], 0, width, left=False)
@@ -291,6 +301,25 @@ class InstructionCollator:
             batch["references"] = [example["reference"] for example in examples]
             batch["task"] = [example["task"] for example in examples]
         return batch
+
+    @staticmethod
+    def _packed(sequences: list[list[int]], examples: list[dict[str, Any]]) -> dict[str, Any]:
+        lengths = [len(sequence) for sequence in sequences]
+        boundaries = sequence_boundaries(lengths)
+        input_ids = torch.tensor([token for sequence in sequences for token in sequence], dtype=torch.long)
+        labels = torch.full_like(input_ids, IGNORE_INDEX)
+        for start, length, example in zip(boundaries[:-1].tolist(), lengths, examples, strict=True):
+            # max(…, 1): the first token has no predecessor in its own sequence.
+            first_scored = max(min(int(example["prompt_length"]), length), 1)
+            labels[start + first_scored : start + length] = input_ids[start + first_scored : start + length]
+        position_ids = torch.cat([torch.arange(length) for length in lengths])
+        return {
+            "input_ids": input_ids[None],
+            "labels": labels[None],
+            "position_ids": position_ids[None],
+            "cu_seq_lens": boundaries,
+            "max_length": max(lengths),
+        }
 
 
 class LengthGroupedSampler(DistributedSampler):
@@ -392,6 +421,9 @@ class InstructionDataModule(LightningDataModule):
         max_train_examples: use only the first N training examples (``None``: all).
         max_eval_examples: use only the first N examples of each evaluation set (``None``: all).
         group_by_length: batch examples of similar length together (:class:`LengthGroupedSampler`).
+        pack_sequences: serve each training batch as one padding-free row (``InstructionCollator(pack=True)``);
+            ``LitSVDAdapter`` then runs attention per sequence (``lit_svd.attention``). The loss is the same
+            as with padding; the padding FLOPs are gone.
         cache_dir: ``datasets`` cache folder for downloads, Arrow files and tokenisation (default: the HF
             cache, ``~/.cache/huggingface/datasets``).
         num_proc: processes for tokenisation with ``datasets.map`` (``None``: in-process).
@@ -413,6 +445,7 @@ class InstructionDataModule(LightningDataModule):
         max_train_examples: int | None = None,
         max_eval_examples: int | None = None,
         group_by_length: bool = False,
+        pack_sequences: bool = False,
         cache_dir: str | None = None,
         num_proc: int | None = None,
     ) -> None:
@@ -454,6 +487,7 @@ class InstructionDataModule(LightningDataModule):
         self.max_train_examples = max_train_examples
         self.max_eval_examples = max_eval_examples
         self.group_by_length = group_by_length
+        self.pack_sequences = pack_sequences
         self.cache_dir = cache_dir
         self.num_proc = num_proc
         self.tokenizer: Any = None
@@ -591,7 +625,7 @@ class InstructionDataModule(LightningDataModule):
         if self.train_dataset is None:
             self.setup("fit")
         dataset = self.train_dataset.select_columns(["input_ids", "prompt_length"])
-        collate = InstructionCollator(self.pad_token_id, self.max_length)
+        collate = InstructionCollator(self.pad_token_id, self.max_length, pack=self.pack_sequences)
         if self.group_by_length:
             lengths = np.minimum(_column(self.train_dataset, "length"), self.max_length)
             sampler = LengthGroupedSampler(lengths, self.batch_size, seed=self.seed)

@@ -244,6 +244,7 @@ def gsm8k_data(args: argparse.Namespace, seed: int, **kwargs: Any) -> GSM8KDataM
         batch_size=args.batch_size,
         eval_batch_size=args.loss_batch_size,
         group_by_length=True,
+        pack_sequences=args.pack,
         seed=seed,
         cache_dir=args.cache_dir,
         max_train_examples=args.max_train_examples,
@@ -445,6 +446,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     training.add_argument("--max-train-examples", type=int, default=None)
     training.add_argument(
         "--precision", default=None, help="Lightning precision (default: bf16-mixed with CUDA, else 32-true)"
+    )
+    training.add_argument(
+        "--no-pack",
+        dest="pack",
+        action="store_false",
+        help="pad length-grouped batches instead of packing them (same loss, slower)",
     )
     training.add_argument("--log-every", type=int, default=10, help="steps between train/loss log points")
     training.add_argument("--curve-every", type=int, default=50, help="steps between held-out curve points")

@@ -1,0 +1,291 @@
+"""End-to-end training throughput of the GSM8K recipe on SmolLM2 vs a plain PyTorch + PEFT loop, in one run.
+
+The anchor is the loop a user writes around PEFT without thinking about speed: random order, each batch
+padded to its longest example, ``model(input_ids, attention_mask, labels=labels).loss`` (full logits,
+upcast to float32), AdamW, cosine schedule with warmup, bf16 autocast, gradient clipping at 1.0. Ours is
+the recipe: ``LitSVDAdapter`` + ``GSM8KDataModule`` through ``Trainer.fit`` (bf16-mixed), in three data
+layouts so the table shows where the time goes:
+
+    padded    random order, per-batch padding (what the anchor does; fused loss only)
+    grouped   length-grouped batches (``group_by_length=True``)
+    packed    length-grouped and padding-free (``pack_sequences=True``): one row per batch, attention per
+              sequence through variable-length FlashAttention
+
+Every run: SmolLM2-135M-Instruct (bf16 weights), r=16 on all 7 projections, batch 32, one epoch of GSM8K
+train (or ``--max-steps``), the same tokenised examples. Throughput = non-padding tokens ÷ seconds of the
+training loop (first batch to last optimizer step, device synchronised); ``fit_s`` is the whole
+``Trainer.fit`` (SVD initialisation and data loading included). ``--profile`` adds a ``torch.profiler``
+table of the top CUDA kernels over 10 steps of each run.
+
+Usage:
+    PYTHONPATH=. python bench/recipe.py --data-dir ../shared/data/gsm8k --model SmolLM2.gguf
+    PYTHONPATH=. python bench/recipe.py --data-dir ../shared/data/gsm8k --smoke      # 2 steps, CPU ok
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from _common import RESULTS_DIR, environment, format_table, gb, synchronize, write_json
+from torch.utils.data import DataLoader
+
+from lit_svd import AdapterConfig
+from lit_svd.callbacks import SVDInit
+from lit_svd.data import GSM8KDataModule, InstructionCollator
+from lit_svd.models import EMBEDDED_MODEL, load_causal_lm, load_tokenizer
+from lit_svd.module import LitSVDAdapter
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LAYOUTS = {"padded": (False, False), "grouped": (True, False), "packed": (True, True)}
+
+
+def non_padding_tokens(batch: dict[str, Any]) -> torch.Tensor | int:
+    """Tokens of a training batch that are not padding (a device tensor, summed without a host sync)."""
+    mask = batch.get("attention_mask")
+    return mask.sum() if mask is not None else batch["input_ids"].numel()
+
+
+class LoopClock(L.Callback):
+    """Training-loop seconds (first batch start → train end, synchronised) and non-padding tokens seen."""
+
+    def __init__(self, profile_steps: tuple[int, int] | None = None) -> None:
+        self.start: float | None = None
+        self.seconds = float("nan")
+        self.tokens: torch.Tensor | int = 0
+        self.profile_steps = profile_steps
+        self.profiler: torch.profiler.profile | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.start is None:
+            synchronize(pl_module.device)
+            self.start = time.perf_counter()
+        if self.profile_steps and batch_idx == self.profile_steps[0]:
+            self.profiler = torch.profiler.profile(activities=_profiler_activities())
+            self.profiler.__enter__()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.tokens = self.tokens + non_padding_tokens(batch)
+        if self.profiler is not None and batch_idx == self.profile_steps[1]:
+            synchronize(pl_module.device)
+            self.profiler.__exit__(None, None, None)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        synchronize(pl_module.device)
+        self.seconds = time.perf_counter() - self.start
+
+
+def _profiler_activities() -> list[torch.profiler.ProfilerActivity]:
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    return activities
+
+
+def profile_table(profiler: torch.profiler.profile | None, rows: int = 15) -> str | None:
+    """Top kernels by device time (CPU time without a GPU) of a finished profile."""
+    if profiler is None:
+        return None
+    key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    return profiler.key_averages().table(sort_by=key, row_limit=rows)
+
+
+def peft_loop(args: argparse.Namespace, base_model, train_dataset, pad_token_id: int, device) -> dict[str, Any]:
+    """The anchor: plain PyTorch + PEFT LoRA, random order, per-batch padding, HF's own loss."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import get_cosine_schedule_with_warmup
+
+    torch.manual_seed(args.seed)
+    model = get_peft_model(
+        copy.deepcopy(base_model),
+        LoraConfig(r=args.rank, lora_alpha=args.rank, lora_dropout=0.0, target_modules=TARGETS),
+    ).to(device)
+    model.train()
+    loader = DataLoader(
+        train_dataset,
+        args.batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(args.seed),
+        collate_fn=InstructionCollator(pad_token_id, args.max_length),
+    )
+    steps = len(loader) if args.max_steps is None else min(args.max_steps, len(loader))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+    schedule = get_cosine_schedule_with_warmup(optimizer, math.ceil(0.03 * steps), steps)
+    profiler = None
+    tokens: torch.Tensor | int = 0
+    synchronize(device)
+    start = time.perf_counter()
+    for step, batch in enumerate(loader):
+        if step == steps:
+            break
+        if args.profile and step == args.profile_steps[0]:
+            profiler = torch.profiler.profile(activities=_profiler_activities())
+            profiler.__enter__()
+        batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens = tokens + non_padding_tokens(batch)
+        if profiler is not None and step == args.profile_steps[1]:
+            synchronize(device)
+            profiler.__exit__(None, None, None)
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    tokens = int(tokens)
+    result = {
+        "run": "peft-loop",
+        "layout": "padded",
+        "steps": steps,
+        "tokens": tokens,
+        "loop_s": round(seconds, 2),
+        "tokens_per_s": round(tokens / seconds),
+        "final_loss": round(float(loss), 4),
+        "profile": profile_table(profiler),
+    }
+    del model, optimizer
+    return result
+
+
+def ours_fit(args: argparse.Namespace, method: str, layout: str, base_model, tokenizer, device) -> dict[str, Any]:
+    """The recipe through ``Trainer.fit`` with one data layout."""
+    group_by_length, pack = LAYOUTS[layout]
+    L.seed_everything(args.seed, verbose=False)
+    data = GSM8KDataModule(
+        data_dir=args.data_dir,
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+        group_by_length=group_by_length,
+        pack_sequences=pack,
+        seed=args.seed,
+        cache_dir=args.cache_dir,
+        max_train_examples=args.max_train_examples,
+    )
+    adapter = AdapterConfig(method=method, rank=args.rank, target_modules=TARGETS, adapter_dtype="float32")
+    module = LitSVDAdapter(copy.deepcopy(base_model), adapter, learning_rate=args.lr, warmup_ratio=0.03)
+    module.tokenizer = tokenizer
+    clock = LoopClock(args.profile_steps if args.profile else None)
+    trainer = L.Trainer(
+        accelerator=device.type,
+        devices=1,
+        precision="bf16-mixed",
+        max_epochs=1,
+        max_steps=args.max_steps if args.max_steps is not None else -1,
+        gradient_clip_val=1.0,
+        limit_val_batches=0,
+        enable_checkpointing=False,
+        logger=False,
+        callbacks=[SVDInit(), clock],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    synchronize(device)
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=data)
+    synchronize(device)
+    fit_seconds = time.perf_counter() - start
+    tokens = int(clock.tokens)
+    result = {
+        "run": f"ours:{method}",
+        "layout": layout,
+        "steps": trainer.global_step,
+        "tokens": tokens,
+        "loop_s": round(clock.seconds, 2),
+        "fit_s": round(fit_seconds, 2),
+        "tokens_per_s": round(tokens / clock.seconds),
+        "final_loss": round(float(trainer.callback_metrics.get("train/loss", float("nan"))), 4),
+        "profile": profile_table(clock.profiler),
+    }
+    del module, trainer
+    return result
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", required=True, help="folder with GSM8K train/test JSON(L)")
+    parser.add_argument("--model", default=EMBEDDED_MODEL, help="Hub id, local dir or .gguf (default: embedded)")
+    parser.add_argument(
+        "--runs",
+        nargs="+",
+        default=["peft-loop", "ours:lora:packed", "ours:lora:grouped", "ours:lora:padded", "ours:sorsa:packed"],
+        help="peft-loop and/or ours:<method>:<padded|grouped|packed>",
+    )
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (default: 1 epoch)")
+    parser.add_argument("--max-train-examples", type=int, default=None)
+    parser.add_argument("--cache-dir", default=None, help="datasets cache folder")
+    parser.add_argument("--profile", action="store_true", help="torch.profiler table of 10 steps per run")
+    parser.add_argument("--smoke", action="store_true", help="2 steps on 64 examples (CPU ok); no results file")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "recipe.json")
+    args = parser.parse_args(argv)
+    for run in args.runs:
+        parts = run.split(":")
+        if run != "peft-loop" and not (len(parts) == 3 and parts[0] == "ours" and parts[2] in LAYOUTS):
+            parser.error(f"unknown run {run!r}: use peft-loop or ours:<method>:<{'|'.join(LAYOUTS)}>")
+    if args.smoke:
+        args.max_steps, args.max_train_examples, args.batch_size = 2, 64, 4
+    args.profile_steps = (20, 29) if args.max_steps is None or args.max_steps > 30 else (0, 1)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = load_tokenizer(args.model)
+    base_model = load_causal_lm(args.model, dtype=torch.bfloat16)
+    # The anchor gets exactly the examples the recipe trains on (same tokenisation and length policy).
+    data = GSM8KDataModule(
+        data_dir=args.data_dir,
+        max_length=args.max_length,
+        cache_dir=args.cache_dir,
+        max_train_examples=args.max_train_examples,
+    )
+    data.set_tokenizer(tokenizer)
+    data.setup("fit")
+    train_dataset = data.train_dataset.select_columns(["input_ids", "prompt_length"])
+    results = []
+    for run in args.runs:
+        if run == "peft-loop":
+            result = peft_loop(args, base_model, train_dataset, data.pad_token_id, device)
+        else:
+            _, method, layout = run.split(":")
+            result = ours_fit(args, method, layout, base_model, tokenizer, device)
+        if device.type == "cuda":
+            result["peak_gb"] = gb(torch.cuda.max_memory_allocated(device))
+            torch.cuda.reset_peak_memory_stats(device)
+        results.append(result)
+        print(f"{run}: {result['tokens_per_s']} tokens/s over {result['steps']} steps", flush=True)
+        if result["profile"]:
+            print(result["profile"], flush=True)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    anchor = next((r["tokens_per_s"] for r in results if r["run"] == "peft-loop"), None)
+    for result in results:
+        result["x_peft_loop"] = round(result["tokens_per_s"] / anchor, 2) if anchor else None
+    columns = ["run", "layout", "steps", "tokens", "loop_s", "fit_s", "tokens_per_s", "x_peft_loop", "peak_gb"]
+    print(format_table(results, columns))
+    if not args.smoke:
+        write_json(
+            args.out,
+            {"environment": environment(device), "settings": vars(args) | {"out": str(args.out)}, "results": results},
+        )
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,243 @@
+"""The fast training path: fused head + cross-entropy on labelled rows, padding-free packed batches."""
+
+from __future__ import annotations
+
+import copy
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TINY_ARCHS, TINY_TARGETS, make_tiny_model
+from torch.utils.data import DataLoader
+
+from lit_svd import AdapterConfig
+from lit_svd.attention import VARLEN_ATTENTION, packed_attention, packed_causal_attention, sequence_boundaries
+from lit_svd.callbacks import SVDInit
+from lit_svd.data import InstructionCollator
+from lit_svd.inject import adapter_state_dict, initialize_adapters, inject_adapters
+from lit_svd.losses import causal_lm_loss, linear_cross_entropy
+from lit_svd.module import LitSVDAdapter
+
+
+# ----- fused linear cross-entropy -----------------------------------------------------------------------
+@pytest.mark.parametrize("chunk_rows", [1, 3, None])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_cross_entropy_matches_unfused_value_and_gradients(chunk_rows, with_bias):
+    torch.manual_seed(0)
+    hidden = torch.randn(10, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(13, 8, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(13, dtype=torch.float64, requires_grad=True) if with_bias else None
+    targets = torch.randint(0, 13, (10,))
+    fused = linear_cross_entropy(hidden, weight, targets, bias=bias, chunk_rows=chunk_rows)
+    (3.0 * fused).backward()  # a non-unit upstream gradient must scale the stored gradients
+    fused_grads = [t.grad.clone() for t in (hidden, weight, bias) if t is not None]
+    for t in (hidden, weight, bias):
+        if t is not None:
+            t.grad = None
+    reference = F.cross_entropy(F.linear(hidden, weight, bias), targets)
+    (3.0 * reference).backward()
+    assert fused.dtype == torch.float32
+    assert fused.item() == pytest.approx(reference.item(), rel=1e-6)
+    for got, t in zip(fused_grads, [t for t in (hidden, weight, bias) if t is not None], strict=True):
+        torch.testing.assert_close(got, t.grad, rtol=1e-6, atol=1e-9)
+
+
+def test_linear_cross_entropy_frozen_head_gets_no_gradient_and_empty_input_is_zero():
+    hidden = torch.randn(4, 8, requires_grad=True)
+    weight = torch.randn(13, 8)  # frozen
+    linear_cross_entropy(hidden, weight, torch.tensor([0, 1, 2, 3])).backward()
+    assert weight.grad is None and hidden.grad.abs().sum() > 0
+    empty = torch.zeros(0, 8, requires_grad=True)
+    loss = linear_cross_entropy(empty, weight, torch.zeros(0, dtype=torch.long))
+    loss.backward()
+    assert loss.item() == 0.0 and empty.grad.shape == (0, 8)
+
+
+def test_linear_cross_entropy_under_bf16_autocast_matches_autocast_reference():
+    torch.manual_seed(0)
+    hidden = torch.randn(64, 32, requires_grad=True)
+    weight = torch.randn(200, 32)
+    targets = torch.randint(0, 200, (64,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = linear_cross_entropy(hidden, weight, targets, chunk_rows=16)
+        reference = F.cross_entropy(F.linear(hidden, weight).float(), targets)
+    assert fused.item() == pytest.approx(reference.item(), rel=1e-3)
+
+
+def test_linear_cross_entropy_names_bad_shapes():
+    with pytest.raises(ValueError, match=r"agree on H.*\(4, 8\).*\(13, 7\)"):
+        linear_cross_entropy(torch.randn(4, 8), torch.randn(13, 7), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"targets must have shape \(4,\)"):
+        linear_cross_entropy(torch.randn(4, 8), torch.randn(13, 8), torch.zeros(5, dtype=torch.long))
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_causal_lm_loss_equals_hugging_face_loss(arch):
+    model = make_tiny_model(arch)
+    input_ids = torch.randint(0, 101, (3, 11), generator=torch.Generator().manual_seed(2))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 8:] = 0
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    labels[:, :4] = -100
+    expected = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    got = causal_lm_loss(hidden, model.get_output_embeddings(), labels)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+# ----- packed attention -------------------------------------------------------------------------------
+def block_causal_reference(query, key, value, lengths):
+    """Dense sdpa over the whole row with a block-diagonal causal mask: (N, H, D) in and out."""
+    ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    total = len(ids)
+    mask = (ids[:, None] == ids[None, :]) & torch.ones(total, total, dtype=torch.bool).tril()
+    out = F.scaled_dot_product_attention(
+        query.transpose(0, 1),
+        key.transpose(0, 1),
+        value.transpose(0, 1),
+        attn_mask=mask,
+        enable_gqa=query.shape[1] != key.shape[1],
+    )
+    return out.transpose(0, 1)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_packed_attention_equals_block_diagonal_causal_attention(kv_heads):
+    torch.manual_seed(0)
+    lengths = [5, 1, 9, 3]
+    total = sum(lengths)
+    query = torch.randn(total, 4, 8, dtype=torch.float64)
+    key = torch.randn(total, kv_heads, 8, dtype=torch.float64)
+    value = torch.randn(total, kv_heads, 8, dtype=torch.float64)
+    got = packed_causal_attention(query, key, value, sequence_boundaries(lengths), max(lengths))
+    torch.testing.assert_close(got, block_causal_reference(query, key, value, lengths))
+
+
+def test_packed_attention_rejects_inconsistent_boundaries():
+    query = torch.randn(6, 2, 4)
+    with pytest.raises(ValueError, match="cu_seq_lens ends at 5 but the packed row has 6 tokens"):
+        packed_causal_attention(query, query, query, sequence_boundaries([2, 3]), 3)
+    with pytest.raises(ValueError, match="at least one token"):
+        sequence_boundaries([2, 0])
+
+
+# ----- collator -----------------------------------------------------------------------------------------
+def test_packing_collator_layout():
+    examples = [
+        {"input_ids": [11, 12, 13, 14], "prompt_length": 2},
+        {"input_ids": [21, 22, 23], "prompt_length": 1},
+        {"input_ids": [31, 32], "prompt_length": 0},  # no prompt: the first token still has no predecessor
+    ]
+    batch = InstructionCollator(pad_token_id=0, pack=True)(examples)
+    assert batch["input_ids"].tolist() == [[11, 12, 13, 14, 21, 22, 23, 31, 32]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2, 0, 1]]
+    assert batch["labels"].tolist() == [[-100, -100, 13, 14, -100, 22, 23, -100, 32]]
+    assert batch["cu_seq_lens"].tolist() == [0, 4, 7, 9] and batch["cu_seq_lens"].dtype == torch.int32
+    assert batch["max_length"] == 4 and "attention_mask" not in batch
+    with pytest.raises(ValueError, match="pack=True is for training batches"):
+        InstructionCollator(pad_token_id=0, pack=True, generation_inputs=True)
+
+
+# ----- the module: packed == padded ------------------------------------------------------------------------
+EXAMPLES = [
+    {
+        "input_ids": torch.randint(0, 101, (length,), generator=torch.Generator().manual_seed(length)).tolist(),
+        "prompt_length": prompt,
+    }
+    for length, prompt in [(9, 3), (5, 2), (14, 6), (7, 1)]
+]
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+@pytest.mark.parametrize("method", ["lora", "sorsa"])
+def test_packed_loss_and_gradients_equal_padded(arch, method):
+    module = LitSVDAdapter(
+        make_tiny_model(arch), AdapterConfig(method=method, rank=4, target_modules=TINY_TARGETS[arch])
+    )
+    initialize_adapters(module.model)  # eval mode: GPT-2's dropout would make the two passes differ
+    padded = InstructionCollator(pad_token_id=0)(EXAMPLES)
+    packed = InstructionCollator(pad_token_id=0, pack=True)(EXAMPLES)
+    trainable = [p for p in module.parameters() if p.requires_grad]
+
+    def loss_and_grads(batch):
+        loss = module.compute_loss(batch)
+        return loss.detach(), torch.autograd.grad(loss, trainable)
+
+    padded_loss, padded_grads = loss_and_grads(padded)
+    packed_loss, packed_grads = loss_and_grads(packed)
+    reference = module.model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits
+    reference_loss = F.cross_entropy(reference[:, :-1].reshape(-1, 101), padded["labels"][:, 1:].reshape(-1))
+    assert padded_loss.item() == pytest.approx(reference_loss.item(), rel=1e-5)
+    assert packed_loss.item() == pytest.approx(padded_loss.item(), rel=1e-5)
+    for got, expected in zip(packed_grads, padded_grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+    assert module.model.config._attn_implementation != VARLEN_ATTENTION  # restored after the packed forward
+
+
+def test_packing_refuses_a_model_without_the_attention_interface():
+    model = make_tiny_model("llama")
+    model._supports_attention_backend = False
+    with pytest.raises(ValueError, match="LlamaForCausalLM does not dispatch attention.*pack_sequences=False"):
+        with packed_attention(model):
+            pass
+
+
+def test_varlen_attention_outside_a_packed_batch_is_an_error():
+    model = make_tiny_model("llama")
+    with packed_attention(model), pytest.raises(ValueError, match="needs a packed batch"):
+        model(input_ids=torch.tensor([[1, 2, 3]]))
+
+
+class _ListData(L.LightningDataModule):
+    def __init__(self, pack: bool) -> None:
+        super().__init__()
+        self.pack = pack
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(EXAMPLES * 2, batch_size=4, collate_fn=InstructionCollator(pad_token_id=0, pack=self.pack))
+
+
+def test_packed_training_follows_the_padded_trajectory(tmp_path):
+    """Three optimizer steps through Trainer.fit end at the same adapter weights, packed or padded."""
+    base = make_tiny_model("llama")
+    states = {}
+    for pack in (False, True):
+        module = LitSVDAdapter(copy.deepcopy(base), AdapterConfig(method="pissa", rank=4), learning_rate=1e-2)
+        trainer = L.Trainer(
+            accelerator="cpu",
+            max_steps=3,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[SVDInit()],
+            default_root_dir=tmp_path,
+        )
+        trainer.fit(module, datamodule=_ListData(pack))
+        states[pack] = adapter_state_dict(module.model)
+    initial = adapter_state_dict(inject_adapters(copy.deepcopy(base), AdapterConfig(method="pissa", rank=4)))
+    assert states[True].keys() == states[False].keys() == initial.keys()
+    for name, tensor in states[True].items():
+        torch.testing.assert_close(tensor, states[False][name], rtol=1e-4, atol=1e-5, msg=name)
+    # ...and that trajectory went somewhere: the trained factors are not the initial ones.
+    assert any(not torch.allclose(states[True][name], initial[name], atol=1e-3) for name in initial)
+
+
+class _PEFTModule(LitSVDAdapter):
+    """A research subclass that injects PEFT's LoRA instead of ours (as recipes/studies does)."""
+
+    def inject(self, model):
+        import peft
+
+        config = peft.LoraConfig(r=4, lora_alpha=4, target_modules=TINY_TARGETS["llama"], init_lora_weights=False)
+        return peft.get_peft_model(model, config)
+
+
+def test_a_peft_wrapped_model_gets_the_same_fast_loss():
+    module = _PEFTModule(make_tiny_model("llama"), AdapterConfig(method="lora", rank=4))
+    padded = InstructionCollator(pad_token_id=0)(EXAMPLES)
+    packed = InstructionCollator(pad_token_id=0, pack=True)(EXAMPLES)
+    expected = module.model(**padded).loss  # PEFT + transformers' own loss on full logits
+    assert module.compute_loss(padded).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert module.compute_loss(packed).item() == pytest.approx(expected.item(), rel=1e-5)
