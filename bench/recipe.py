@@ -10,10 +10,12 @@ layouts so the table shows where the time goes:
     grouped   length-grouped batches (``group_by_length=True``)
     packed    length-grouped and padding-free (``pack_sequences=True``): one row per batch, attention per
               sequence through variable-length FlashAttention
+    compiled  packed, with every decoder layer compiled (``LitSVDAdapter(compile=True)``)
 
 Every run: SmolLM2-135M-Instruct (bf16 weights), r=16 on all 7 projections, batch 32, one epoch of GSM8K
 train (or ``--max-steps``), the same tokenised examples. Throughput = non-padding tokens ÷ seconds of the
-training loop (first batch to last optimizer step, device synchronised); ``fit_s`` is the whole
+training loop (first batch to last optimizer step, device synchronised; ``steady_tokens_per_s`` leaves out
+the first 20 steps, where compilation happens); ``fit_s`` is the whole
 ``Trainer.fit`` (SVD initialisation and data loading included). ``--profile`` adds a ``torch.profiler``
 table of the top CUDA kernels over 10 steps of each run.
 
@@ -35,6 +37,7 @@ from typing import Any
 import lightning as L
 import torch
 from _common import RESULTS_DIR, environment, format_table, gb, synchronize, write_json
+from torch._dynamo.utils import counters
 from torch.utils.data import DataLoader
 
 from lit_svd import AdapterConfig
@@ -44,7 +47,14 @@ from lit_svd.models import EMBEDDED_MODEL, load_causal_lm, load_tokenizer
 from lit_svd.module import LitSVDAdapter
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-LAYOUTS = {"padded": (False, False), "grouped": (True, False), "packed": (True, True)}
+LAYOUTS = {
+    "padded": (False, False, False),
+    "grouped": (True, False, False),
+    "packed": (True, True, False),
+    "compiled": (True, True, True),
+}
+STEADY_FROM = 20
+"""Steps before this one (compilation, allocator warm-up) are left out of the steady-state rate."""
 
 
 def non_padding_tokens(batch: dict[str, Any]) -> torch.Tensor | int:
@@ -60,6 +70,8 @@ class LoopClock(L.Callback):
         self.start: float | None = None
         self.seconds = float("nan")
         self.tokens: torch.Tensor | int = 0
+        self.steady_start: float | None = None
+        self.steady_tokens: torch.Tensor | int = 0
         self.profile_steps = profile_steps
         self.profiler: torch.profiler.profile | None = None
 
@@ -67,19 +79,26 @@ class LoopClock(L.Callback):
         if self.start is None:
             synchronize(pl_module.device)
             self.start = time.perf_counter()
+        if batch_idx == STEADY_FROM:
+            synchronize(pl_module.device)
+            self.steady_start = time.perf_counter()
         if self.profile_steps and batch_idx == self.profile_steps[0]:
             self.profiler = torch.profiler.profile(activities=_profiler_activities())
             self.profiler.__enter__()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.tokens = self.tokens + non_padding_tokens(batch)
+        if self.steady_start is not None:
+            self.steady_tokens = self.steady_tokens + non_padding_tokens(batch)
         if self.profiler is not None and batch_idx == self.profile_steps[1]:
             synchronize(pl_module.device)
             self.profiler.__exit__(None, None, None)
 
     def on_train_end(self, trainer, pl_module) -> None:
         synchronize(pl_module.device)
-        self.seconds = time.perf_counter() - self.start
+        end = time.perf_counter()
+        self.seconds = end - self.start
+        self.steady_seconds = end - self.steady_start if self.steady_start is not None else float("nan")
 
 
 def _profiler_activities() -> list[torch.profiler.ProfilerActivity]:
@@ -120,11 +139,16 @@ def peft_loop(args: argparse.Namespace, base_model, train_dataset, pad_token_id:
     schedule = get_cosine_schedule_with_warmup(optimizer, math.ceil(0.03 * steps), steps)
     profiler = None
     tokens: torch.Tensor | int = 0
+    steady_tokens: torch.Tensor | int = 0
+    steady_start = None
     synchronize(device)
     start = time.perf_counter()
     for step, batch in enumerate(loader):
         if step == steps:
             break
+        if step == STEADY_FROM:
+            synchronize(device)
+            steady_start = time.perf_counter()
         if args.profile and step == args.profile_steps[0]:
             profiler = torch.profiler.profile(activities=_profiler_activities())
             profiler.__enter__()
@@ -137,11 +161,14 @@ def peft_loop(args: argparse.Namespace, base_model, train_dataset, pad_token_id:
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         tokens = tokens + non_padding_tokens(batch)
+        if steady_start is not None:
+            steady_tokens = steady_tokens + non_padding_tokens(batch)
         if profiler is not None and step == args.profile_steps[1]:
             synchronize(device)
             profiler.__exit__(None, None, None)
     synchronize(device)
-    seconds = time.perf_counter() - start
+    end = time.perf_counter()
+    seconds = end - start
     tokens = int(tokens)
     result = {
         "run": "peft-loop",
@@ -150,7 +177,8 @@ def peft_loop(args: argparse.Namespace, base_model, train_dataset, pad_token_id:
         "tokens": tokens,
         "loop_s": round(seconds, 2),
         "tokens_per_s": round(tokens / seconds),
-        "final_loss": round(float(loss), 4),
+        "steady_tokens_per_s": round(int(steady_tokens) / (end - steady_start)) if steady_start else None,
+        "final_loss": round(loss.item(), 4),
         "profile": profile_table(profiler),
     }
     del model, optimizer
@@ -159,7 +187,7 @@ def peft_loop(args: argparse.Namespace, base_model, train_dataset, pad_token_id:
 
 def ours_fit(args: argparse.Namespace, method: str, layout: str, base_model, tokenizer, device) -> dict[str, Any]:
     """The recipe through ``Trainer.fit`` with one data layout."""
-    group_by_length, pack = LAYOUTS[layout]
+    group_by_length, pack, compile_layers = LAYOUTS[layout]
     L.seed_everything(args.seed, verbose=False)
     data = GSM8KDataModule(
         data_dir=args.data_dir,
@@ -172,7 +200,9 @@ def ours_fit(args: argparse.Namespace, method: str, layout: str, base_model, tok
         max_train_examples=args.max_train_examples,
     )
     adapter = AdapterConfig(method=method, rank=args.rank, target_modules=TARGETS, adapter_dtype="float32")
-    module = LitSVDAdapter(copy.deepcopy(base_model), adapter, learning_rate=args.lr, warmup_ratio=0.03)
+    module = LitSVDAdapter(
+        copy.deepcopy(base_model), adapter, learning_rate=args.lr, warmup_ratio=0.03, compile=compile_layers
+    )
     module.tokenizer = tokenizer
     clock = LoopClock(args.profile_steps if args.profile else None)
     trainer = L.Trainer(
@@ -189,6 +219,7 @@ def ours_fit(args: argparse.Namespace, method: str, layout: str, base_model, tok
         enable_progress_bar=False,
         enable_model_summary=False,
     )
+    counters.clear()
     synchronize(device)
     start = time.perf_counter()
     trainer.fit(module, datamodule=data)
@@ -203,8 +234,14 @@ def ours_fit(args: argparse.Namespace, method: str, layout: str, base_model, tok
         "loop_s": round(clock.seconds, 2),
         "fit_s": round(fit_seconds, 2),
         "tokens_per_s": round(tokens / clock.seconds),
+        "steady_tokens_per_s": round(int(clock.steady_tokens) / clock.steady_seconds)
+        if clock.steady_start is not None
+        else None,
         "final_loss": round(float(trainer.callback_metrics.get("train/loss", float("nan"))), 4),
         "profile": profile_table(clock.profiler),
+        # More than a couple of graphs would mean recompilation (e.g. per sequence length).
+        "compiled_graphs": counters["stats"]["unique_graphs"] if compile_layers else None,
+        "graph_breaks": sum(counters["graph_break"].values()) if compile_layers else None,
     }
     del module, trainer
     return result
@@ -217,7 +254,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--runs",
         nargs="+",
-        default=["peft-loop", "ours:lora:packed", "ours:lora:grouped", "ours:lora:padded", "ours:sorsa:packed"],
+        default=[
+            "peft-loop",
+            "ours:lora:compiled",
+            "ours:sorsa:compiled",
+            "ours:lora:packed",
+            "ours:lora:grouped",
+            "ours:lora:padded",
+        ],
         help="peft-loop and/or ours:<method>:<padded|grouped|packed>",
     )
     parser.add_argument("--rank", type=int, default=16)
@@ -274,10 +318,24 @@ def main(argv: list[str] | None = None) -> None:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    anchor = next((r["tokens_per_s"] for r in results if r["run"] == "peft-loop"), None)
+    anchor = next((r for r in results if r["run"] == "peft-loop"), None)
     for result in results:
-        result["x_peft_loop"] = round(result["tokens_per_s"] / anchor, 2) if anchor else None
-    columns = ["run", "layout", "steps", "tokens", "loop_s", "fit_s", "tokens_per_s", "x_peft_loop", "peak_gb"]
+        for key in ("tokens_per_s", "steady_tokens_per_s"):
+            ratio = result[key] / anchor[key] if anchor and anchor.get(key) and result.get(key) else None
+            result[f"x_{key}"] = round(ratio, 2) if ratio else None
+    columns = [
+        "run",
+        "layout",
+        "steps",
+        "loop_s",
+        "fit_s",
+        "tokens_per_s",
+        "x_tokens_per_s",
+        "steady_tokens_per_s",
+        "x_steady_tokens_per_s",
+        "peak_gb",
+        "compiled_graphs",
+    ]
     print(format_table(results, columns))
     if not args.smoke:
         write_json(

@@ -68,8 +68,10 @@ def _per_sequence_attention(
     scale: float | None,
     dropout: float,
 ) -> torch.Tensor:
+    if query.shape[0] != boundaries[-1]:
+        raise ValueError(f"cu_seq_lens ends at {boundaries[-1]} but the packed row has {query.shape[0]} tokens")
     output = torch.empty_like(query)
-    grouped = query.shape[1] != key.shape[1]
+    grouped = bool(query.shape[1] != key.shape[1])
     for start, end in zip(boundaries[:-1], boundaries[1:], strict=True):
         # (L, H, D) → (H, L, D): sdpa wants heads before positions.
         q, k, v = (tensor[start:end].transpose(0, 1) for tensor in (query, key, value))
@@ -104,8 +106,6 @@ def packed_causal_attention(
     Returns:
         (N, H_q, D): each position attends to itself and the earlier positions of its own sequence only.
     """
-    if query.shape[0] != int(cu_seq_lens[-1]):
-        raise ValueError(f"cu_seq_lens ends at {int(cu_seq_lens[-1])} but the packed row has {query.shape[0]} tokens")
     if _VARLEN is not None and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and not dropout:
         varlen_attn, causal, native_gqa = _VARLEN
         if query.shape[1] != key.shape[1] and not native_gqa:

@@ -65,6 +65,11 @@ class LitSVDAdapter(LightningModule):
         warmup_ratio: Fraction of the total optimizer steps spent in linear warmup.
         max_new_tokens: Generation length for evaluation.
         gradient_checkpointing: Trade compute for memory in the base model.
+        compile: ``torch.compile`` each decoder layer for training (``dynamic=True``; all layers share one
+            compiled graph, so compilation costs about one layer's). Training of a small model is bound by
+            Python dispatch, which compiled layers remove; validation, generation and everything after
+            ``fit`` run eager.
+        compile_backend: the ``torch.compile`` backend (``"inductor"``; ``"aot_eager"`` needs no compiler).
     """
 
     def __init__(
@@ -82,6 +87,8 @@ class LitSVDAdapter(LightningModule):
         warmup_ratio: float = 0.03,
         max_new_tokens: int = 256,
         gradient_checkpointing: bool = False,
+        compile: bool = False,
+        compile_backend: str = "inductor",
     ) -> None:
         super().__init__()
         problems = []
@@ -201,6 +208,9 @@ class LitSVDAdapter(LightningModule):
                 self.metric = datamodule.make_metric()
 
     def on_train_start(self) -> None:
+        if self.hparams.get("compile"):
+            for layer in decoder_layers(self.model):
+                layer.compile(dynamic=True, backend=self.hparams.compile_backend)
         pending = [name for name, layer in adapter_layers(self.model) if not bool(layer.initialized)]
         if pending:
             raise RuntimeError(
@@ -284,6 +294,19 @@ class LitSVDAdapter(LightningModule):
         scheduler = LambdaLR(optimizer, lambda step: _lr_factor(step, warmup, total, hp.scheduler))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def on_train_end(self) -> None:
+        # Back to eager: generation and evaluation after fit would otherwise compile graphs of their own.
+        for layer in decoder_layers(self.model):
+            layer._compiled_call_impl = None
+
+    def on_validation_start(self) -> None:
+        if self.hparams.get("compile"):
+            torch.compiler.set_stance("force_eager")  # generation shapes would recompile the layers
+
+    def on_validation_end(self) -> None:
+        if self.hparams.get("compile"):
+            torch.compiler.set_stance("default")
+
     def _evaluation_step(self, batch: dict[str, Any], stage: str) -> None:
         batch_size = batch["input_ids"].shape[0] if "input_ids" in batch else len(batch.get("references", [1]))
         if "labels" in batch:
@@ -347,6 +370,13 @@ class LitSVDAdapter(LightningModule):
     def export_peft_lora(self, path: str | Path, overwrite: bool = False) -> Path:
         """Standard PEFT LoRA adapter (rank ≤ 2r) against the original base weights of ``self.model_name``."""
         return export_peft_lora(self.model, path, base_model_name_or_path=str(self.model_name), overwrite=overwrite)
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated decoder blocks of a transformers model (``GradientCheckpointingLayer`` subclasses)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
 
 
 def _transformers_model(model: torch.nn.Module) -> PreTrainedModel:

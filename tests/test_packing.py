@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import TINY_ARCHS, TINY_TARGETS, make_tiny_model
+from torch._dynamo.utils import counters
 from torch.utils.data import DataLoader
 
 from lit_svd import AdapterConfig
@@ -241,3 +242,48 @@ def test_a_peft_wrapped_model_gets_the_same_fast_loss():
     expected = module.model(**padded).loss  # PEFT + transformers' own loss on full logits
     assert module.compute_loss(padded).item() == pytest.approx(expected.item(), rel=1e-5)
     assert module.compute_loss(packed).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+# ----- compiled decoder layers ---------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["lora", "sorsa", "osora"])
+def test_adapter_layer_compiles_without_graph_breaks(method):
+    """fullgraph=True raises on any graph break inside the adapter's forward (aot_eager: no C++ compiler)."""
+    model = inject_adapters(make_tiny_model("llama"), AdapterConfig(method=method, rank=4))
+    layer = model.model.layers[0].mlp.up_proj
+    compiled = torch.compile(layer, fullgraph=True, dynamic=True, backend="aot_eager")
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    torch.testing.assert_close(compiled(x), layer(x))
+    (grad_compiled,) = torch.autograd.grad(compiled(x).square().sum(), x)
+    (grad_eager,) = torch.autograd.grad(layer(x).square().sum(), x)
+    torch.testing.assert_close(grad_compiled, grad_eager)
+
+
+def test_compiled_training_equals_eager_and_ends_eager(tmp_path):
+    base = make_tiny_model("llama")
+    states = {}
+    for compile_layers in (False, True):
+        torch._dynamo.reset()
+        module = LitSVDAdapter(
+            copy.deepcopy(base),
+            AdapterConfig(method="sorsa", rank=4),
+            learning_rate=1e-2,
+            compile=compile_layers,
+            compile_backend="aot_eager",
+        )
+        trainer = L.Trainer(
+            accelerator="cpu",
+            max_steps=3,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[SVDInit()],
+            default_root_dir=tmp_path,
+        )
+        counters.clear()
+        trainer.fit(module, datamodule=_ListData(pack=False))
+        assert (counters["stats"]["unique_graphs"] >= 1) == compile_layers  # the compiled layers did run
+        states[compile_layers] = adapter_state_dict(module.model)
+        assert all(layer._compiled_call_impl is None for layer in module.model.model.layers)
+    for name, tensor in states[True].items():
+        torch.testing.assert_close(tensor, states[False][name], rtol=1e-4, atol=1e-5, msg=name)

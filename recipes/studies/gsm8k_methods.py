@@ -209,6 +209,8 @@ def stamp(record: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     record["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     if args.shard is not None:
         record["shard"] = args.shard
+    if "steps" in record:
+        record["packed_batches"] = args.pack
     return record
 
 
@@ -303,6 +305,7 @@ def generation_accuracy(model, tokenizer, datamodule, batch_size: int, max_new_t
             batch_size=batch_size,
             progress=False,
             compile=args.compile_eval,
+            return_predictions=True,
         )
     return scores, time.perf_counter() - start
 
@@ -361,8 +364,13 @@ def run_one(method: str, seed: int, args: argparse.Namespace, base_model, tokeni
     scores, seconds = generation_accuracy(
         model, tokenizer, gsm8k, args.eval_batch_size, args.max_new_tokens, args, device
     )
+    verdicts = "".join("1" if p["correct"] else "0" for p in scores["predictions"])
     record.update(
         accuracy=scores["accuracy"],
+        # Per-question verdicts (dataset order), so runs scored on different prefixes can be compared on
+        # the common one (session-2 runs were scored on the first 400 questions).
+        gsm8k_correct=verdicts,
+        accuracy_first400=verdicts[:400].count("1") / min(len(verdicts), 400),
         eval_questions=scores["num_examples"],
         eval_seconds=round(seconds, 1),
         max_new_tokens=args.max_new_tokens,
@@ -379,6 +387,7 @@ def run_one(method: str, seed: int, args: argparse.Namespace, base_model, tokeni
             model, tokenizer, math500, args.math_batch_size, args.math_max_new_tokens, args, device
         )
         record.update(
+            math500_correct="".join("1" if p["correct"] else "0" for p in scores["predictions"]),
             math500_accuracy=scores["accuracy"],
             math500_questions=scores["num_examples"],
             math500_eval_seconds=round(seconds, 1),
