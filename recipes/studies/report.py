@@ -107,8 +107,34 @@ def pooled_accuracy(records: list[dict], accuracy_key: str, count_key: str) -> d
 
 
 # ----- summary -----------------------------------------------------------------------------------------------
+def on_common_questions(results: list[dict]) -> list[dict]:
+    """Rescore GSM8K accuracy on the questions every run was scored on (the shortest prefix of the test set).
+
+    Runs record ``gsm8k_correct`` (per-question verdicts in dataset order) since session 3; older runs were
+    scored on the first 400 questions only. Accuracy over a longer prefix moves to ``accuracy_all`` /
+    ``eval_questions_all`` and ``accuracy`` becomes the prefix's, so seeds and methods compare on one set.
+    """
+    counts = [r["eval_questions"] for r in results if r.get("eval_questions")]
+    if not counts:
+        return results
+    common = min(counts)
+    rescored = []
+    for record in results:
+        verdicts = record.get("gsm8k_correct")
+        if verdicts and record["eval_questions"] > common:
+            record = record | {
+                "accuracy_all": record["accuracy"],
+                "eval_questions_all": record["eval_questions"],
+                "accuracy": verdicts[:common].count("1") / common,
+                "eval_questions": common,
+            }
+        rescored.append(record)
+    return rescored
+
+
 def summarise(results: list[dict], grid: list[dict]) -> dict[str, Any]:
     """Per-method statistics, ours − PEFT paired differences and the grid's best learning rates."""
+    results = on_common_questions(results)
     by_method: dict[str, list[dict]] = defaultdict(list)
     for record in results:
         by_method[record["method"]].append(record)
@@ -125,6 +151,9 @@ def summarise(results: list[dict], grid: list[dict]) -> dict[str, Any]:
             "accuracy": mean_ci([r.get("accuracy") for r in records]),
             "accuracy_pooled": pooled_accuracy(records, "accuracy", "eval_questions"),
             "eval_questions": sorted({r.get("eval_questions") for r in records if r.get("eval_questions")}),
+            "accuracy_all_questions": {
+                r["seed"]: [r["accuracy_all"], r["eval_questions_all"]] for r in records if "accuracy_all" in r
+            },
             "train_seconds": mean_ci([r.get("train_seconds") for r in records]),
             "tokens_per_second": mean_ci([r.get("tokens_per_second") for r in records]),
         }
