@@ -15,10 +15,9 @@ Runs are named ``impl:method[-variant]``:
   PEFT's default); ``ours:<method>-bf16`` keeps the adapters in bf16 (lit_svd's default dtype).
   SORSA adds ``(γ/lr)·orthonormal_regularizer(model)`` each step (γ = 4e-4), back-propagated after the
   task loss as the reference implementation does.
-- ``proto:<method>``: ours with a *prototype* forward patched in by this script (not library code): the
-  adapter is written as ``z Rᵀ`` with ``z`` (tokens×r) and ``R`` (m×r), and added to the base output by
-  one in-place GEMM with accumulate (``addmm_``), folding the scaling into ``R`` and, for OSoRA, the
-  output vector ``o`` into ``U`` (``o ⊙ (z Uᵀ) = z (diag(o) U)ᵀ``). It measures a proposed change.
+
+Each ``ours:`` run also times one ``SpectralMonitor.measure`` (+ heat-map figure) on the trained model:
+its share of training time at the default interval of 50 steps.
 
 Usage (results to bench/results/train.json, printed as tables):
     PYTHONPATH=. python bench/train.py
@@ -36,15 +35,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from _common import RESULTS_DIR, Timer, environment, format_table, gb, synchronize, write_json
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lit_svd import AdapterConfig, AdapterLayer, adapter_layers, inject_adapters, orthonormal_regularizer
-from lit_svd.adapters.lora import LowRankProductLayer
-from lit_svd.adapters.osora import OSoRALayer
-from lit_svd.adapters.sorsa import SORSALayer
+from lit_svd import AdapterConfig, adapter_layers, inject_adapters, orthonormal_regularizer
 
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DEFAULT_RUNS = [
@@ -87,33 +82,6 @@ def build_model(args: argparse.Namespace, device: torch.device) -> LlamaForCausa
     return model
 
 
-def fused_forward(self: AdapterLayer, x: torch.Tensor) -> torch.Tensor:
-    """Prototype ``AdapterLayer.forward``: ``h = x W_baseᵀ`` then ``h += z Rᵀ`` in one accumulating GEMM.
-
-    The base output is computed on 2-D input so that it is not a view (an in-place update of a view
-    would make autograd copy the whole gradient in backward).
-    """
-    shape = x.shape
-    x2d = x.reshape(-1, shape[-1])
-    result = self.base_layer(x2d)
-    if self.merged:
-        return result.view(*shape[:-1], -1)
-    z_in = self.adapter_dropout(x2d)
-    if isinstance(self, LowRankProductLayer):
-        z = F.linear(z_in, self.A)
-        R = self.B if self.scaling == 1 else self.B * self.scaling
-    elif isinstance(self, OSoRALayer):
-        z = (z_in @ self.V) * self.S
-        R = self.U * self.output_scale[:, None]
-    elif isinstance(self, SORSALayer):
-        z = (z_in @ self.V) * (self.S * self.scaling)
-        R = self.U
-    else:
-        raise TypeError(f"no prototype forward for {type(self).__name__}")
-    result.addmm_(z.to(result.dtype), R.to(result.dtype).mT)
-    return result.view(*shape[:-1], -1)
-
-
 def prepare(run: str, args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
     """Build the model for ``run`` and put its adapters in; returns the model and a description."""
     impl, _, rest = run.partition(":")
@@ -130,12 +98,12 @@ def prepare(run: str, args: argparse.Namespace, device: torch.device) -> tuple[n
             r=args.rank, lora_alpha=args.rank, lora_dropout=0.0, target_modules=MODULES, task_type="CAUSAL_LM"
         )
         model = peft.get_peft_model(model, config, autocast_adapter_dtype=variant != "bf16")
-    elif impl in ("ours", "proto"):
+    elif impl == "ours":
         adapter_dtype = "bfloat16" if variant == "bf16" else "float32"
         config = AdapterConfig(method=method, rank=args.rank, target_modules=MODULES, adapter_dtype=adapter_dtype)
         inject_adapters(model, config, initialize=True)
     else:
-        raise ValueError(f"unknown run {run!r}: use peft:lora[-bf16], ours:<method>[-bf16] or proto:<method>")
+        raise ValueError(f"unknown run {run!r}: use peft:lora[-bf16] or ours:<method>[-bf16]")
     synchronize(device)
     info["init_seconds"] = time.perf_counter() - start
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -215,21 +183,6 @@ def kernel_category(name: str) -> str:
     return "elementwise/copy"
 
 
-@torch.no_grad()
-def prototype_agreement(model: nn.Module, original_forward, args: argparse.Namespace, device: torch.device) -> float:
-    """``‖logits_proto − logits_lit_svd‖ / ‖logits_lit_svd‖`` on one short batch, with the trained (non-zero)
-    adapters: the prototype forward must compute the same function up to bf16 rounding."""
-    ids = torch.randint(0, args.vocab, (1, min(args.seq, 128)), device=device, generator=torch.Generator(device))
-    with torch.autocast(device.type, dtype=torch.bfloat16):
-        fused = model(input_ids=ids).logits.float()
-        AdapterLayer.forward = original_forward
-        try:
-            reference = model(input_ids=ids).logits.float()
-        finally:
-            AdapterLayer.forward = fused_forward
-    return (torch.linalg.norm(fused - reference) / torch.linalg.norm(reference)).item()
-
-
 def monitor_cost(model: nn.Module, device: torch.device, step_seconds: float) -> dict[str, Any]:
     """Seconds of one SpectralMonitor measurement (+ heat-map figure) and its share of training time at the
     default interval: the callback runs once every ``every_n_steps`` optimizer steps, so its overhead is
@@ -250,43 +203,34 @@ def monitor_cost(model: nn.Module, device: torch.device, step_seconds: float) ->
 
 
 def measure(run: str, args: argparse.Namespace, device: torch.device, profile_it: bool) -> dict[str, Any]:
-    if run.startswith("proto:"):
-        original_forward = AdapterLayer.forward
-        AdapterLayer.forward = fused_forward  # type: ignore[method-assign]
-    try:
-        model, info = prepare(run, args, device)
-        model.train()
-        step = make_step(model, run, args, device)
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-            info["memory_before_steps_gb"] = gb(torch.cuda.memory_allocated(device))
-        for _ in range(args.warmup):
+    model, info = prepare(run, args, device)
+    model.train()
+    step = make_step(model, run, args, device)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        info["memory_before_steps_gb"] = gb(torch.cuda.memory_allocated(device))
+    for _ in range(args.warmup):
+        step()
+    with Timer(device) as t:
+        for _ in range(args.steps):
             step()
-        with Timer(device) as t:
-            for _ in range(args.steps):
-                step()
-        tokens = args.steps * args.batch * args.seq
-        info |= {
-            "steps": args.steps,
-            "seconds": t.seconds,
-            "step_ms": 1e3 * t.seconds / args.steps,
-            "tokens_per_s": tokens / t.seconds,
-        }
-        if device.type == "cuda":
-            info["peak_memory_gb"] = gb(torch.cuda.max_memory_allocated(device))
-            info["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-        if profile_it:
-            info["profile"] = kernel_profile(step, device)
-        if run.startswith("proto:"):
-            info["proto_rel_logit_diff"] = prototype_agreement(model, original_forward, args, device)
-        if run.startswith(("ours:", "proto:")):
-            info["adapted_layers"] = sum(1 for _ in adapter_layers(model))
-            info |= monitor_cost(model, device, info["step_ms"] / 1e3)
-    finally:
-        if run.startswith("proto:"):
-            AdapterLayer.forward = original_forward  # type: ignore[method-assign]
+    tokens = args.steps * args.batch * args.seq
+    info |= {
+        "steps": args.steps,
+        "seconds": t.seconds,
+        "step_ms": 1e3 * t.seconds / args.steps,
+        "tokens_per_s": tokens / t.seconds,
+    }
+    if device.type == "cuda":
+        info["peak_memory_gb"] = gb(torch.cuda.max_memory_allocated(device))
+        info["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    if profile_it:
+        info["profile"] = kernel_profile(step, device)
+    if run.startswith("ours:"):
+        info["adapted_layers"] = sum(1 for _ in adapter_layers(model))
+        info |= monitor_cost(model, device, info["step_ms"] / 1e3)
     del model, step
     gc.collect()
     if device.type == "cuda":

@@ -26,6 +26,10 @@ __all__ = [
     "low_rank_svd",
     "low_rank_frobenius_norm",
     "low_rank_singular_values",
+    "low_rank_difference_norm",
+    "low_rank_grams",
+    "frobenius_norm_from_grams",
+    "singular_values_from_grams",
 ]
 
 SVDMethod = Literal["auto", "subspace", "gram", "full"]
@@ -324,16 +328,94 @@ def low_rank_svd(P: torch.Tensor, Q: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 def low_rank_frobenius_norm(P: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
     """``‖P Qᵀ‖_F`` from the k×k Gram matrices: ``sqrt(trace((PᵀP)(QᵀQ)))``; shape ``(...)``."""
-    return ((P.mT @ P) * (Q.mT @ Q)).sum((-2, -1)).clamp_min(0).sqrt()
+    return frobenius_norm_from_grams(P.mT @ P, Q.mT @ Q)
+
+
+def low_rank_difference_norm(
+    P_1: torch.Tensor, Q_1: torch.Tensor, P_0: torch.Tensor, Q_0: torch.Tensor
+) -> torch.Tensor:
+    """``‖P_1 Q_1ᵀ − P_0 Q_0ᵀ‖_F`` of two low-rank products without cancellation; shape ``(...)``.
+
+    The difference is written as ``ΔP Q_1ᵀ + P_0 ΔQᵀ`` with ``ΔP = P_1 − P_0`` and ``ΔQ = Q_1 − Q_0``, so
+
+        ‖·‖² = ⟨ΔPᵀΔP, Q_1ᵀQ_1⟩ + 2 ⟨ΔPᵀP_0, Q_1ᵀΔQ⟩ + ⟨P_0ᵀP_0, ΔQᵀΔQ⟩
+
+    (six k×k Gram-type products; only the first term when ``Q_1`` is ``Q_0``). Every term is of the size of
+    the difference itself, so the result stays accurate in float32 even when the two products nearly
+    coincide, where expanding ``‖P_1 Q_1ᵀ‖² − 2⟨·,·⟩ + ‖P_0 Q_0ᵀ‖²`` would lose it to rounding.
+
+    Args:
+        P_1: (..., m, k) left factor of the first product.
+        Q_1: (..., n, k) right factor of the first product.
+        P_0: (..., m, k) left factor of the product subtracted.
+        Q_0: (..., n, k) right factor of the product subtracted.
+    """
+    dP = P_1 - P_0
+    if Q_1 is Q_0:  # a shared right factor (e.g. OSoRA's frozen V): the difference is ΔP Qᵀ
+        return low_rank_frobenius_norm(dP, Q_1)
+    dQ = Q_1 - Q_0
+    squared = (
+        ((dP.mT @ dP) * (Q_1.mT @ Q_1)).sum((-2, -1))
+        + 2 * ((dP.mT @ P_0) * (Q_1.mT @ dQ)).sum((-2, -1))
+        + ((P_0.mT @ P_0) * (dQ.mT @ dQ)).sum((-2, -1))
+    )
+    return squared.clamp_min(0).sqrt()
+
+
+def low_rank_grams(P: torch.Tensor, Q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float64 Gram matrices ``PᵀP`` and ``QᵀQ`` (..., k, k) of the factors of ``P Qᵀ``, on their device.
+
+    The norm and the singular values of ``P Qᵀ`` follow from these two small matrices alone
+    (``frobenius_norm_from_grams``, ``singular_values_from_grams``), so a whole stack of layers costs two
+    batched GEMMs on the device and a transfer of ``2 k²`` numbers per layer.
+
+    Args:
+        P: (..., m, k); Q: (..., n, k), any floating dtype.
+
+    Returns:
+        ``(PᵀP, QᵀQ)``, each (..., k, k) float64.
+    """
+    P, Q = P.double(), Q.double()
+    return P.mT @ P, Q.mT @ Q
+
+
+def frobenius_norm_from_grams(gram_P: torch.Tensor, gram_Q: torch.Tensor) -> torch.Tensor:
+    """``‖P Qᵀ‖_F = sqrt(Σ_ij (PᵀP)_ij (QᵀQ)_ij)`` from ``gram_P``, ``gram_Q`` (..., k, k); shape ``(...)``.
+
+    Rounding can make the sum slightly negative when ``P Qᵀ`` is (nearly) zero; it is clamped to 0.
+    """
+    return (gram_P * gram_Q).sum((-2, -1)).clamp_min(0).sqrt()
+
+
+def singular_values_from_grams(gram_P: torch.Tensor, gram_Q: torch.Tensor) -> torch.Tensor:
+    """Singular values of ``P Qᵀ`` (descending) from ``gram_P = PᵀP`` and ``gram_Q = QᵀQ``, both (..., k, k).
+
+    ``σ(P Qᵀ)² = eig(Lᵀ G_Q L)`` for any ``L`` with ``L Lᵀ = G_P``: the Cholesky factor where ``G_P`` is
+    positive definite (one cheap factorisation and one eigenvalue-only solve per matrix), else the symmetric
+    square root ``G_P^{1/2}`` from ``eigh`` with negative rounding eigenvalues clamped to 0, which stays valid
+    when ``P`` is rank-deficient (e.g. LoRA's ``B = 0``). Meant for float64 CPU tensors, where a batch of
+    k×k problems takes milliseconds.
+
+    Returns:
+        (..., k), in the dtype and on the device of the inputs.
+    """
+    k = gram_P.shape[-1]
+    flat_P, flat_Q = gram_P.reshape(-1, k, k), gram_Q.reshape(-1, k, k)
+    L, info = torch.linalg.cholesky_ex(flat_P)
+    singular = (info != 0).nonzero().squeeze(-1)
+    if singular.numel():
+        eigenvalues, eigenvectors = torch.linalg.eigh(flat_P[singular])
+        L[singular] = (eigenvectors * eigenvalues.clamp_min(0).sqrt().unsqueeze(-2)) @ eigenvectors.mT
+    squared = torch.linalg.eigvalsh(L.mT @ flat_Q @ L)
+    return squared.flip(-1).clamp_min(0).sqrt().reshape(gram_P.shape[:-1])
 
 
 def low_rank_singular_values(P: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
     """Singular values of ``P Qᵀ`` (descending, float64, on the CPU) from two k×k Gram matrices.
 
-    ``σ(P Qᵀ)² = eig(G_P^{1/2} G_Q G_P^{1/2})`` with ``G_P = PᵀP`` and ``G_Q = QᵀQ``: the device does two
-    thin GEMMs and the k×k eigenproblems run on the CPU in float64, where they take well under a millisecond,
-    instead of a QR and an SVD launched on the device per call (what ``low_rank_svd`` does, to get the
-    vectors too). The matrix square root keeps it valid when ``P`` is rank-deficient (e.g. LoRA's B = 0).
+    The device does two thin GEMMs (``low_rank_grams``) and the k×k eigenproblems run on the CPU in float64
+    (``singular_values_from_grams``), instead of a QR and an SVD launched on the device per call (what
+    ``low_rank_svd`` does, to get the vectors too).
 
     Args:
         P: (..., m, k); Q: (..., n, k).
@@ -341,9 +423,5 @@ def low_rank_singular_values(P: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
     Returns:
         (..., k) float64 CPU tensor.
     """
-    gram_P = (P.double().mT @ P.double()).cpu()
-    gram_Q = (Q.double().mT @ Q.double()).cpu()
-    eigenvalues, eigenvectors = torch.linalg.eigh(gram_P)
-    sqrt_P = (eigenvectors * eigenvalues.clamp_min(0).sqrt().unsqueeze(-2)) @ eigenvectors.mT
-    squared = torch.linalg.eigvalsh(sqrt_P @ gram_Q @ sqrt_P)
-    return squared.flip(-1).clamp_min(0).sqrt()
+    gram_P, gram_Q = torch.stack(low_rank_grams(P, Q)).cpu()  # one transfer
+    return singular_values_from_grams(gram_P, gram_Q)

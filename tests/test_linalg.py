@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lit_svd.linalg import (
+    low_rank_difference_norm,
     low_rank_frobenius_norm,
     low_rank_svd,
     optimal_residual_norm,
@@ -136,3 +137,20 @@ def test_low_rank_svd_and_norm_match_the_dense_product():
     torch.testing.assert_close(principal_weight(U, S, V), dense, rtol=1e-10, atol=1e-12)
     assert orthonormality_error(U).max() < 1e-12 and orthonormality_error(V).max() < 1e-12
     torch.testing.assert_close(low_rank_frobenius_norm(P, Q), torch.linalg.matrix_norm(dense), rtol=1e-12, atol=0)
+
+
+def test_low_rank_difference_norm_is_accurate_in_float32_when_the_products_nearly_coincide():
+    g = torch.Generator().manual_seed(0)
+    P_0 = torch.randn(3, 40, 6, generator=g, dtype=torch.float64)
+    Q_0 = torch.randn(3, 25, 6, generator=g, dtype=torch.float64)
+    P_1 = P_0 + 1e-4 * torch.randn(P_0.shape, generator=g, dtype=torch.float64)
+    Q_1 = Q_0 + 1e-4 * torch.randn(Q_0.shape, generator=g, dtype=torch.float64)
+    factors = [x.float().double() for x in (P_1, Q_1, P_0, Q_0)]  # the values float32 storage holds
+    P_1, Q_1, P_0, Q_0 = factors
+    dense = torch.linalg.matrix_norm(P_1 @ Q_1.mT - P_0 @ Q_0.mT)  # ~1e-4 of each product
+    torch.testing.assert_close(low_rank_difference_norm(*factors), dense, rtol=1e-12, atol=0)
+    result = low_rank_difference_norm(*(x.float() for x in factors))
+    # expanding ‖P_1Q_1ᵀ‖² − 2⟨·,·⟩ + ‖P_0Q_0ᵀ‖² in float32 would leave no correct digit here
+    torch.testing.assert_close(result.double(), dense, rtol=1e-5, atol=0)
+    shared = low_rank_difference_norm(P_1, Q_0, P_0, Q_0)  # the same right factor: ΔP Q_0ᵀ
+    torch.testing.assert_close(shared, torch.linalg.matrix_norm((P_1 - P_0) @ Q_0.mT), rtol=1e-12, atol=0)

@@ -10,8 +10,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from typing_extensions import override
 
 from lit_svd.inject import adapter_layers
-from lit_svd.linalg import low_rank_singular_values
-from lit_svd.spectral import LayerSpectrum, layer_position, layer_spectrum, original_weight_norm
+from lit_svd.spectral import LayerSpectrum, layer_position, layer_spectra
 
 __all__ = ["SpectralMonitor", "drift_heatmap"]
 
@@ -46,7 +45,8 @@ class SpectralMonitor(Callback):
 
     Scalars ``spectral/{sv_drift,orth_U,orth_V,weight_change}_{mean,max}``; with a TensorBoard logger also
     a histogram ``spectral/singular_values`` and the image ``spectral/drift_heatmap`` (decoder layer ×
-    module). All metrics come from the r-dimensional factors (see ``lit_svd.spectral``).
+    module). All metrics come from the r-dimensional factors, batched over layers of equal shape with one
+    device→host transfer per measurement (see ``lit_svd.spectral.layer_spectra``).
 
     Example::
 
@@ -72,16 +72,12 @@ class SpectralMonitor(Callback):
         self.last_spectra: dict[str, LayerSpectrum] = {}
 
     def measure(self, pl_module: LightningModule) -> dict[str, LayerSpectrum]:
-        """Spectra of every adapter of ``pl_module`` now."""
-        spectra = {}
-        for name, layer in adapter_layers(pl_module):
-            if name not in self._weight_norms:
-                self._weight_norms[name] = original_weight_norm(layer)
-            spectra[name] = layer_spectrum(layer, self._weight_norms[name], self._initial_singular_values.get(name))
-            if "S" not in layer.trainable_names and name not in self._initial_singular_values:
-                # LoRA family: S_0 never changes, so it is measured once per run.
-                self._initial_singular_values[name] = low_rank_singular_values(*layer.initial_low_rank_factors())
-        return spectra
+        """Spectra of every adapter of ``pl_module`` now.
+
+        ``‖W_0‖_F`` and ``S_0`` of each layer never change, so they are measured on the first call of a
+        run only (the first call is the one that reads the m×n weights) and cached.
+        """
+        return layer_spectra(dict(adapter_layers(pl_module)), self._weight_norms, self._initial_singular_values)
 
     @override
     def on_train_batch_end(
