@@ -295,9 +295,10 @@ class LitSVDAdapter(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_train_end(self) -> None:
-        # Back to eager: generation and evaluation after fit would otherwise compile graphs of their own.
-        for layer in decoder_layers(self.model):
-            layer._compiled_call_impl = None
+        if self.hparams.get("compile"):
+            # Back to eager: generation and evaluation after fit would otherwise compile graphs of their own.
+            for layer in decoder_layers(self.model):
+                layer._compiled_call_impl = None
 
     def on_validation_start(self) -> None:
         if self.hparams.get("compile"):
