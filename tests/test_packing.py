@@ -199,23 +199,27 @@ class _ListData(L.LightningDataModule):
         return DataLoader(EXAMPLES * 2, batch_size=4, collate_fn=InstructionCollator(pad_token_id=0, pack=self.pack))
 
 
+def fit_three_steps(module: LitSVDAdapter, data: L.LightningDataModule, root) -> None:
+    """Three optimizer steps of ``module`` on ``data`` through a quiet CPU ``Trainer``."""
+    L.Trainer(
+        accelerator="cpu",
+        max_steps=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[SVDInit()],
+        default_root_dir=root,
+    ).fit(module, datamodule=data)
+
+
 def test_packed_training_follows_the_padded_trajectory(tmp_path):
     """Three optimizer steps through Trainer.fit end at the same adapter weights, packed or padded."""
     base = make_tiny_model("llama")
     states = {}
     for pack in (False, True):
         module = LitSVDAdapter(copy.deepcopy(base), AdapterConfig(method="pissa", rank=4), learning_rate=1e-2)
-        trainer = L.Trainer(
-            accelerator="cpu",
-            max_steps=3,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=[SVDInit()],
-            default_root_dir=tmp_path,
-        )
-        trainer.fit(module, datamodule=_ListData(pack))
+        fit_three_steps(module, _ListData(pack), tmp_path)
         states[pack] = adapter_state_dict(module.model)
     initial = adapter_state_dict(inject_adapters(copy.deepcopy(base), AdapterConfig(method="pissa", rank=4)))
     assert states[True].keys() == states[False].keys() == initial.keys()
@@ -270,18 +274,8 @@ def test_compiled_training_equals_eager_and_ends_eager(tmp_path):
             compile=compile_layers,
             compile_backend="aot_eager",
         )
-        trainer = L.Trainer(
-            accelerator="cpu",
-            max_steps=3,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=[SVDInit()],
-            default_root_dir=tmp_path,
-        )
         counters.clear()
-        trainer.fit(module, datamodule=_ListData(pack=False))
+        fit_three_steps(module, _ListData(pack=False), tmp_path)
         assert (counters["stats"]["unique_graphs"] >= 1) == compile_layers  # the compiled layers did run
         states[compile_layers] = adapter_state_dict(module.model)
         assert all(layer._compiled_call_impl is None for layer in module.model.model.layers)
