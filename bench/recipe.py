@@ -113,7 +113,12 @@ def profile_table(profiler: torch.profiler.profile | None, rows: int = 15) -> st
     if profiler is None:
         return None
     key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
-    return profiler.key_averages().table(sort_by=key, row_limit=rows)
+    averages = profiler.key_averages()
+    # By device time (what the GPU does) and by CPU time (what the Python/dispatch side costs).
+    tables = [averages.table(sort_by=key, row_limit=rows)]
+    if key != "cpu_time_total":
+        tables.append(averages.table(sort_by="cpu_time_total", row_limit=rows))
+    return "\n".join(tables)
 
 
 def peft_loop(args: argparse.Namespace, base_model, train_dataset, pad_token_id: int, device) -> dict[str, Any]:
@@ -216,6 +221,7 @@ def ours_fit(args: argparse.Namespace, method: str, layout: str, base_model, tok
         enable_checkpointing=False,
         logger=False,
         callbacks=[SVDInit(), clock],
+        profiler=args.trainer_profiler,
         enable_progress_bar=False,
         enable_model_summary=False,
     )
@@ -273,6 +279,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-train-examples", type=int, default=None)
     parser.add_argument("--cache-dir", default=None, help="datasets cache folder")
     parser.add_argument("--profile", action="store_true", help="torch.profiler table of 10 steps per run")
+    parser.add_argument(
+        "--trainer-profiler", default=None, help="Lightning profiler for ours:* runs (e.g. simple: seconds per hook)"
+    )
     parser.add_argument("--smoke", action="store_true", help="2 steps on 64 examples (CPU ok); no results file")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "recipe.json")
     args = parser.parse_args(argv)

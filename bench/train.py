@@ -184,21 +184,32 @@ def kernel_category(name: str) -> str:
 
 
 def monitor_cost(model: nn.Module, device: torch.device, step_seconds: float) -> dict[str, Any]:
-    """Seconds of one SpectralMonitor measurement (+ heat-map figure) and its share of training time at the
-    default interval: the callback runs once every ``every_n_steps`` optimizer steps, so its overhead is
-    ``cost / (every_n_steps × step time)``."""
+    """Seconds of one SpectralMonitor measurement and of one image write (heat-map + histogram rendered into a
+    TensorBoard event file), and their share of training time at the default intervals: measurements every
+    ``every_n_steps`` optimizer steps, images every ``images_every_n_steps``."""
+    import tempfile
+
+    from torch.utils.tensorboard import SummaryWriter
+
     from lit_svd.callbacks import SpectralMonitor
     from lit_svd.callbacks.spectral_monitor import drift_heatmap
 
     monitor = SpectralMonitor()
     monitor.measure(model)  # first call also records each original weight norm, once per run
-    with Timer(device) as t:
+    with Timer(device) as measured:
         spectra = monitor.measure(model)
-        drift_heatmap(spectra)
+    with tempfile.TemporaryDirectory() as folder, SummaryWriter(folder) as writer:
+        with Timer(device) as imaged:
+            writer.add_histogram("spectral/singular_values", torch.cat([s.singular_values for s in spectra.values()]))
+            writer.add_figure("spectral/drift_heatmap", drift_heatmap(spectra))
+    overhead = measured.seconds / (monitor.every_n_steps * step_seconds)
+    overhead += imaged.seconds / (monitor.images_every_n_steps * step_seconds)
     return {
-        "monitor_seconds": t.seconds,
+        "monitor_seconds": measured.seconds,
+        "monitor_image_seconds": imaged.seconds,
         "monitor_every_n_steps": monitor.every_n_steps,
-        "monitor_overhead": t.seconds / (monitor.every_n_steps * step_seconds),
+        "monitor_images_every_n_steps": monitor.images_every_n_steps,
+        "monitor_overhead": overhead,
     }
 
 
@@ -333,6 +344,7 @@ def main() -> None:
                 "step_ms",
                 "peak_memory_gb",
                 "monitor_seconds",
+                "monitor_image_seconds",
                 "monitor_overhead",
             ],
             {
@@ -340,6 +352,7 @@ def main() -> None:
                 "x_vs_peft_lora": "{:.3f}".format,
                 "step_ms": "{:.1f}".format,
                 "monitor_seconds": "{:.3f}".format,
+                "monitor_image_seconds": "{:.3f}".format,
                 "monitor_overhead": "{:.2%}".format,
             },
         )

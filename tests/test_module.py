@@ -75,6 +75,33 @@ def test_fit_logs_train_and_spectral_tags_and_heatmap(method, tmp_path):
         assert "train/orthonormality" in scalars
 
 
+def test_monitor_images_every_n_steps_and_final_state(tmp_path):
+    L.seed_everything(0)
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    monitor = SpectralMonitor(every_n_steps=2, images_every_n_steps=4)
+    trainer(tmp_path, 7, logger=logger, log_every_n_steps=1, callbacks=[SVDInit(), monitor]).fit(
+        make_module("pissa"), datamodule=RandomTokensData()
+    )
+    events = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    # scalars at step 1 and every 2 steps, plus the final state (step 7) measured at the end of training
+    # Scalars follow Lightning's step index (global step − 1): measured after optimizer steps 1, 2, 4, 6 and
+    # once more at the end of training (step 7) — five distinct measurements.
+    drift = events.Scalars("spectral/sv_drift_max")
+    assert len({e.value for e in drift}) == 5
+    assert drift[-1].step == 6
+    assert drift[-1].value == pytest.approx(max(s.sv_drift for s in monitor.last_spectra.values()), rel=1e-6)
+    # images after step 1, every 4 steps and at the end
+    assert [e.step for e in events.Images("spectral/drift_heatmap")] == [1, 4, 7]
+
+
+def test_monitor_rejects_an_image_interval_off_the_measurement_grid():
+    with pytest.raises(ValueError, match="images_every_n_steps must be a positive multiple of every_n_steps=50"):
+        SpectralMonitor(every_n_steps=50, images_every_n_steps=75)
+    with pytest.raises(ValueError, match="every_n_steps must be a positive integer, got 0"):
+        SpectralMonitor(every_n_steps=0)
+
+
 def test_hook_order_and_regularizer_once_per_optimizer_step(tmp_path):
     calls: list[str] = []
 

@@ -17,10 +17,8 @@ __all__ = ["SpectralMonitor", "drift_heatmap"]
 
 def drift_heatmap(spectra: dict[str, LayerSpectrum]):
     """A matplotlib figure: decoder layers (rows) × module names (columns), colour = singular-value drift."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # The object API, not pyplot: no global backend switch and no figure registry to leak into.
+    from matplotlib.figure import Figure
 
     positions = {name: layer_position(name) for name in spectra}
     rows = sorted({p[0] for p in positions.values()})
@@ -28,7 +26,8 @@ def drift_heatmap(spectra: dict[str, LayerSpectrum]):
     grid = torch.full((len(rows), len(cols)), float("nan"))
     for name, (row, col) in positions.items():
         grid[rows.index(row), cols.index(col)] = spectra[name].sv_drift
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(cols), 1.0 + 0.22 * len(rows)))
+    fig = Figure(figsize=(1.2 + 0.9 * len(cols), 1.0 + 0.22 * len(rows)))
+    ax = fig.subplots()
     image = ax.imshow(grid.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right")
     ax.set_yticks(range(len(rows)), [str(r) for r in rows])
@@ -52,23 +51,47 @@ class SpectralMonitor(Callback):
 
         trainer = Trainer(callbacks=[SVDInit(), SpectralMonitor(every_n_steps=50)])
 
+    Rendering the heat-map costs more than measuring (≈ 0.1 s of matplotlib on the CPU), so images are
+    written less often than scalars: every ``images_every_n_steps`` and once more at the end of training,
+    so the last image always shows the final state.
+
     Args:
         every_n_steps: Interval in optimizer steps (also measured after the first optimizer step).
         log_per_layer: Also log one scalar per layer and metric (``spectral/<layer>/<metric>``).
         log_images: Log the heat-map image and the histogram (TensorBoard only).
+        images_every_n_steps: Interval of the images, a multiple of ``every_n_steps`` (default: 10 ×).
     """
 
     METRICS = ("sv_drift", "orth_U", "orth_V", "weight_change")
 
-    def __init__(self, every_n_steps: int = 50, log_per_layer: bool = False, log_images: bool = True) -> None:
+    def __init__(
+        self,
+        every_n_steps: int = 50,
+        log_per_layer: bool = False,
+        log_images: bool = True,
+        images_every_n_steps: int | None = None,
+    ) -> None:
         if not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"every_n_steps must be a positive integer, got {every_n_steps!r}")
+        if images_every_n_steps is None:
+            images_every_n_steps = 10 * every_n_steps
+        if (
+            not isinstance(images_every_n_steps, int)
+            or images_every_n_steps < 1
+            or images_every_n_steps % every_n_steps
+        ):
+            raise ValueError(
+                f"images_every_n_steps must be a positive multiple of every_n_steps={every_n_steps}, "
+                f"got {images_every_n_steps!r}"
+            )
         self.every_n_steps = every_n_steps
+        self.images_every_n_steps = images_every_n_steps
         self.log_per_layer = log_per_layer
         self.log_images = log_images
         self._weight_norms: dict[str, float] = {}
         self._initial_singular_values: dict[str, torch.Tensor] = {}
         self._last_step = -1
+        self._images_logged_at_last = False
         self.last_spectra: dict[str, LayerSpectrum] = {}
 
     def measure(self, pl_module: LightningModule) -> dict[str, LayerSpectrum]:
@@ -86,23 +109,59 @@ class SpectralMonitor(Callback):
         step = trainer.global_step
         if step == self._last_step or (step % self.every_n_steps != 0 and step != 1):
             return
+        self._log(trainer, pl_module, images=step % self.images_every_n_steps == 0 or step == 1)
+
+    @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # The final state always gets an image. Lightning forbids self.log in on_train_end, so scalars of
+        # a final measurement go to the loggers directly.
+        step = trainer.global_step
+        if step == 0:
+            return
+        if step != self._last_step:
+            self._last_step = step
+            self.last_spectra = self.measure(pl_module)
+            if self.last_spectra:
+                metrics = {key: value.item() for key, value in self._summaries(self.last_spectra).items()}
+                for logger in trainer.loggers:
+                    # Lightning writes what is logged after optimizer step k at step k − 1; so do we.
+                    logger.log_metrics(metrics, step=step - 1)
+            self._images_logged_at_last = False
+        if not self._images_logged_at_last:
+            self._log_images(trainer, self.last_spectra, step)
+
+    def _summaries(self, spectra: dict[str, LayerSpectrum]) -> dict[str, torch.Tensor]:
+        summaries = {}
+        for metric in self.METRICS:
+            values = torch.tensor([getattr(s, metric) for s in spectra.values()])
+            summaries[f"spectral/{metric}_mean"] = values.mean()
+            summaries[f"spectral/{metric}_max"] = values.max()
+            if self.log_per_layer:
+                for name, spectrum in spectra.items():
+                    summaries[f"spectral/{name}/{metric}"] = torch.tensor(getattr(spectrum, metric))
+        return summaries
+
+    def _log(self, trainer: Trainer, pl_module: LightningModule, images: bool) -> None:
+        step = trainer.global_step
         self._last_step = step
         spectra = self.measure(pl_module)
         self.last_spectra = spectra
+        self._images_logged_at_last = False
         if not spectra:
             return
-        for metric in self.METRICS:
-            values = torch.tensor([getattr(s, metric) for s in spectra.values()])
-            pl_module.log(f"spectral/{metric}_mean", values.mean())
-            pl_module.log(f"spectral/{metric}_max", values.max())
-            if self.log_per_layer:
-                for name, spectrum in spectra.items():
-                    pl_module.log(f"spectral/{name}/{metric}", getattr(spectrum, metric))
-        if self.log_images and trainer.is_global_zero:
-            for logger in trainer.loggers:
-                if isinstance(logger, TensorBoardLogger):
-                    writer = logger.experiment
-                    writer.add_histogram(
-                        "spectral/singular_values", torch.cat([s.singular_values for s in spectra.values()]), step
-                    )
-                    writer.add_figure("spectral/drift_heatmap", drift_heatmap(spectra), step)
+        for key, value in self._summaries(spectra).items():
+            pl_module.log(key, value)
+        if images:
+            self._log_images(trainer, spectra, step)
+
+    def _log_images(self, trainer: Trainer, spectra: dict[str, LayerSpectrum], step: int) -> None:
+        if not (self.log_images and spectra and trainer.is_global_zero):
+            return
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                writer = logger.experiment
+                writer.add_histogram(
+                    "spectral/singular_values", torch.cat([s.singular_values for s in spectra.values()]), step
+                )
+                writer.add_figure("spectral/drift_heatmap", drift_heatmap(spectra), step)
+        self._images_logged_at_last = True
