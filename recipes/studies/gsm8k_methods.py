@@ -423,6 +423,7 @@ def run_grid_one(
         )
         model = module.model  # scored with the adapters in place: no merge needed for a loss
         del trainer
+    model.to(device)  # Lightning hands the module back on the CPU after fit
     record["heldout_loss"] = round(test_loss(model, data.val_dataloader(), device), 5)
     record["heldout_examples"] = len(data.val_dataset)
     append_record(output_file(out, "grid", args.shard), stamp(record, args))

@@ -375,7 +375,12 @@ def plot_curves(curves: dict[str, dict[str, Any]], path: Path, smoothing: float)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (train_ax, heldout_ax) = plt.subplots(1, 2, figsize=(12, 4.6), sharex=True)
+    has_train = any(entry["train"][0] for entry in curves.values())
+    if has_train:
+        fig, (train_ax, heldout_ax) = plt.subplots(1, 2, figsize=(12, 4.6), sharex=True)
+    else:  # records only (the TensorBoard runs stayed elsewhere): no empty training panel
+        fig, heldout_ax = plt.subplots(1, 1, figsize=(7, 4.6))
+        train_ax = None
     for method in sorted(curves, key=lambda m: ORDER.index(m) if m in ORDER else len(ORDER)):
         entry = curves[method]
         family = method.removeprefix("peft-")
@@ -390,14 +395,15 @@ def plot_curves(curves: dict[str, dict[str, Any]], path: Path, smoothing: float)
             train_ax.plot(*entry["train_smoothed"], **style)
         if entry["heldout"][0]:
             heldout_ax.plot(*entry["heldout"], marker="o", markersize=3, **style)
-    train_ax.set_title(f"training loss (seed mean, EMA smoothing {smoothing:g})")
+    if train_ax is not None:
+        train_ax.set_title(f"training loss (seed mean, EMA smoothing {smoothing:g})")
     heldout_ax.set_title("held-out loss (seed mean, fixed GSM8K test subset)")
-    for ax in (train_ax, heldout_ax):
+    for ax in (a for a in (train_ax, heldout_ax) if a is not None):
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("token NLL")
         ax.grid(alpha=0.3)
     handles, labels = heldout_ax.get_legend_handles_labels()
-    if not handles:
+    if not handles and train_ax is not None:
         handles, labels = train_ax.get_legend_handles_labels()
     if handles:
         heldout_ax.legend(handles, labels, fontsize=8)
