@@ -359,9 +359,13 @@ def loss_curves(runs_dir: Path, results: list[dict], smoothing: float) -> dict[s
     for method in seeds_of:
         if method in curves or method == "base":
             continue
-        stored = [{int(s): float(v) for s, v in r.get("heldout_curve", [])} for r in results if r["method"] == method]
-        if any(stored):
-            curves[method] = {"seeds": sorted(seeds_of[method]), "train": ([], []), "heldout": seed_mean(stored)}
+        stored = {
+            r["seed"]: {int(s): float(v) for s, v in r["heldout_curve"]}
+            for r in results
+            if r["method"] == method and r.get("heldout_curve")
+        }  # only the seeds that have a curve count in the legend's n
+        if stored:
+            curves[method] = {"seeds": sorted(stored), "train": ([], []), "heldout": seed_mean(list(stored.values()))}
     for entry in curves.values():
         steps, values = entry["train"]
         entry["train_smoothed"] = (steps, ema(values, smoothing))
