@@ -299,7 +299,20 @@ def test_best_learning_rate_skips_diverged_runs():
         grid_row("sorsa", 0, 1e-2, float("inf")),
     ]
     best = collect.best_learning_rates(rows)
-    assert best == {"lora": {"lr": 1e-4, "heldout_loss": 1.0, "seeds": 1, "losses": {1e-4: 1.0}}}
+    assert best == {"lora": {"lr": 1e-4, "heldout_loss": 1.0, "seeds": 1, "losses": {1e-4: 1.0, 1e-2: math.inf}}}
+
+
+def test_a_learning_rate_where_one_seed_diverged_is_disqualified():
+    rows = [
+        grid_row("lora", 0, 1e-3, 0.95),
+        grid_row("lora", 1, 1e-3, 0.97),
+        grid_row("lora", 0, 5e-3, 0.80),  # the best run of all …
+        grid_row("lora", 1, 5e-3, float("nan")),  # … but another seed diverged at the same rate
+    ]
+    best = collect.best_learning_rates(rows)["lora"]
+    assert best["lr"] == 1e-3
+    assert best["heldout_loss"] == pytest.approx(0.96)
+    assert best["losses"][5e-3] == math.inf
 
 
 # ----- markdown ----------------------------------------------------------------------------------------------

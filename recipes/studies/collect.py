@@ -88,20 +88,27 @@ def load_records(folder: Path, kind: str) -> list[dict]:
 def best_learning_rates(grid: Iterable[dict]) -> dict[str, dict]:
     """Per method, the learning rate with the lowest held-out loss averaged over seeds.
 
+    A learning rate at which any seed diverged (NaN or infinite loss) is disqualified: its mean is ``inf``,
+    even if other seeds trained fine, since a rate that is unstable for some seeds is not a safe choice.
+
     Returns:
         ``{method: {"lr", "heldout_loss" (seed mean), "seeds", "losses": {lr: mean}}}``; methods whose rows
-        have no learning rate (``base``) or no finite loss are left out.
+        have no learning rate (``base``) or no finite mean are left out.
     """
     losses: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
     for row in grid:
         loss = row.get("heldout_loss")
-        if row.get("lr") is None or loss is None or not math.isfinite(loss):
-            continue  # a diverged run (NaN loss) must not win; it simply has no entry
-        losses[row["method"]][float(row["lr"])].append(float(loss))
+        if row.get("lr") is None or loss is None:
+            continue
+        loss = float(loss)
+        losses[row["method"]][float(row["lr"])].append(loss if math.isfinite(loss) else math.inf)
     best = {}
     for method, by_lr in losses.items():
         means = {lr: statistics.fmean(values) for lr, values in sorted(by_lr.items())}
-        lr = min(means, key=means.get)
+        finite = {lr: mean for lr, mean in means.items() if math.isfinite(mean)}
+        if not finite:
+            continue
+        lr = min(finite, key=finite.get)
         best[method] = {"lr": lr, "heldout_loss": means[lr], "seeds": len(by_lr[lr]), "losses": means}
     return best
 
