@@ -145,17 +145,30 @@ class HeldoutLossCurve(Callback):
     """Log the teacher-forced loss of a fixed set as ``heldout/loss`` at step 0, every N steps and at the end.
 
     ``train/loss`` alone cannot show over-fitting or compare methods on equal data; a small fixed set scored
-    at a few points gives each run a held-out curve for the price of a few forward passes.
+    at a few points gives each run a held-out curve for the price of a few forward passes. The training loss
+    of every ``train_every_n_steps``-th step is kept too (``train_history``), so that a run's record carries
+    both curves and the figure does not depend on the TensorBoard folders travelling with it.
 
     Args:
         loader: the fixed held-out batches (labels on the response tokens).
         every_n_steps: optimizer steps between evaluations.
+        train_every_n_steps: optimizer steps between kept training losses.
     """
 
-    def __init__(self, loader: DataLoader, every_n_steps: int = 50) -> None:
+    def __init__(self, loader: DataLoader, every_n_steps: int = 50, train_every_n_steps: int = 10) -> None:
         self.loader = loader
         self.every_n_steps = every_n_steps
+        self.train_every_n_steps = train_every_n_steps
         self.history: list[tuple[int, float]] = []
+        self._train_losses: list[tuple[int, torch.Tensor]] = []
+
+    @property
+    def train_history(self) -> list[tuple[int, float]]:
+        """``(optimizer steps done, training loss of that step)``; one device→host transfer when read."""
+        if not self._train_losses:
+            return []
+        steps, losses = zip(*self._train_losses, strict=True)
+        return list(zip(steps, torch.stack(losses).float().tolist(), strict=True))
 
     def _log(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         step = trainer.global_step
@@ -169,8 +182,13 @@ class HeldoutLossCurve(Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._log(trainer, pl_module)  # after SVDInit (on_fit_start): the initialised, untrained adapters
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         # global_step counts optimizer steps and is already incremented for this batch's step.
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor) and trainer.global_step % self.train_every_n_steps == 0:
+            self._train_losses.append((trainer.global_step, loss.detach()))  # no .item(): no sync per step
         if trainer.global_step % self.every_n_steps == 0:
             self._log(trainer, pl_module)
 
@@ -333,6 +351,7 @@ def run_one(method: str, seed: int, args: argparse.Namespace, base_model, tokeni
                 collate_fn=InstructionCollator(data.pad_token_id, data.max_length),
             ),
             every_n_steps=args.curve_every,
+            train_every_n_steps=args.log_every,
         )
         logger = TensorBoardLogger(out / "runs", name=method, version=f"seed{seed}")
         tokens = sum(min(int(n), args.max_length) for n in data.train_dataset["length"])  # non-padding tokens
@@ -345,6 +364,7 @@ def run_one(method: str, seed: int, args: argparse.Namespace, base_model, tokeni
             steps=trainer.global_step,
             final_train_loss=float(trainer.callback_metrics.get("train/loss", math.nan)),
             heldout_curve=[[step, round(loss, 5)] for step, loss in curve.history],
+            train_curve=[[step, round(loss, 5)] for step, loss in curve.train_history],
             heldout_curve_questions=len(curve_set),
         )
         if tokens and trainer.global_step * args.batch_size >= len(data.train_dataset):

@@ -333,7 +333,8 @@ def loss_curves(runs_dir: Path, results: list[dict], smoothing: float) -> dict[s
     """Seed-averaged ``train/loss`` and ``heldout/loss`` per method from the TensorBoard runs.
 
     Only seeds with a record in ``results`` are used when the method has any (a run that crashed before its
-    record was written is left out); the records' ``heldout_curve`` stands in when a run folder is missing.
+    record was written is left out); the records' ``heldout_curve`` (and ``train_curve``, where every seed has
+    one) stand in when a run folder is missing.
     """
     seeds_of: dict[str, set[int]] = defaultdict(set)
     for record in results:
@@ -364,8 +365,18 @@ def loss_curves(runs_dir: Path, results: list[dict], smoothing: float) -> dict[s
             for r in results
             if r["method"] == method and r.get("heldout_curve")
         }  # only the seeds that have a curve count in the legend's n
+        trained = [
+            {int(s): float(v) for s, v in r["train_curve"]}
+            for r in results
+            if r["method"] == method and r.get("train_curve") and r["seed"] in stored
+        ]
         if stored:
-            curves[method] = {"seeds": sorted(stored), "train": ([], []), "heldout": seed_mean(list(stored.values()))}
+            curves[method] = {
+                "seeds": sorted(stored),
+                # the records' training curve (since session 4) when every counted seed has one
+                "train": seed_mean(trained) if len(trained) == len(stored) else ([], []),
+                "heldout": seed_mean(list(stored.values())),
+            }
     for entry in curves.values():
         steps, values = entry["train"]
         entry["train_smoothed"] = (steps, ema(values, smoothing))
