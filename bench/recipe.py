@@ -11,6 +11,8 @@ layouts so the table shows where the time goes:
     packed    length-grouped and padding-free (``pack_sequences=True``): one row per batch, attention per
               sequence through variable-length FlashAttention
     compiled  packed, with every decoder layer compiled (``LitSVDAdapter(compile=True)``)
+    graphed   compiled with CUDA graphs (``compile_mode="reduce-overhead"``) over rows rounded up to a
+              multiple of 1024 tokens (``pack_to_multiple_of=1024``), so a few row shapes are replayed
 
 Every run: SmolLM2-135M-Instruct (bf16 weights), r=16 on all 7 projections, batch 32, one epoch of GSM8K
 train (or ``--max-steps``), the same tokenised examples. Throughput = non-padding tokens ÷ seconds of the
@@ -42,25 +44,21 @@ from torch.utils.data import DataLoader
 
 from lit_svd import AdapterConfig
 from lit_svd.callbacks import SVDInit
-from lit_svd.data import GSM8KDataModule, InstructionCollator
+from lit_svd.data import GSM8KDataModule, InstructionCollator, non_padding_tokens
 from lit_svd.models import EMBEDDED_MODEL, load_causal_lm, load_tokenizer
 from lit_svd.module import LitSVDAdapter
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# (group_by_length, pack_sequences, compile, pack_to_multiple_of, compile_mode)
 LAYOUTS = {
-    "padded": (False, False, False),
-    "grouped": (True, False, False),
-    "packed": (True, True, False),
-    "compiled": (True, True, True),
+    "padded": (False, False, False, None, None),
+    "grouped": (True, False, False, None, None),
+    "packed": (True, True, False, None, None),
+    "compiled": (True, True, True, None, None),
+    "graphed": (True, True, True, 1024, "reduce-overhead"),
 }
 STEADY_FROM = 20
 """Steps before this one (compilation, allocator warm-up) are left out of the steady-state rate."""
-
-
-def non_padding_tokens(batch: dict[str, Any]) -> torch.Tensor | int:
-    """Tokens of a training batch that are not padding (a device tensor, summed without a host sync)."""
-    mask = batch.get("attention_mask")
-    return mask.sum() if mask is not None else batch["input_ids"].numel()
 
 
 class LoopClock(L.Callback):
@@ -192,7 +190,7 @@ def peft_loop(args: argparse.Namespace, base_model, train_dataset, pad_token_id:
 
 def ours_fit(args: argparse.Namespace, method: str, layout: str, base_model, tokenizer, device) -> dict[str, Any]:
     """The recipe through ``Trainer.fit`` with one data layout."""
-    group_by_length, pack, compile_layers = LAYOUTS[layout]
+    group_by_length, pack, compile_layers, multiple, compile_mode = LAYOUTS[layout]
     L.seed_everything(args.seed, verbose=False)
     data = GSM8KDataModule(
         data_dir=args.data_dir,
@@ -200,13 +198,19 @@ def ours_fit(args: argparse.Namespace, method: str, layout: str, base_model, tok
         batch_size=args.batch_size,
         group_by_length=group_by_length,
         pack_sequences=pack,
+        pack_to_multiple_of=multiple,
         seed=args.seed,
         cache_dir=args.cache_dir,
         max_train_examples=args.max_train_examples,
     )
     adapter = AdapterConfig(method=method, rank=args.rank, target_modules=TARGETS, adapter_dtype="float32")
     module = LitSVDAdapter(
-        copy.deepcopy(base_model), adapter, learning_rate=args.lr, warmup_ratio=0.03, compile=compile_layers
+        copy.deepcopy(base_model),
+        adapter,
+        learning_rate=args.lr,
+        warmup_ratio=0.03,
+        compile=compile_layers,
+        compile_mode=compile_mode,
     )
     module.tokenizer = tokenizer
     clock = LoopClock(args.profile_steps if args.profile else None)

@@ -31,6 +31,7 @@ from transformers import PreTrainedModel
 
 from lit_svd.attention import packed_attention
 from lit_svd.config import AdapterConfig
+from lit_svd.data import non_padding_tokens
 from lit_svd.export import export_merged, export_peft_lora
 from lit_svd.inject import (
     adapter_layers,
@@ -45,6 +46,7 @@ from lit_svd.models import EMBEDDED_MODEL, load_causal_lm, load_tokenizer
 __all__ = ["LitSVDAdapter"]
 
 _CHECKPOINT_KEY = "lit_svd"
+_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 class LitSVDAdapter(LightningModule):
@@ -70,6 +72,9 @@ class LitSVDAdapter(LightningModule):
             Python dispatch, which compiled layers remove; validation, generation and everything after
             ``fit`` run eager.
         compile_backend: the ``torch.compile`` backend (``"inductor"``; ``"aot_eager"`` needs no compiler).
+        compile_mode: inductor's mode, e.g. ``"reduce-overhead"``: CUDA graphs, one per row shape, which
+            replay a layer's kernels without launching each from Python (pair it with the data module's
+            ``pack_to_multiple_of`` so that rows come in a few fixed shapes). ``None``: inductor's default.
     """
 
     def __init__(
@@ -89,6 +94,7 @@ class LitSVDAdapter(LightningModule):
         gradient_checkpointing: bool = False,
         compile: bool = False,
         compile_backend: str = "inductor",
+        compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = None,
     ) -> None:
         super().__init__()
         problems = []
@@ -98,6 +104,13 @@ class LitSVDAdapter(LightningModule):
             problems.append(f"singular_value_lr must be > 0 or None, got {singular_value_lr}")
         if not 0 <= warmup_ratio < 1:
             problems.append(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
+        if compile_mode is not None:
+            if compile_mode not in _COMPILE_MODES:
+                problems.append(
+                    f"compile_mode must be one of {', '.join(_COMPILE_MODES)} or None, got {compile_mode!r}"
+                )
+            if compile_backend != "inductor":
+                problems.append(f"compile_mode is an inductor option; compile_backend is {compile_backend!r}")
         if problems:
             raise ValueError("invalid LitSVDAdapter arguments: " + "; ".join(problems))
         if isinstance(adapter, dict):  # as stored in checkpoints' hyper-parameters
@@ -210,7 +223,7 @@ class LitSVDAdapter(LightningModule):
     def on_train_start(self) -> None:
         if self.hparams.get("compile"):
             for layer in decoder_layers(self.model):
-                layer.compile(dynamic=True, backend=self.hparams.compile_backend)
+                layer.compile(dynamic=True, backend=self.hparams.compile_backend, mode=self.hparams.get("compile_mode"))
         pending = [name for name, layer in adapter_layers(self.model) if not bool(layer.initialized)]
         if pending:
             raise RuntimeError(
@@ -222,9 +235,8 @@ class LitSVDAdapter(LightningModule):
         loss = self.compute_loss(batch)
         batch_size = batch["input_ids"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
-        mask = batch.get("attention_mask")
         # A device tensor, not int(mask.sum()): a host sync every step would stall the queue of kernels.
-        self._tokens_seen = self._tokens_seen + (mask.sum() if mask is not None else batch["input_ids"].numel())
+        self._tokens_seen = self._tokens_seen + non_padding_tokens(batch)
         return loss
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:

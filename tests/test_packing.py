@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader
 from lit_svd import AdapterConfig
 from lit_svd.attention import VARLEN_ATTENTION, packed_attention, packed_causal_attention, sequence_boundaries
 from lit_svd.callbacks import SVDInit
-from lit_svd.data import InstructionCollator
-from lit_svd.inject import adapter_state_dict, initialize_adapters, inject_adapters
+from lit_svd.data import GSM8KDataModule, InstructionCollator, non_padding_tokens
+from lit_svd.inject import adapter_layers, adapter_state_dict, initialize_adapters, inject_adapters
 from lit_svd.losses import causal_lm_loss, linear_cross_entropy
 from lit_svd.module import LitSVDAdapter
 
@@ -135,9 +135,45 @@ def test_packing_collator_layout():
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2, 0, 1]]
     assert batch["labels"].tolist() == [[-100, -100, 13, 14, -100, 22, 23, -100, 32]]
     assert batch["cu_seq_lens"].tolist() == [0, 4, 7, 9] and batch["cu_seq_lens"].dtype == torch.int32
-    assert batch["max_length"] == 4 and "attention_mask" not in batch
+    assert batch["max_length"] == 4 and batch["padding_tokens"] == 0 and "attention_mask" not in batch
     with pytest.raises(ValueError, match="pack=True is for training batches"):
         InstructionCollator(pad_token_id=0, pack=True, generation_inputs=True)
+
+
+@pytest.mark.parametrize("multiple, padding", [(4, 3), (3, 3), (16, 7)])
+def test_packing_collator_pads_rows_to_a_multiple_with_a_padding_sequence(multiple, padding):
+    examples = [
+        {"input_ids": [11, 12, 13, 14], "prompt_length": 2},
+        {"input_ids": [21, 22, 23], "prompt_length": 1},
+        {"input_ids": [31, 32], "prompt_length": 0},
+    ]
+    batch = InstructionCollator(pad_token_id=0, max_length=8, pack=True, pack_to_multiple_of=multiple)(examples)
+    # 9 tokens: always at least one padding token, so every row has the same number of sequences
+    assert batch["input_ids"].tolist() == [[11, 12, 13, 14, 21, 22, 23, 31, 32] + [0] * padding]
+    assert batch["labels"].tolist() == [[-100, -100, 13, 14, -100, 22, 23, -100, 32] + [-100] * padding]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2, 0, 1, *range(padding)]]
+    assert batch["cu_seq_lens"].tolist() == [0, 4, 7, 9, 9 + padding]
+    # an upper bound that does not depend on the batch: the truncation length or the multiple
+    assert batch["max_length"] == max(8, multiple)
+    assert batch["padding_tokens"] == padding
+
+
+def test_non_padding_tokens_of_padded_packed_and_rounded_up_batches():
+    lengths = [len(e["input_ids"]) for e in EXAMPLES]  # 9, 5, 14, 7
+    padded = InstructionCollator(pad_token_id=0)(EXAMPLES)
+    packed = InstructionCollator(pad_token_id=0, pack=True)(EXAMPLES)
+    rounded = InstructionCollator(pad_token_id=0, pack=True, pack_to_multiple_of=16)(EXAMPLES)
+    assert padded["input_ids"].numel() == 4 * 14 and rounded["input_ids"].numel() == 48
+    assert int(non_padding_tokens(padded)) == non_padding_tokens(packed) == non_padding_tokens(rounded) == sum(lengths)
+
+
+def test_pack_to_multiple_of_needs_packing_and_a_positive_size():
+    with pytest.raises(ValueError, match="pack_to_multiple_of needs pack=True"):
+        InstructionCollator(pad_token_id=0, pack_to_multiple_of=64)
+    with pytest.raises(ValueError, match="pack_to_multiple_of must be a positive integer, got 0"):
+        InstructionCollator(pad_token_id=0, pack=True, pack_to_multiple_of=0)
+    with pytest.raises(ValueError, match="pack_to_multiple_of needs pack_sequences=True"):
+        GSM8KDataModule(pack_to_multiple_of=64)
 
 
 # ----- the module: packed == padded ------------------------------------------------------------------------
@@ -174,6 +210,28 @@ def test_packed_loss_and_gradients_equal_padded(arch, method):
     for got, expected in zip(packed_grads, padded_grads, strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
     assert module.model.config._attn_implementation != VARLEN_ATTENTION  # restored after the packed forward
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_rows_padded_to_a_multiple_give_the_packed_loss_and_gradients(arch):
+    module = LitSVDAdapter(
+        make_tiny_model(arch), AdapterConfig(method="lora", rank=4, target_modules=TINY_TARGETS[arch])
+    )
+    initialize_adapters(module.model)
+    with torch.no_grad():  # a non-zero LoRA B, so that the adapter's gradients are not trivially zero
+        for _, layer in adapter_layers(module.model):
+            layer.B.normal_(std=0.1)
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    results = []
+    for multiple in (None, 16):
+        batch = InstructionCollator(pad_token_id=0, max_length=32, pack=True, pack_to_multiple_of=multiple)(EXAMPLES)
+        loss = module.compute_loss(batch)
+        results.append((batch["input_ids"].shape[1], loss.detach(), torch.autograd.grad(loss, trainable)))
+    (tokens, loss, grads), (padded_tokens, padded_loss, padded_grads) = results
+    assert (tokens, padded_tokens) == (35, 48)
+    assert padded_loss.item() == pytest.approx(loss.item(), rel=1e-5)
+    for got, expected in zip(padded_grads, grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
 
 
 def test_packing_refuses_a_model_without_the_attention_interface():
@@ -281,3 +339,22 @@ def test_compiled_training_equals_eager_and_ends_eager(tmp_path):
         assert all(layer._compiled_call_impl is None for layer in module.model.model.layers)
     for name, tensor in states[True].items():
         torch.testing.assert_close(tensor, states[False][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_compile_mode_reaches_every_decoder_layer_and_is_validated(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: calls.append((type(self).__name__, kwargs)))
+    module = LitSVDAdapter(
+        make_tiny_model("llama"), AdapterConfig(method="lora", rank=4), compile=True, compile_mode="reduce-overhead"
+    )
+    initialize_adapters(module.model)
+    module.on_train_start()
+    assert len(calls) == len(module.model.model.layers) == module.model.config.num_hidden_layers
+    assert {name for name, _ in calls} == {"LlamaDecoderLayer"}
+    assert all(kw == {"dynamic": True, "backend": "inductor", "mode": "reduce-overhead"} for _, kw in calls)
+    with pytest.raises(ValueError, match="compile_mode must be one of default, reduce-overhead.*got 'fast'"):
+        LitSVDAdapter(make_tiny_model("llama"), compile=True, compile_mode="fast")
+    with pytest.raises(ValueError, match="compile_mode is an inductor option; compile_backend is 'aot_eager'"):
+        LitSVDAdapter(
+            make_tiny_model("llama"), compile=True, compile_backend="aot_eager", compile_mode="reduce-overhead"
+        )

@@ -9,6 +9,7 @@ from lit_svd.data.base import (
     InstructionCollator,
     InstructionDataModule,
     LengthGroupedSampler,
+    non_padding_tokens,
     tokenize_instructions,
 )
 from lit_svd.data.commonsense import CommonsenseDataModule, load_commonsense_file
@@ -41,5 +42,6 @@ __all__ = [
     "load_gsm8k",
     "load_math",
     "load_metamathqa",
+    "non_padding_tokens",
     "tokenize_instructions",
 ]

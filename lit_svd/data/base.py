@@ -248,6 +248,15 @@ def _to_tensor(rows: list[list[int]], pad_value: int, width: int, left: bool) ->
     return out
 
 
+def non_padding_tokens(batch: dict[str, Any]) -> torch.Tensor | int:
+    """Tokens of a training batch that are not padding: a device tensor for padded batches (summed without a
+    host sync), an int for packed ones (the row minus its padding sequence)."""
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        return mask.sum()
+    return batch["input_ids"].numel() - int(batch.get("padding_tokens", 0))
+
+
 @dataclass
 class InstructionCollator:
     """Dynamic padding of tokenised records into a batch.
@@ -258,6 +267,11 @@ class InstructionCollator:
             keeps them whole.
         generation_inputs: also emit left-padded prompts and the references (for evaluation batches).
         pack: concatenate the batch into one padding-free row (training only; see ``lit_svd.attention``).
+        pack_to_multiple_of: with ``pack``, extend the row to the next multiple of this many tokens (always
+            by at least one token) with a padding sequence of its own — no label, attended only by itself.
+            Rows then come in a few fixed lengths with one more entry in ``cu_seq_lens``, and ``max_length``
+            is the constant ``max(max_length, pack_to_multiple_of)``: what CUDA graphs (which replay fixed
+            shapes) need. ``None``: rows of exactly the batch's token count.
 
     Returns (from ``__call__``):
         ``input_ids`` (B, T) long, right-padded; ``attention_mask`` (B, T) long; ``labels`` (B, T) long,
@@ -266,17 +280,25 @@ class InstructionCollator:
         position; ``references`` list[str] of length B; ``task`` list[str] of length B.
         With ``pack``: ``input_ids``, ``labels`` and ``position_ids`` (1, N), N = total tokens, positions
         restarting at 0 per sequence and each sequence's first label −100 (nothing predicts across a
-        boundary); ``cu_seq_lens`` (B+1,) int32 cumulative lengths; ``max_length`` int, the longest length.
+        boundary); ``cu_seq_lens`` (B+1,) int32 cumulative lengths (B+2 with ``pack_to_multiple_of``);
+        ``max_length`` int, the longest length (an upper bound of it with ``pack_to_multiple_of``);
+        ``padding_tokens`` int, the length of the padding sequence (0 without ``pack_to_multiple_of``).
     """
 
     pad_token_id: int
     max_length: int | None = None
     generation_inputs: bool = False
     pack: bool = False
+    pack_to_multiple_of: int | None = None
 
     def __post_init__(self) -> None:
         if self.pack and self.generation_inputs:
             raise ValueError("pack=True is for training batches; generation needs padded prompts")
+        if self.pack_to_multiple_of is not None:
+            if not self.pack:
+                raise ValueError("pack_to_multiple_of needs pack=True (it sizes the packed row)")
+            if not isinstance(self.pack_to_multiple_of, int) or self.pack_to_multiple_of < 1:
+                raise ValueError(f"pack_to_multiple_of must be a positive integer, got {self.pack_to_multiple_of!r}")
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         sequences = [list(example["input_ids"][: self.max_length]) for example in examples]
@@ -302,13 +324,21 @@ class InstructionCollator:
             batch["task"] = [example["task"] for example in examples]
         return batch
 
-    @staticmethod
-    def _packed(sequences: list[list[int]], examples: list[dict[str, Any]]) -> dict[str, Any]:
+    def _packed(self, sequences: list[list[int]], examples: list[dict[str, Any]]) -> dict[str, Any]:
         lengths = [len(sequence) for sequence in sequences]
+        tokens = [token for sequence in sequences for token in sequence]
+        longest, padding = max(lengths), 0
+        if self.pack_to_multiple_of is not None:
+            multiple = self.pack_to_multiple_of
+            padding = multiple - len(tokens) % multiple  # 1 … multiple: the row always has the padding sequence
+            tokens += [self.pad_token_id] * padding
+            lengths = [*lengths, padding]
+            longest = max(longest, self.max_length or 0, multiple)
         boundaries = sequence_boundaries(lengths)
-        input_ids = torch.tensor([token for sequence in sequences for token in sequence], dtype=torch.long)
+        input_ids = torch.tensor(tokens, dtype=torch.long)
         labels = torch.full_like(input_ids, IGNORE_INDEX)
-        for start, length, example in zip(boundaries[:-1].tolist(), lengths, examples, strict=True):
+        real = len(examples)  # the padding sequence, if any, comes last and gets no label
+        for start, length, example in zip(boundaries[:real].tolist(), lengths[:real], examples, strict=True):
             # max(…, 1): the first token has no predecessor in its own sequence.
             first_scored = max(min(int(example["prompt_length"]), length), 1)
             labels[start + first_scored : start + length] = input_ids[start + first_scored : start + length]
@@ -318,7 +348,8 @@ class InstructionCollator:
             "labels": labels[None],
             "position_ids": position_ids[None],
             "cu_seq_lens": boundaries,
-            "max_length": max(lengths),
+            "max_length": longest,
+            "padding_tokens": padding,
         }
 
 
@@ -424,6 +455,8 @@ class InstructionDataModule(LightningDataModule):
         pack_sequences: serve each training batch as one padding-free row (``InstructionCollator(pack=True)``);
             ``LitSVDAdapter`` then runs attention per sequence (``lit_svd.attention``). The loss is the same
             as with padding; the padding FLOPs are gone.
+        pack_to_multiple_of: with ``pack_sequences``, round each row up to a multiple of this many tokens
+            (``InstructionCollator.pack_to_multiple_of``): a few fixed row shapes, for CUDA graphs.
         cache_dir: ``datasets`` cache folder for downloads, Arrow files and tokenisation (default: the HF
             cache, ``~/.cache/huggingface/datasets``).
         num_proc: processes for tokenisation with ``datasets.map`` (``None``: in-process).
@@ -446,6 +479,7 @@ class InstructionDataModule(LightningDataModule):
         max_eval_examples: int | None = None,
         group_by_length: bool = False,
         pack_sequences: bool = False,
+        pack_to_multiple_of: int | None = None,
         cache_dir: str | None = None,
         num_proc: int | None = None,
     ) -> None:
@@ -470,6 +504,10 @@ class InstructionDataModule(LightningDataModule):
                 problems.append(f"{name} must be positive or None, got {value}")
         if val_size < 0:
             problems.append(f"val_size must be >= 0, got {val_size}")
+        if pack_to_multiple_of is not None and not pack_sequences:
+            problems.append("pack_to_multiple_of needs pack_sequences=True (it sizes the packed rows)")
+        if pack_to_multiple_of is not None and pack_to_multiple_of < 1:
+            problems.append(f"pack_to_multiple_of must be positive or None, got {pack_to_multiple_of}")
         if problems:
             raise ValueError("; ".join(problems))
         self.save_hyperparameters()
@@ -488,6 +526,7 @@ class InstructionDataModule(LightningDataModule):
         self.max_eval_examples = max_eval_examples
         self.group_by_length = group_by_length
         self.pack_sequences = pack_sequences
+        self.pack_to_multiple_of = pack_to_multiple_of
         self.cache_dir = cache_dir
         self.num_proc = num_proc
         self.tokenizer: Any = None
@@ -625,7 +664,9 @@ class InstructionDataModule(LightningDataModule):
         if self.train_dataset is None:
             self.setup("fit")
         dataset = self.train_dataset.select_columns(["input_ids", "prompt_length"])
-        collate = InstructionCollator(self.pad_token_id, self.max_length, pack=self.pack_sequences)
+        collate = InstructionCollator(
+            self.pad_token_id, self.max_length, pack=self.pack_sequences, pack_to_multiple_of=self.pack_to_multiple_of
+        )
         if self.group_by_length:
             lengths = np.minimum(_column(self.train_dataset, "length"), self.max_length)
             sampler = LengthGroupedSampler(lengths, self.batch_size, seed=self.seed)
