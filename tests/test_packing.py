@@ -249,12 +249,12 @@ def test_varlen_attention_outside_a_packed_batch_is_an_error():
 
 
 class _ListData(L.LightningDataModule):
-    def __init__(self, pack: bool) -> None:
+    def __init__(self, pack: bool, multiple: int | None = None) -> None:
         super().__init__()
-        self.pack = pack
+        self.collate = InstructionCollator(pad_token_id=0, pack=pack, pack_to_multiple_of=multiple)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(EXAMPLES * 2, batch_size=4, collate_fn=InstructionCollator(pad_token_id=0, pack=self.pack))
+        return DataLoader(EXAMPLES * 2, batch_size=4, collate_fn=self.collate)
 
 
 def fit_three_steps(module: LitSVDAdapter, data: L.LightningDataModule, root) -> None:
@@ -272,19 +272,25 @@ def fit_three_steps(module: LitSVDAdapter, data: L.LightningDataModule, root) ->
 
 
 def test_packed_training_follows_the_padded_trajectory(tmp_path):
-    """Three optimizer steps through Trainer.fit end at the same adapter weights, packed or padded."""
+    """Three optimizer steps through Trainer.fit end at the same adapter weights: padded, packed, or packed
+    into rows rounded up to a multiple of 16 tokens."""
     base = make_tiny_model("llama")
     states = {}
-    for pack in (False, True):
+    for layout, data in {
+        "padded": _ListData(pack=False),
+        "packed": _ListData(pack=True),
+        "rounded": _ListData(pack=True, multiple=16),
+    }.items():
         module = LitSVDAdapter(copy.deepcopy(base), AdapterConfig(method="pissa", rank=4), learning_rate=1e-2)
-        fit_three_steps(module, _ListData(pack), tmp_path)
-        states[pack] = adapter_state_dict(module.model)
+        fit_three_steps(module, data, tmp_path)
+        states[layout] = adapter_state_dict(module.model)
     initial = adapter_state_dict(inject_adapters(copy.deepcopy(base), AdapterConfig(method="pissa", rank=4)))
-    assert states[True].keys() == states[False].keys() == initial.keys()
-    for name, tensor in states[True].items():
-        torch.testing.assert_close(tensor, states[False][name], rtol=1e-4, atol=1e-5, msg=name)
+    assert states["packed"].keys() == states["padded"].keys() == states["rounded"].keys() == initial.keys()
+    for layout in ("packed", "rounded"):
+        for name, tensor in states[layout].items():
+            torch.testing.assert_close(tensor, states["padded"][name], rtol=1e-4, atol=1e-5, msg=f"{layout} {name}")
     # ...and that trajectory went somewhere: the trained factors are not the initial ones.
-    assert any(not torch.allclose(states[True][name], initial[name], atol=1e-3) for name in initial)
+    assert any(not torch.allclose(states["packed"][name], initial[name], atol=1e-3) for name in initial)
 
 
 class _PEFTModule(LitSVDAdapter):
