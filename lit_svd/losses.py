@@ -123,7 +123,11 @@ def linear_cross_entropy(
 
 
 def causal_lm_loss(
-    hidden_states: torch.Tensor, output_embeddings: nn.Linear, labels: torch.Tensor, chunk_rows: int | None = None
+    hidden_states: torch.Tensor,
+    output_embeddings: nn.Linear,
+    labels: torch.Tensor,
+    chunk_rows: int | None = None,
+    scored_positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Next-token cross-entropy averaged over labelled tokens, scoring only the positions that have a label.
 
@@ -136,6 +140,10 @@ def causal_lm_loss(
         output_embeddings: the LM head (``model.get_output_embeddings()``), weight (V, H), optional bias.
         labels: (B, T) long, −100 where no loss is taken.
         chunk_rows: see :func:`linear_cross_entropy`.
+        scored_positions: (K,) long, the flat indices into the ``(B, T − 1)`` grid of the positions whose
+            next token is labelled (what ``InstructionCollator`` emits for packed rows). Selecting rows by
+            index avoids the host synchronisation that selecting them by a boolean mask costs (the row count
+            of a mask is only known once the device has computed it). ``None``: select by mask.
 
     Returns:
         A float32 scalar.
@@ -145,11 +153,13 @@ def causal_lm_loss(
             f"hidden_states (B, T, H) and labels (B, T) disagree: {tuple(hidden_states.shape)} vs {tuple(labels.shape)}"
         )
     targets = labels[:, 1:]
-    scored = targets != IGNORE_INDEX
+    if scored_positions is None:
+        scored = targets != IGNORE_INDEX
+        hidden, targets = hidden_states[:, :-1][scored], targets[scored]
+    else:
+        index = scored_positions.to(hidden_states.device)
+        hidden = hidden_states[:, :-1].reshape(-1, hidden_states.shape[-1]).index_select(0, index)
+        targets = targets.reshape(-1).index_select(0, index)
     return linear_cross_entropy(
-        hidden_states[:, :-1][scored],
-        output_embeddings.weight,
-        targets[scored],
-        bias=output_embeddings.bias,
-        chunk_rows=chunk_rows,
+        hidden, output_embeddings.weight, targets, bias=output_embeddings.bias, chunk_rows=chunk_rows
     )

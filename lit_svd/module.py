@@ -175,7 +175,9 @@ class LitSVDAdapter(LightningModule):
                     logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX
                 )
             hidden = model.base_model(**inputs, use_cache=False).last_hidden_state
-        return causal_lm_loss(hidden, model.get_output_embeddings(), batch["labels"])
+        return causal_lm_loss(
+            hidden, model.get_output_embeddings(), batch["labels"], scored_positions=batch.get("scored_positions")
+        )
 
     def regularizer(self) -> torch.Tensor:
         """SORSA's orthonormal regulariser ``L_orth`` (zero for the other methods)."""

@@ -87,6 +87,22 @@ def test_causal_lm_loss_equals_hugging_face_loss(arch):
     assert got.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_causal_lm_loss_by_scored_positions_equals_the_masked_loss():
+    head = torch.nn.Linear(8, 37, bias=True, dtype=torch.float64)
+    hidden = torch.randn(2, 9, 8, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 37, (2, 9))
+    labels[0, :3] = labels[1, :6] = labels[1, 8] = -100
+    positions = torch.nonzero((labels[:, 1:] != -100).reshape(-1)).squeeze(1)  # flat (B, T − 1) indices
+    losses, grads = [], []
+    for scored_positions in (None, positions):
+        loss = causal_lm_loss(hidden, head, labels, chunk_rows=3, scored_positions=scored_positions)
+        losses.append(loss)
+        grads.append(torch.autograd.grad(loss, (hidden, head.weight, head.bias)))
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-12, atol=0)
+    for got, expected in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-15)
+
+
 # ----- packed attention -------------------------------------------------------------------------------
 def block_causal_reference(query, key, value, lengths):
     """Dense sdpa over the whole row with a block-diagonal causal mask: (N, H, D) in and out."""
@@ -136,6 +152,7 @@ def test_packing_collator_layout():
     assert batch["labels"].tolist() == [[-100, -100, 13, 14, -100, 22, 23, -100, 32]]
     assert batch["cu_seq_lens"].tolist() == [0, 4, 7, 9] and batch["cu_seq_lens"].dtype == torch.int32
     assert batch["max_length"] == 4 and batch["padding_tokens"] == 0 and "attention_mask" not in batch
+    assert batch["scored_positions"].tolist() == [1, 2, 4, 5, 7]  # positions whose next token has a label
     with pytest.raises(ValueError, match="pack=True is for training batches"):
         InstructionCollator(pad_token_id=0, pack=True, generation_inputs=True)
 

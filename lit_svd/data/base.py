@@ -282,7 +282,9 @@ class InstructionCollator:
         restarting at 0 per sequence and each sequence's first label −100 (nothing predicts across a
         boundary); ``cu_seq_lens`` (B+1,) int32 cumulative lengths (B+2 with ``pack_to_multiple_of``);
         ``max_length`` int, the longest length (an upper bound of it with ``pack_to_multiple_of``);
-        ``padding_tokens`` int, the length of the padding sequence (0 without ``pack_to_multiple_of``).
+        ``padding_tokens`` int, the length of the padding sequence (0 without ``pack_to_multiple_of``);
+        ``scored_positions`` (K,) long, the positions whose next token is labelled (the loss selects them
+        by index, see ``lit_svd.losses.causal_lm_loss``).
     """
 
     pad_token_id: int
@@ -346,6 +348,7 @@ class InstructionCollator:
         return {
             "input_ids": input_ids[None],
             "labels": labels[None],
+            "scored_positions": torch.nonzero(labels[1:] != IGNORE_INDEX).squeeze(1),
             "position_ids": position_ids[None],
             "cu_seq_lens": boundaries,
             "max_length": longest,
