@@ -91,7 +91,6 @@ class SpectralMonitor(Callback):
         self._weight_norms: dict[str, float] = {}
         self._initial_singular_values: dict[str, torch.Tensor] = {}
         self._last_step = -1
-        self._images_logged_at_last = False
         self.last_spectra: dict[str, LayerSpectrum] = {}
 
     def measure(self, pl_module: LightningModule) -> dict[str, LayerSpectrum]:
@@ -102,6 +101,9 @@ class SpectralMonitor(Callback):
         """
         return layer_spectra(dict(adapter_layers(pl_module)), self._weight_norms, self._initial_singular_values)
 
+    def _images_due(self, step: int) -> bool:
+        return step % self.images_every_n_steps == 0 or step == 1
+
     @override
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -109,7 +111,7 @@ class SpectralMonitor(Callback):
         step = trainer.global_step
         if step == self._last_step or (step % self.every_n_steps != 0 and step != 1):
             return
-        self._log(trainer, pl_module, images=step % self.images_every_n_steps == 0 or step == 1)
+        self._log(trainer, pl_module, images=self._images_due(step))
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -126,9 +128,9 @@ class SpectralMonitor(Callback):
                 for logger in trainer.loggers:
                     # Lightning writes what is logged after optimizer step k at step k − 1; so do we.
                     logger.log_metrics(metrics, step=step - 1)
-            self._images_logged_at_last = False
-        if not self._images_logged_at_last:
-            self._log_images(trainer, self.last_spectra, step)
+        elif self._images_due(step):
+            return  # the in-loop measurement of this step already wrote its images
+        self._log_images(trainer, self.last_spectra, step)
 
     def _summaries(self, spectra: dict[str, LayerSpectrum]) -> dict[str, torch.Tensor]:
         summaries = {}
@@ -146,7 +148,6 @@ class SpectralMonitor(Callback):
         self._last_step = step
         spectra = self.measure(pl_module)
         self.last_spectra = spectra
-        self._images_logged_at_last = False
         if not spectra:
             return
         for key, value in self._summaries(spectra).items():
@@ -164,4 +165,3 @@ class SpectralMonitor(Callback):
                     "spectral/singular_values", torch.cat([s.singular_values for s in spectra.values()]), step
                 )
                 writer.add_figure("spectral/drift_heatmap", drift_heatmap(spectra), step)
-        self._images_logged_at_last = True
