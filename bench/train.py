@@ -192,7 +192,7 @@ def monitor_cost(model: nn.Module, device: torch.device, step_seconds: float) ->
     from torch.utils.tensorboard import SummaryWriter
 
     from lit_svd.callbacks import SpectralMonitor
-    from lit_svd.callbacks.spectral_monitor import drift_heatmap
+    from lit_svd.callbacks.spectral_monitor import write_images
 
     monitor = SpectralMonitor()
     monitor.measure(model)  # first call also records each original weight norm, once per run
@@ -200,8 +200,7 @@ def monitor_cost(model: nn.Module, device: torch.device, step_seconds: float) ->
         spectra = monitor.measure(model)
     with tempfile.TemporaryDirectory() as folder, SummaryWriter(folder) as writer:
         with Timer(device) as imaged:
-            writer.add_histogram("spectral/singular_values", torch.cat([s.singular_values for s in spectra.values()]))
-            writer.add_figure("spectral/drift_heatmap", drift_heatmap(spectra))
+            write_images(writer, spectra)
     overhead = measured.seconds / (monitor.every_n_steps * step_seconds)
     overhead += imaged.seconds / (monitor.images_every_n_steps * step_seconds)
     return {

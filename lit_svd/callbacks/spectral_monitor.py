@@ -12,7 +12,7 @@ from typing_extensions import override
 from lit_svd.inject import adapter_layers
 from lit_svd.spectral import LayerSpectrum, layer_position, layer_spectra
 
-__all__ = ["SpectralMonitor", "drift_heatmap"]
+__all__ = ["SpectralMonitor", "drift_heatmap", "write_images"]
 
 
 def drift_heatmap(spectra: dict[str, LayerSpectrum]):
@@ -37,6 +37,13 @@ def drift_heatmap(spectra: dict[str, LayerSpectrum]):
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     return fig
+
+
+def write_images(writer: Any, spectra: dict[str, LayerSpectrum], step: int | None = None) -> None:
+    """Write the histogram ``spectral/singular_values`` and the image ``spectral/drift_heatmap`` of ``spectra``
+    to a TensorBoard ``SummaryWriter``."""
+    writer.add_histogram("spectral/singular_values", torch.cat([s.singular_values for s in spectra.values()]), step)
+    writer.add_figure("spectral/drift_heatmap", drift_heatmap(spectra), step)
 
 
 class SpectralMonitor(Callback):
@@ -160,8 +167,4 @@ class SpectralMonitor(Callback):
             return
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
-                writer = logger.experiment
-                writer.add_histogram(
-                    "spectral/singular_values", torch.cat([s.singular_values for s in spectra.values()]), step
-                )
-                writer.add_figure("spectral/drift_heatmap", drift_heatmap(spectra), step)
+                write_images(logger.experiment, spectra, step)
