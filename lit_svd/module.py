@@ -20,7 +20,7 @@ import dataclasses
 import math
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from lightning.pytorch import LightningModule
@@ -46,7 +46,9 @@ from lit_svd.models import EMBEDDED_MODEL, load_causal_lm, load_tokenizer
 __all__ = ["LitSVDAdapter"]
 
 _CHECKPOINT_KEY = "lit_svd"
-_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+"""inductor's ``torch.compile`` modes."""
+_COMPILE_MODES = get_args(CompileMode)
 
 
 class LitSVDAdapter(LightningModule):
@@ -94,7 +96,7 @@ class LitSVDAdapter(LightningModule):
         gradient_checkpointing: bool = False,
         compile: bool = False,
         compile_backend: str = "inductor",
-        compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = None,
+        compile_mode: CompileMode | None = None,
     ) -> None:
         super().__init__()
         problems = []
