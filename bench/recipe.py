@@ -252,6 +252,8 @@ def ours_fit(args: argparse.Namespace, method: str, layout: str, base_model, tok
         # More than a couple of graphs would mean recompilation (e.g. per sequence length).
         "compiled_graphs": counters["stats"]["unique_graphs"] if compile_layers else None,
         "graph_breaks": sum(counters["graph_break"].values()) if compile_layers else None,
+        # Graphs that inductor ran without CUDA graphs (reasons in the log with TORCH_LOGS=perf_hints).
+        "cudagraph_skips": counters["inductor"]["cudagraph_skips"] if compile_mode == "reduce-overhead" else None,
     }
     del module, trainer
     return result
@@ -348,6 +350,7 @@ def main(argv: list[str] | None = None) -> None:
         "x_steady_tokens_per_s",
         "peak_gb",
         "compiled_graphs",
+        "cudagraph_skips",
     ]
     print(format_table(results, columns))
     if not args.smoke:
