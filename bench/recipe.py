@@ -13,6 +13,8 @@ layouts so the table shows where the time goes:
     compiled  packed, with every decoder layer compiled (``LitSVDAdapter(compile=True)``)
     graphed   compiled with CUDA graphs (``compile_mode="reduce-overhead"``) over rows rounded up to a
               multiple of 1024 tokens (``pack_to_multiple_of=1024``), so a few row shapes are replayed
+    cudagraphs  the same rows, layers captured in CUDA graphs by dynamo's ``"cudagraphs"`` backend: no
+              inductor code generation (no compile time beyond tracing), one graph per layer and row shape
 
 Every run: SmolLM2-135M-Instruct (bf16 weights), r=16 on all 7 projections, batch 32, one epoch of GSM8K
 train (or ``--max-steps``), the same tokenised examples. Throughput = non-padding tokens ÷ seconds of the
@@ -49,13 +51,14 @@ from lit_svd.models import EMBEDDED_MODEL, load_causal_lm, load_tokenizer
 from lit_svd.module import LitSVDAdapter
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-# (group_by_length, pack_sequences, compile, pack_to_multiple_of, compile_mode)
+# (group_by_length, pack_sequences, compile_backend or None, pack_to_multiple_of, compile_mode)
 LAYOUTS = {
-    "padded": (False, False, False, None, None),
-    "grouped": (True, False, False, None, None),
-    "packed": (True, True, False, None, None),
-    "compiled": (True, True, True, None, None),
-    "graphed": (True, True, True, 1024, "reduce-overhead"),
+    "padded": (False, False, None, None, None),
+    "grouped": (True, False, None, None, None),
+    "packed": (True, True, None, None, None),
+    "compiled": (True, True, "inductor", None, None),
+    "graphed": (True, True, "inductor", 1024, "reduce-overhead"),
+    "cudagraphs": (True, True, "cudagraphs", 1024, None),
 }
 STEADY_FROM = 20
 """Steps before this one (compilation, allocator warm-up) are left out of the steady-state rate."""
@@ -190,7 +193,8 @@ def peft_loop(args: argparse.Namespace, base_model, train_dataset, pad_token_id:
 
 def ours_fit(args: argparse.Namespace, method: str, layout: str, base_model, tokenizer, device) -> dict[str, Any]:
     """The recipe through ``Trainer.fit`` with one data layout."""
-    group_by_length, pack, compile_layers, multiple, compile_mode = LAYOUTS[layout]
+    group_by_length, pack, compile_backend, multiple, compile_mode = LAYOUTS[layout]
+    compile_layers = compile_backend is not None
     L.seed_everything(args.seed, verbose=False)
     data = GSM8KDataModule(
         data_dir=args.data_dir,
@@ -210,6 +214,7 @@ def ours_fit(args: argparse.Namespace, method: str, layout: str, base_model, tok
         learning_rate=args.lr,
         warmup_ratio=0.03,
         compile=compile_layers,
+        compile_backend=compile_backend or "inductor",
         compile_mode=compile_mode,
     )
     module.tokenizer = tokenizer
@@ -253,7 +258,7 @@ def ours_fit(args: argparse.Namespace, method: str, layout: str, base_model, tok
         "compiled_graphs": counters["stats"]["unique_graphs"] if compile_layers else None,
         "graph_breaks": sum(counters["graph_break"].values()) if compile_layers else None,
         # Graphs that inductor ran without CUDA graphs (reasons in the log with TORCH_LOGS=perf_hints).
-        "cudagraph_skips": counters["inductor"]["cudagraph_skips"] if compile_mode == "reduce-overhead" else None,
+        "cudagraph_skips": counters["inductor"]["cudagraph_skips"] if layout in ("graphed", "cudagraphs") else None,
     }
     del module, trainer
     return result
