@@ -236,7 +236,8 @@ class LitSVDAdapter(LightningModule):
             )
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.compute_loss(batch)
+        with _constant_floats() if self.hparams.get("compile") else contextlib.nullcontext():
+            loss = self.compute_loss(batch)
         batch_size = batch["input_ids"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         # A device tensor, not int(mask.sum()): a host sync every step would stall the queue of kernels.
@@ -394,6 +395,16 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     return [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
+
+
+def _constant_floats() -> contextlib.AbstractContextManager:
+    """Trace Python floats (RMSNorm's ``eps``, attention's scale) as constants, not as graph inputs.
+
+    Under ``dynamic=True`` dynamo passes a layer's float attributes in as 0-dim *CPU* tensors; one CPU input
+    makes inductor drop CUDA graphs for the whole layer (``reduce-overhead``) and adds a host-side kernel to
+    every call. The floats of a decoder layer never change, so nothing is lost by specialising on them.
+    """
+    return torch._dynamo.config.patch(specialize_float=True)
 
 
 def _transformers_model(model: torch.nn.Module) -> PreTrainedModel:

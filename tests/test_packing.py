@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import TINY_ARCHS, TINY_TARGETS, make_tiny_model
+from torch._dynamo import list_backends, register_backend
 from torch._dynamo.utils import counters
 from torch.utils.data import DataLoader
 
@@ -362,6 +363,33 @@ def test_compiled_training_equals_eager_and_ends_eager(tmp_path):
         assert all(layer._compiled_call_impl is None for layer in module.model.model.layers)
     for name, tensor in states[True].items():
         torch.testing.assert_close(tensor, states[False][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def _record_scalar_inputs(graph_module, example_inputs):
+    _SCALAR_INPUTS.extend(x for x in example_inputs if isinstance(x, torch.Tensor) and x.dim() == 0)
+    return graph_module.forward
+
+
+_SCALAR_INPUTS: list[torch.Tensor] = []
+if "lit_svd_record_scalar_inputs" not in list_backends(exclude_tags=()):
+    register_backend(_record_scalar_inputs, name="lit_svd_record_scalar_inputs")
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_compiled_layers_take_floats_as_constants_not_cpu_tensors(arch, tmp_path):
+    """A 0-dim CPU tensor input (RMSNorm's eps under dynamic=True) makes inductor skip CUDA graphs on a GPU."""
+    torch._dynamo.reset()
+    _SCALAR_INPUTS.clear()
+    module = LitSVDAdapter(
+        make_tiny_model(arch),
+        AdapterConfig(method="lora", rank=4),
+        compile=True,
+        compile_backend="lit_svd_record_scalar_inputs",
+    )
+    counters.clear()
+    fit_three_steps(module, _ListData(pack=False), tmp_path)
+    assert counters["stats"]["unique_graphs"] >= 1  # the layers were traced
+    assert [(x.dtype, x.device.type) for x in _SCALAR_INPUTS] == []
 
 
 def test_compile_mode_reaches_every_decoder_layer_and_is_validated(monkeypatch):
