@@ -342,7 +342,9 @@ def test_markdown_results_pairs_grid_and_figure(tmp_path):
     assert lora["LR"] == "0.0005"
     assert lora["GSM8K acc."] == f"35.00 ± {100 * 4.3027 * 0.05 / math.sqrt(3):.2f} %"
     assert lora["GSM8K acc. pooled"].endswith("(420/1200)")
+    assert lora["MATH-500 acc."] == f"14.00 ± {100 * 4.3027 * 0.02 / math.sqrt(3):.2f} %"  # all 3 seeds: no note
     assert dict(zip(header, rows[0], strict=True))["MATH-500 acc."] == "–"
+    assert dict(zip(header, rows[2], strict=True))["MATH-500 acc."] == "10.00 % (seed 1)"  # 1 of 3 seeds
     assert dict(zip(header, rows[2], strict=True))["LR"] == "0.0005"
 
     _, pair_rows = table_after(lines, "| pair |")

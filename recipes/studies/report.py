@@ -161,6 +161,7 @@ def summarise(results: list[dict], grid: list[dict]) -> dict[str, Any]:
             entry["math500_accuracy"] = mean_ci([r.get("math500_accuracy") for r in records])
             entry["math500_accuracy_pooled"] = pooled_accuracy(records, "math500_accuracy", "math500_questions")
             entry["math500_questions"] = sorted({r["math500_questions"] for r in records if r.get("math500_questions")})
+            entry["math500_seeds"] = sorted(r["seed"] for r in records if r.get("math500_accuracy") is not None)
         summary["methods"][method] = entry
     for method in methods:
         if not method.startswith("peft-") or method.removeprefix("peft-") not in by_method:
@@ -231,10 +232,11 @@ def markdown(summary: dict[str, Any], grid: list[dict], figure: Path | None, tab
             _fmt_interval(entry["accuracy_pooled"]),
         ]
         if has_math:
-            row += [
-                _fmt(entry.get("math500_accuracy"), 100, 2, " %"),
-                _fmt_interval(entry.get("math500_accuracy_pooled")),
-            ]
+            math_accuracy = _fmt(entry.get("math500_accuracy"), 100, 2, " %")
+            math_seeds = entry.get("math500_seeds", [])
+            if 0 < len(math_seeds) < len(entry["seeds"]):  # a MATH-500 mean over fewer seeds must say so
+                math_accuracy += f" (seed{'s' * (len(math_seeds) > 1)} {', '.join(map(str, math_seeds))})"
+            row += [math_accuracy, _fmt_interval(entry.get("math500_accuracy_pooled"))]
         row.append(_fmt(entry["train_seconds"], digits=1))
         rows.append(row)
     questions = sorted({n for e in methods.values() for n in e["eval_questions"]})
