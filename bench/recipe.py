@@ -306,6 +306,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _payload(args: argparse.Namespace, device: torch.device, results: list[dict], finished: bool) -> dict[str, Any]:
+    settings = vars(args) | {"out": str(args.out)}
+    return {"environment": environment(device), "settings": settings, "finished": finished, "results": results}
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -333,6 +338,8 @@ def main(argv: list[str] | None = None) -> None:
             torch.cuda.reset_peak_memory_stats(device)
         results.append(result)
         print(f"{run}: {result['tokens_per_s']} tokens/s over {result['steps']} steps", flush=True)
+        if not args.smoke:  # a later run that crashes the process (or hits a time limit) keeps these
+            write_json(args.out, _payload(args, device, results, finished=False))
         if result["profile"]:
             print(result["profile"], flush=True)
         gc.collect()
@@ -359,10 +366,7 @@ def main(argv: list[str] | None = None) -> None:
     ]
     print(format_table(results, columns))
     if not args.smoke:
-        write_json(
-            args.out,
-            {"environment": environment(device), "settings": vars(args) | {"out": str(args.out)}, "results": results},
-        )
+        write_json(args.out, _payload(args, device, results, finished=True))
         print(f"wrote {args.out}")
 
 
