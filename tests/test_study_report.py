@@ -424,8 +424,8 @@ def test_records_with_training_curves_give_both_panels(tmp_path, subplots_calls)
     results = [
         result("sorsa", 0, heldout_curve=[[0, 1.5], [100, 1.0]], train_curve=[[10, 2.0], [20, 1.6], [30, 1.2]]),
         result("sorsa", 1, heldout_curve=[[0, 1.3], [100, 0.8]], train_curve=[[10, 1.0], [20, 0.8], [30, 0.6]]),
-        # one seed without a training curve (an older record): no training panel entry for that method
-        result("pissa", 0, heldout_curve=[[0, 1.5], [100, 1.1]], train_curve=[[10, 2.0]]),
+        # one seed without a training curve (an older record): the training curve is seed 0's alone
+        result("pissa", 0, heldout_curve=[[0, 1.5], [100, 1.1]], train_curve=[[10, 2.0], [20, 1.8]]),
         result("pissa", 1, heldout_curve=[[0, 1.4], [100, 1.0]]),
     ]
     curves = report.loss_curves(tmp_path / "no-runs", results, smoothing=0.5)
@@ -433,12 +433,19 @@ def test_records_with_training_curves_give_both_panels(tmp_path, subplots_calls)
     assert sorsa["train"][0] == [10, 20, 30]
     assert sorsa["train"][1] == pytest.approx([1.5, 1.2, 0.9])
     assert sorsa["train_smoothed"][1] == pytest.approx(report.ema([1.5, 1.2, 0.9], 0.5))
-    assert curves["pissa"]["train"] == ([], [])
+    assert sorsa["train_seeds"] == sorsa["seeds"] == [0, 1]
+    assert curves["pissa"]["train"] == ([10, 20], [2.0, 1.8])
+    assert curves["pissa"]["train_seeds"] == [0]
     assert curves["pissa"]["seeds"] == [0, 1]
 
     report.plot_curves(curves, tmp_path / "curves.png", smoothing=0.5)
     ((args, kwargs, fig),) = subplots_calls
     assert args[:2] == (1, 2) and len(fig.axes) == 2
+    train_ax, heldout_ax = fig.axes
+    # each panel counts its own seeds
+    assert train_ax.get_legend_handles_labels()[1] == ["ours PiSSA (n=1)", "ours SORSA (n=2)"]
+    assert train_ax.get_legend() is not None
+    assert heldout_ax.get_legend_handles_labels()[1] == ["ours PiSSA (n=2)", "ours SORSA (n=2)"]
 
 
 def write_events(run_dir: Path, train: dict[int, float], heldout: dict[int, float], suffix: str = "") -> Path:

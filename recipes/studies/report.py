@@ -335,8 +335,9 @@ def loss_curves(runs_dir: Path, results: list[dict], smoothing: float) -> dict[s
     """Seed-averaged ``train/loss`` and ``heldout/loss`` per method from the TensorBoard runs.
 
     Only seeds with a record in ``results`` are used when the method has any (a run that crashed before its
-    record was written is left out); the records' ``heldout_curve`` (and ``train_curve``, where every seed has
-    one) stand in when a run folder is missing.
+    record was written is left out); the records' ``heldout_curve`` and ``train_curve`` stand in when a run
+    folder is missing. ``train_seeds`` are the seeds behind the training curve: older records have no
+    ``train_curve``, so it may average fewer seeds than the held-out curve (the figure says how many).
     """
     seeds_of: dict[str, set[int]] = defaultdict(set)
     for record in results:
@@ -358,7 +359,12 @@ def loss_curves(runs_dir: Path, results: list[dict], smoothing: float) -> dict[s
             heldout.append(scalars.get("heldout/loss", {}))
             seeds.append(seed)
         if seeds:
-            curves[method] = {"seeds": seeds, "train": seed_mean(train), "heldout": seed_mean(heldout)}
+            curves[method] = {
+                "seeds": seeds,
+                "train_seeds": [seed for seed, scalars in zip(seeds, train, strict=True) if scalars],
+                "train": seed_mean(train),
+                "heldout": seed_mean(heldout),
+            }
     for method in seeds_of:
         if method in curves or method == "base":
             continue
@@ -367,16 +373,16 @@ def loss_curves(runs_dir: Path, results: list[dict], smoothing: float) -> dict[s
             for r in results
             if r["method"] == method and r.get("heldout_curve")
         }  # only the seeds that have a curve count in the legend's n
-        trained = [
-            {int(s): float(v) for s, v in r["train_curve"]}
+        trained = {
+            r["seed"]: {int(s): float(v) for s, v in r["train_curve"]}
             for r in results
             if r["method"] == method and r.get("train_curve") and r["seed"] in stored
-        ]
+        }  # records carry a training curve since session 4
         if stored:
             curves[method] = {
                 "seeds": sorted(stored),
-                # the records' training curve (since session 4) when every counted seed has one
-                "train": seed_mean(trained) if len(trained) == len(stored) else ([], []),
+                "train_seeds": sorted(trained),
+                "train": seed_mean([trained[seed] for seed in sorted(trained)]),
                 "heldout": seed_mean(list(stored.values())),
             }
     for entry in curves.values():
@@ -409,7 +415,8 @@ def plot_curves(curves: dict[str, dict[str, Any]], path: Path, smoothing: float)
         steps, raw = entry["train"]
         if steps:
             train_ax.plot(steps, raw, color=style["color"], alpha=0.2, linewidth=0.8)
-            train_ax.plot(*entry["train_smoothed"], **style)
+            train_label = f"{LABELS.get(method, method)} (n={len(entry['train_seeds'])})"
+            train_ax.plot(*entry["train_smoothed"], **(style | {"label": train_label}))
         if entry["heldout"][0]:
             heldout_ax.plot(*entry["heldout"], marker="o", markersize=3, **style)
     if train_ax is not None:
@@ -424,6 +431,8 @@ def plot_curves(curves: dict[str, dict[str, Any]], path: Path, smoothing: float)
         handles, labels = train_ax.get_legend_handles_labels()
     if handles:
         heldout_ax.legend(handles, labels, fontsize=8)
+    if train_ax is not None and any(e["train_seeds"] != e["seeds"] for e in curves.values() if e["train"][0]):
+        train_ax.legend(fontsize=8)  # its seed counts differ from the held-out panel's
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
