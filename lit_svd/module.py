@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import math
 import time
+from collections import defaultdict
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -284,10 +285,20 @@ class LitSVDAdapter(LightningModule):
         if not factors:
             return
         grads = torch.autograd.grad(value, factors, allow_unused=True)
+        # One foreach kernel per (learning rate, device, dtype) instead of two kernels per factor: a small
+        # model's step is bound by kernel launches.
+        to_add: dict[float, tuple[list[torch.Tensor], list[torch.Tensor]]] = defaultdict(lambda: ([], []))
         for p, g in zip(factors, grads, strict=True):
-            if g is not None:
-                g = g * (gamma / lr_of[id(p)])
-                p.grad = g if p.grad is None else p.grad.add_(g)
+            if g is None:
+                continue
+            if p.grad is None:
+                p.grad = g * (gamma / lr_of[id(p)])
+            else:
+                targets, sources = to_add[lr_of[id(p)]]
+                targets.append(p.grad)
+                sources.append(g)
+        for lr, (targets, sources) in to_add.items():
+            torch._foreach_add_(targets, sources, alpha=gamma / lr)
         self.log("train/orthonormality", value.detach())
 
     def configure_optimizers(self) -> dict[str, Any]:

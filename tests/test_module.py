@@ -152,6 +152,37 @@ def test_regularizer_gradient_is_gamma_over_lr_after_clipping():
         torch.testing.assert_close(p.grad, torch.full_like(p, 3.0) + extra)
 
 
+def test_regularizer_gradient_per_param_group_learning_rate_and_missing_grads():
+    """Two learning rates, some factors without a task gradient yet: each gets exactly (γ/η_group)·∇L_orth."""
+    from lit_svd import initialize_adapters
+
+    module = make_module("sorsa", gamma=0.25, learning_rate=0.5)
+    initialize_adapters(module.model)
+    with torch.no_grad():
+        for _, layer in adapter_layers(module.model):
+            layer.U.mul_(1.1)
+            layer.V.mul_(0.9)
+    params = [p for p in module.model.parameters() if p.requires_grad]
+    first, second = params[::2], params[1::2]
+    for p in first:
+        p.grad = torch.full_like(p, 3.0)
+    for p in second:
+        p.grad = None
+    optimizer = torch.optim.SGD([{"params": first, "lr": 0.5}, {"params": second, "lr": 0.2}], lr=0.5)
+    expected_reg = torch.autograd.grad(orthonormal_regularizer(module.model), params, allow_unused=True)
+    module.log = lambda *a, **k: None
+    module.apply_regularizer_gradient(optimizer)
+    regularised = 0
+    for index, (p, g) in enumerate(zip(params, expected_reg, strict=True)):
+        task, lr = (3.0, 0.5) if index % 2 == 0 else (0.0, 0.2)
+        if g is None:
+            assert (p.grad is None) if task == 0.0 else torch.equal(p.grad, torch.full_like(p, task))
+            continue
+        regularised += 1
+        torch.testing.assert_close(p.grad, torch.full_like(p, task) + g * (0.25 / lr))
+    assert regularised >= 4  # U and V of both groups
+
+
 def test_gamma_zero_disables_regularizer(tmp_path):
     module = make_module("sorsa", gamma=0.0)
     run = trainer(tmp_path, 2, limit_val_batches=0, callbacks=[SVDInit()])
