@@ -74,7 +74,8 @@ class LitSVDAdapter(LightningModule):
             compiled graph, so compilation costs about one layer's). Training of a small model is bound by
             Python dispatch, which compiled layers remove; validation, generation and everything after
             ``fit`` run eager.
-        compile_backend: the ``torch.compile`` backend (``"inductor"``; ``"aot_eager"`` needs no compiler).
+        compile_backend: the ``torch.compile`` backend (``"inductor"``; ``"aot_eager"`` needs no compiler;
+            ``"cudagraphs"``: CUDA graphs of the un-fused layer, no code generation).
         compile_mode: inductor's mode, e.g. ``"reduce-overhead"``: CUDA graphs, one per row shape, which
             replay a layer's kernels without launching each from Python (pair it with the data module's
             ``pack_to_multiple_of`` so that rows come in a few fixed shapes). ``None``: inductor's default.
@@ -285,8 +286,8 @@ class LitSVDAdapter(LightningModule):
         if not factors:
             return
         grads = torch.autograd.grad(value, factors, allow_unused=True)
-        # One foreach kernel per (learning rate, device, dtype) instead of two kernels per factor: a small
-        # model's step is bound by kernel launches.
+        # One foreach add per learning rate instead of two kernels per factor: a small model's step is
+        # bound by kernel launches.
         to_add: dict[float, tuple[list[torch.Tensor], list[torch.Tensor]]] = defaultdict(lambda: ([], []))
         for p, g in zip(factors, grads, strict=True):
             if g is None:
