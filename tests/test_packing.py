@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY_ARCHS, TINY_TARGETS, make_tiny_model
 from torch._dynamo import list_backends, register_backend
+from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.utils import counters
 from torch.utils.data import DataLoader
 
@@ -390,6 +391,45 @@ def test_compiled_layers_take_floats_as_constants_not_cpu_tensors(arch, tmp_path
     fit_three_steps(module, _ListData(pack=False), tmp_path)
     assert counters["stats"]["unique_graphs"] >= 1  # the layers were traced
     assert [(x.dtype, x.device.type) for x in _SCALAR_INPUTS] == []
+
+
+_CUDAGRAPH_BLOCKERS: list[str] = []
+
+
+def _cudagraph_blockers(graph_module, example_inputs):
+    """Record the ops that would keep this forward/backward graph out of a CUDA graph (CUDA-graph-unsafe ops,
+    data-dependent shapes such as ``nonzero``'s), the check both CUDA-graph backends make."""
+    from functorch.compile import make_boxed_func
+    from torch._inductor.utils import get_first_incompatible_cudagraph_node
+
+    if node := get_first_incompatible_cudagraph_node(graph_module):
+        _CUDAGRAPH_BLOCKERS.append(node.format_node())
+    return make_boxed_func(graph_module.forward)
+
+
+if "lit_svd_cudagraph_blockers" not in list_backends(exclude_tags=()):
+    register_backend(
+        aot_autograd(fw_compiler=_cudagraph_blockers, bw_compiler=_cudagraph_blockers),
+        name="lit_svd_cudagraph_blockers",
+    )
+
+
+@pytest.mark.parametrize("method", ["lora", "pissa", "olora", "sorsa", "osora"])
+def test_compiled_layer_graphs_have_nothing_that_blocks_cuda_graphs(method, tmp_path):
+    """Forward and backward graphs of every adapted decoder layer: no op that a CUDA graph cannot hold."""
+    torch._dynamo.reset()
+    _CUDAGRAPH_BLOCKERS.clear()
+    module = LitSVDAdapter(
+        make_tiny_model("llama"),
+        AdapterConfig(method=method, rank=4),
+        compile=True,
+        compile_backend="lit_svd_cudagraph_blockers",
+    )
+    counters.clear()
+    fit_three_steps(module, _ListData(pack=False), tmp_path)
+    assert counters["stats"]["unique_graphs"] >= 1
+    assert sum(counters["graph_break"].values()) == 0
+    assert _CUDAGRAPH_BLOCKERS == []
 
 
 def test_compile_mode_reaches_every_decoder_layer_and_is_validated(monkeypatch):
