@@ -228,6 +228,12 @@ class LitSVDAdapter(LightningModule):
 
     def on_train_start(self) -> None:
         if self.hparams.get("compile"):
+            # Under dynamic=True dynamo passes a layer's float attributes (RMSNorm's eps) in as 0-dim *CPU*
+            # tensors; one CPU input keeps the whole layer out of CUDA graphs (reduce-overhead, the cudagraphs
+            # backend) and adds a host-side kernel to every call. A layer's floats never change, so they are
+            # traced as constants. Set for the whole of training (whoever calls the layers), like the stance.
+            self._specialize_float_before = torch._dynamo.config.specialize_float
+            torch._dynamo.config.specialize_float = True
             for layer in decoder_layers(self.model):
                 layer.compile(dynamic=True, backend=self.hparams.compile_backend, mode=self.hparams.get("compile_mode"))
         pending = [name for name, layer in adapter_layers(self.model) if not bool(layer.initialized)]
@@ -238,8 +244,7 @@ class LitSVDAdapter(LightningModule):
             )
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        with _constant_floats() if self.hparams.get("compile") else contextlib.nullcontext():
-            loss = self.compute_loss(batch)
+        loss = self.compute_loss(batch)
         batch_size = batch["input_ids"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         # A device tensor, not int(mask.sum()): a host sync every step would stall the queue of kernels.
@@ -328,6 +333,7 @@ class LitSVDAdapter(LightningModule):
             # Back to eager: generation and evaluation after fit would otherwise compile graphs of their own.
             for layer in decoder_layers(self.model):
                 layer._compiled_call_impl = None
+            torch._dynamo.config.specialize_float = self._specialize_float_before
 
     def on_validation_start(self) -> None:
         if self.hparams.get("compile"):
@@ -407,16 +413,6 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     return [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
-
-
-def _constant_floats() -> contextlib.AbstractContextManager:
-    """Trace Python floats (RMSNorm's ``eps``, attention's scale) as constants, not as graph inputs.
-
-    Under ``dynamic=True`` dynamo passes a layer's float attributes in as 0-dim *CPU* tensors; one CPU input
-    makes inductor drop CUDA graphs for the whole layer (``reduce-overhead``) and adds a host-side kernel to
-    every call. The floats of a decoder layer never change, so nothing is lost by specialising on them.
-    """
-    return torch._dynamo.config.patch(specialize_float=True)
 
 
 def _transformers_model(model: torch.nn.Module) -> PreTrainedModel:

@@ -376,12 +376,19 @@ if "lit_svd_record_scalar_inputs" not in list_backends(exclude_tags=()):
     register_backend(_record_scalar_inputs, name="lit_svd_record_scalar_inputs")
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_compiled_layers_take_floats_as_constants_not_cpu_tensors(arch, tmp_path):
+class _OwnTrainingStep(LitSVDAdapter):
+    """Research code overriding the step: the compiled layers must behave the same under it."""
+
+    def training_step(self, batch, batch_idx):
+        return self.compute_loss(batch) * 1.0
+
+
+@pytest.mark.parametrize(("arch", "module_class"), [("llama", LitSVDAdapter), ("qwen2", _OwnTrainingStep)])
+def test_compiled_layers_take_floats_as_constants_not_cpu_tensors(arch, module_class, tmp_path):
     """A 0-dim CPU tensor input (RMSNorm's eps under dynamic=True) makes inductor skip CUDA graphs on a GPU."""
     torch._dynamo.reset()
     _SCALAR_INPUTS.clear()
-    module = LitSVDAdapter(
+    module = module_class(
         make_tiny_model(arch),
         AdapterConfig(method="lora", rank=4),
         compile=True,
@@ -391,6 +398,7 @@ def test_compiled_layers_take_floats_as_constants_not_cpu_tensors(arch, tmp_path
     fit_three_steps(module, _ListData(pack=False), tmp_path)
     assert counters["stats"]["unique_graphs"] >= 1  # the layers were traced
     assert [(x.dtype, x.device.type) for x in _SCALAR_INPUTS] == []
+    assert torch._dynamo.config.specialize_float is False  # dynamo's setting is back after fit
 
 
 _CUDAGRAPH_BLOCKERS: list[str] = []
