@@ -195,6 +195,7 @@ def ours_fit(args: argparse.Namespace, method: str, layout: str, base_model, tok
     """The recipe through ``Trainer.fit`` with one data layout."""
     group_by_length, pack, compile_backend, multiple, compile_mode = LAYOUTS[layout]
     compile_layers = compile_backend is not None
+    captures_cuda_graphs = compile_mode == "reduce-overhead" or compile_backend == "cudagraphs"
     L.seed_everything(args.seed, verbose=False)
     data = GSM8KDataModule(
         data_dir=args.data_dir,
@@ -258,7 +259,7 @@ def ours_fit(args: argparse.Namespace, method: str, layout: str, base_model, tok
         "compiled_graphs": counters["stats"]["unique_graphs"] if compile_layers else None,
         "graph_breaks": sum(counters["graph_break"].values()) if compile_layers else None,
         # Graphs that inductor ran without CUDA graphs (reasons in the log with TORCH_LOGS=perf_hints).
-        "cudagraph_skips": counters["inductor"]["cudagraph_skips"] if layout in ("graphed", "cudagraphs") else None,
+        "cudagraph_skips": counters["inductor"]["cudagraph_skips"] if captures_cuda_graphs else None,
     }
     del module, trainer
     return result
