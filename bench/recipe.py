@@ -15,6 +15,10 @@ layouts so the table shows where the time goes:
               multiple of 1024 tokens (``pack_to_multiple_of=1024``), so a few row shapes are replayed
     cudagraphs  the same rows, layers captured in CUDA graphs by dynamo's ``"cudagraphs"`` backend: no
               inductor code generation (no compile time beyond tracing), one graph per layer and row shape
+    layergraphs  packed rows rounded up to a multiple of 4096 tokens, every decoder layer's forward and
+              backward replayed as CUDA graphs captured by ``torch.cuda.make_graphed_callables``
+              (``LitSVDAdapter(cuda_graph_layers=True)``): nothing compiled, one capture per row shape
+    layergraphs2k  the same with rows rounded up to a multiple of 2048 tokens (less padding, more shapes)
 
 Every run: SmolLM2-135M-Instruct (bf16 weights), r=16 on all 7 projections, batch 32, one epoch of GSM8K
 train (or ``--max-steps``), the same tokenised examples. Throughput = non-padding tokens ÷ seconds of the
@@ -35,8 +39,9 @@ import copy
 import gc
 import math
 import time
+import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning as L
 import torch
@@ -51,14 +56,26 @@ from lit_svd.models import EMBEDDED_MODEL, load_causal_lm, load_tokenizer
 from lit_svd.module import LitSVDAdapter
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-# (group_by_length, pack_sequences, compile_backend or None, pack_to_multiple_of, compile_mode)
+
+
+class Layout(NamedTuple):
+    group_by_length: bool
+    pack_sequences: bool
+    compile_backend: str | None = None
+    pack_to_multiple_of: int | None = None
+    compile_mode: str | None = None
+    cuda_graph_layers: bool = False
+
+
 LAYOUTS = {
-    "padded": (False, False, None, None, None),
-    "grouped": (True, False, None, None, None),
-    "packed": (True, True, None, None, None),
-    "compiled": (True, True, "inductor", None, None),
-    "graphed": (True, True, "inductor", 1024, "reduce-overhead"),
-    "cudagraphs": (True, True, "cudagraphs", 1024, None),
+    "padded": Layout(False, False),
+    "grouped": Layout(True, False),
+    "packed": Layout(True, True),
+    "compiled": Layout(True, True, "inductor"),
+    "graphed": Layout(True, True, "inductor", 1024, "reduce-overhead"),
+    "cudagraphs": Layout(True, True, "cudagraphs", 1024),
+    "layergraphs": Layout(True, True, pack_to_multiple_of=4096, cuda_graph_layers=True),
+    "layergraphs2k": Layout(True, True, pack_to_multiple_of=2048, cuda_graph_layers=True),
 }
 STEADY_FROM = 20
 """Steps before this one (compilation, allocator warm-up) are left out of the steady-state rate."""
@@ -75,6 +92,8 @@ class LoopClock(L.Callback):
         self.steady_tokens: torch.Tensor | int = 0
         self.profile_steps = profile_steps
         self.profiler: torch.profiler.profile | None = None
+        self.layer_graph_captures: int | None = None
+        self.layer_graph_capture_s: float | None = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.start is None:
@@ -100,6 +119,9 @@ class LoopClock(L.Callback):
         end = time.perf_counter()
         self.seconds = end - self.start
         self.steady_seconds = end - self.steady_start if self.steady_start is not None else float("nan")
+        graphs = getattr(pl_module, "_layer_graphs", None)  # before the module's own on_train_end drops them
+        self.layer_graph_captures = graphs.captures if graphs is not None else None
+        self.layer_graph_capture_s = round(graphs.capture_seconds, 2) if graphs is not None else None
 
 
 def _profiler_activities() -> list[torch.profiler.ProfilerActivity]:
@@ -193,7 +215,7 @@ def peft_loop(args: argparse.Namespace, base_model, train_dataset, pad_token_id:
 
 def ours_fit(args: argparse.Namespace, method: str, layout: str, base_model, tokenizer, device) -> dict[str, Any]:
     """The recipe through ``Trainer.fit`` with one data layout."""
-    group_by_length, pack, compile_backend, multiple, compile_mode = LAYOUTS[layout]
+    group_by_length, pack, compile_backend, multiple, compile_mode, cuda_graph_layers = LAYOUTS[layout]
     compile_layers = compile_backend is not None
     captures_cuda_graphs = compile_mode == "reduce-overhead" or compile_backend == "cudagraphs"
     L.seed_everything(args.seed, verbose=False)
@@ -217,6 +239,7 @@ def ours_fit(args: argparse.Namespace, method: str, layout: str, base_model, tok
         compile=compile_layers,
         compile_backend=compile_backend or "inductor",
         compile_mode=compile_mode,
+        cuda_graph_layers=cuda_graph_layers,
     )
     module.tokenizer = tokenizer
     clock = LoopClock(args.profile_steps if args.profile else None)
@@ -260,6 +283,8 @@ def ours_fit(args: argparse.Namespace, method: str, layout: str, base_model, tok
         "graph_breaks": sum(counters["graph_break"].values()) if compile_layers else None,
         # Graphs that inductor ran without CUDA graphs (reasons in the log with TORCH_LOGS=perf_hints).
         "cudagraph_skips": counters["inductor"]["cudagraph_skips"] if captures_cuda_graphs else None,
+        "layer_graph_captures": clock.layer_graph_captures,
+        "layer_graph_capture_s": clock.layer_graph_capture_s,
     }
     del module, trainer
     return result
@@ -329,16 +354,21 @@ def main(argv: list[str] | None = None) -> None:
     train_dataset = data.train_dataset.select_columns(["input_ids", "prompt_length"])
     results = []
     for run in args.runs:
-        if run == "peft-loop":
-            result = peft_loop(args, base_model, train_dataset, data.pad_token_id, device)
-        else:
-            _, method, layout = run.split(":")
-            result = ours_fit(args, method, layout, base_model, tokenizer, device)
+        try:
+            if run == "peft-loop":
+                result = peft_loop(args, base_model, train_dataset, data.pad_token_id, device)
+            else:
+                _, method, layout = run.split(":")
+                result = ours_fit(args, method, layout, base_model, tokenizer, device)
+        except Exception as error:  # one broken layout must not cost the other runs of a (scarce) GPU call
+            traceback.print_exc()
+            message = f"{type(error).__name__}: {error}"[:500]
+            result = {"run": run, "error": message, "tokens_per_s": None, "steps": None, "profile": None}
         if device.type == "cuda":
             result["peak_gb"] = gb(torch.cuda.max_memory_allocated(device))
             torch.cuda.reset_peak_memory_stats(device)
         results.append(result)
-        print(f"{run}: {result['tokens_per_s']} tokens/s over {result['steps']} steps", flush=True)
+        print(f"{run}: {result.get('error') or str(result['tokens_per_s']) + ' tokens/s'} over {result['steps']} steps", flush=True)
         if not args.smoke:  # a later run that crashes the process (or hits a time limit) keeps these
             write_json(args.out, _payload(args, device, results, finished=False))
         if result["profile"]:
@@ -364,11 +394,15 @@ def main(argv: list[str] | None = None) -> None:
         "peak_gb",
         "compiled_graphs",
         "cudagraph_skips",
+        "layer_graph_captures",
     ]
     print(format_table(results, columns))
     if not args.smoke:
         write_json(args.out, _payload(args, device, results, finished=True))
         print(f"wrote {args.out}")
+    failed = [result["run"] for result in results if result.get("error")]
+    if failed:
+        raise SystemExit(f"failed runs: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

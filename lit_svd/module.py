@@ -20,6 +20,7 @@ import dataclasses
 import math
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -34,6 +35,7 @@ from lit_svd.attention import packed_attention
 from lit_svd.config import AdapterConfig
 from lit_svd.data import non_padding_tokens
 from lit_svd.export import export_merged, export_peft_lora
+from lit_svd.graphs import LayerGraphs
 from lit_svd.inject import (
     adapter_layers,
     adapter_state_dict,
@@ -79,7 +81,14 @@ class LitSVDAdapter(LightningModule):
         compile_mode: inductor's mode, e.g. ``"reduce-overhead"``: CUDA graphs, one per row shape, which
             replay a layer's kernels without launching each from Python (pair it with the data module's
             ``pack_to_multiple_of`` so that rows come in a few fixed shapes). ``None``: inductor's default.
+        cuda_graph_layers: replay each decoder layer's training forward and backward as CUDA graphs
+            captured with ``torch.cuda.make_graphed_callables`` (``lit_svd.graphs``): no compilation, one
+            capture per packed-row shape — pair it with ``pack_sequences`` and ``pack_to_multiple_of``. CUDA
+            only; not with ``compile`` or gradient accumulation.
     """
+
+    layer_graph_capture: Callable[..., Any] | None = None
+    """What captures the layer graphs (``None``: ``torch.cuda.make_graphed_callables``); tests replace it."""
 
     def __init__(
         self,
@@ -99,6 +108,7 @@ class LitSVDAdapter(LightningModule):
         compile: bool = False,
         compile_backend: str = "inductor",
         compile_mode: CompileMode | None = None,
+        cuda_graph_layers: bool = False,
     ) -> None:
         super().__init__()
         problems = []
@@ -115,6 +125,8 @@ class LitSVDAdapter(LightningModule):
                 )
             if compile_backend != "inductor":
                 problems.append(f"compile_mode is an inductor option; compile_backend is {compile_backend!r}")
+        if cuda_graph_layers and compile:
+            problems.append("cuda_graph_layers and compile are alternatives (both remove per-kernel host work); use one")
         if problems:
             raise ValueError("invalid LitSVDAdapter arguments: " + "; ".join(problems))
         if isinstance(adapter, dict):  # as stored in checkpoints' hyper-parameters
@@ -138,6 +150,7 @@ class LitSVDAdapter(LightningModule):
         self.metric = None
         self._tokens_seen = 0
         self._step_started: float | None = None
+        self._layer_graphs: LayerGraphs | None = None
         # The base model is frozen and not saved; Lightning must not insist on its keys when loading.
         self.strict_loading = False
 
@@ -236,6 +249,17 @@ class LitSVDAdapter(LightningModule):
             torch._dynamo.config.specialize_float = True
             for layer in decoder_layers(self.model):
                 layer.compile(dynamic=True, backend=self.hparams.compile_backend, mode=self.hparams.get("compile_mode"))
+        if self.hparams.get("cuda_graph_layers"):
+            if self.trainer.accumulate_grad_batches != 1:
+                raise ValueError(
+                    f"cuda_graph_layers cannot accumulate gradients (accumulate_grad_batches="
+                    f"{self.trainer.accumulate_grad_batches}): a layer's gradient is its graph's output buffer, "
+                    "overwritten by the next batch's replay"
+                )
+            if self.layer_graph_capture is None and self.device.type != "cuda":
+                raise ValueError(f"cuda_graph_layers needs a CUDA device; this module is on {self.device}")
+            self._layer_graphs = LayerGraphs(decoder_layers(self.model), capture=self.layer_graph_capture)
+            self._layer_graphs.install()
         pending = [name for name, layer in adapter_layers(self.model) if not bool(layer.initialized)]
         if pending:
             raise RuntimeError(
@@ -334,6 +358,9 @@ class LitSVDAdapter(LightningModule):
             for layer in decoder_layers(self.model):
                 layer._compiled_call_impl = None
             torch._dynamo.config.specialize_float = self._specialize_float_before
+        if self._layer_graphs is not None:
+            self._layer_graphs.remove()
+            self._layer_graphs = None
 
     def on_validation_start(self) -> None:
         if self.hparams.get("compile"):
