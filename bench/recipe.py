@@ -368,7 +368,8 @@ def main(argv: list[str] | None = None) -> None:
             result["peak_gb"] = gb(torch.cuda.max_memory_allocated(device))
             torch.cuda.reset_peak_memory_stats(device)
         results.append(result)
-        print(f"{run}: {result.get('error') or str(result['tokens_per_s']) + ' tokens/s'} over {result['steps']} steps", flush=True)
+        outcome = result.get("error") or f"{result['tokens_per_s']} tokens/s"
+        print(f"{run}: {outcome} over {result['steps']} steps", flush=True)
         if not args.smoke:  # a later run that crashes the process (or hits a time limit) keeps these
             write_json(args.out, _payload(args, device, results, finished=False))
         if result["profile"]:

@@ -64,7 +64,10 @@ class LayerGraphs:
     All shapes share one memory pool as well. That is safe because one training step replays the graphs of
     one shape only and consumes everything they return (activations, gradients) before the next step.
     Gradient accumulation over several batches is not: a layer's parameter gradient may *be* its graph's
-    output buffer, which the next replay overwrites — :class:`lit_svd.LitSVDAdapter` refuses it.
+    output buffer, which the next replay overwrites — :class:`lit_svd.LitSVDAdapter` refuses it. For the
+    same reason a layer's output must not be kept from one step to the next. Parameters must change in
+    place (the optimizer, ``copy_``): a graph reads them where they were at capture, and a replaced
+    parameter is reported, not silently ignored.
 
     Args:
         layers: the decoder layers, in the order the model calls them.
@@ -73,9 +76,7 @@ class LayerGraphs:
         warmup_iters: eager forward/backward passes before each capture (lazy initialisation, autotuning).
     """
 
-    def __init__(
-        self, layers: Sequence[nn.Module], capture: GraphCapture | None = None, warmup_iters: int = 3
-    ) -> None:
+    def __init__(self, layers: Sequence[nn.Module], capture: GraphCapture | None = None, warmup_iters: int = 3) -> None:
         if not layers:
             raise ValueError("LayerGraphs needs at least one decoder layer")
         self.layers = list(layers)
@@ -86,6 +87,7 @@ class LayerGraphs:
         self._installed = False
         self.capture_seconds = 0.0
         """Wall time spent capturing (warm-up passes included), over all shapes."""
+        self._storages: list[tuple[int, ...]] | None = None
 
     @property
     def captures(self) -> int:
@@ -112,6 +114,7 @@ class LayerGraphs:
         self._installed = False
         self.graphed.clear()
         self._pool = None
+        self._storages = None
 
     def _call(self, index: int, *args: Any, **kwargs: Any) -> Any:
         layer = self.layers[index]
@@ -129,7 +132,8 @@ class LayerGraphs:
             repr(spec),
             tuple(leaf for slot, leaf in enumerate(leaves) if slot not in tensor_slots),
             tuple((tuple(leaves[slot].shape), leaves[slot].dtype, leaves[slot].device) for slot in tensor_slots),
-            torch.get_autocast_dtype(leaves[0].device.type) if torch.is_autocast_enabled(leaves[0].device.type)
+            torch.get_autocast_dtype(leaves[0].device.type)
+            if torch.is_autocast_enabled(leaves[0].device.type)
             else None,
         )
         if key not in self.graphed:
@@ -137,6 +141,7 @@ class LayerGraphs:
             self.graphed[key] = self._capture(index, spec, leaves, tensor_slots)
             self.capture_seconds += time.perf_counter() - started
         input_requires_grad, graphed = self.graphed[key]
+        self._check_parameters_in_place(index)
         hidden = leaves[0]
         if hidden.requires_grad and not input_requires_grad[index]:
             raise RuntimeError(
@@ -145,6 +150,21 @@ class LayerGraphs:
             )
         return graphed[index](*(leaves[slot] for slot in tensor_slots))
 
+    def _check_parameters_in_place(self, index: int) -> None:
+        # A graph reads its parameters at the addresses they had at capture. The optimizer updates them in
+        # place; code that *replaces* one (``p.data = …``, a new Parameter) would leave the graph training
+        # the old tensor, silently.
+        storages = tuple(p.data_ptr() for p in self.layers[index].parameters())
+        if self._storages[index] != storages:
+            names = [name for name, _ in self.layers[index].named_parameters()]
+            captured = self._storages[index]
+            changed = next((n for n, a, b in zip(names, captured, storages, strict=False) if a != b), "a parameter")
+            raise RuntimeError(
+                f"decoder layer {index}: parameter '{changed}' was replaced after its CUDA graph was captured "
+                "(the graph would keep reading the old tensor); update parameters in place (copy_, the "
+                "optimizer) or call LayerGraphs.remove() and install() again"
+            )
+
     def _capture(
         self, index: int, spec: Any, leaves: list[Any], tensor_slots: list[int]
     ) -> tuple[tuple[bool, ...], tuple[nn.Module, ...]]:
@@ -152,9 +172,7 @@ class LayerGraphs:
         capture = self.capture
         if capture is None:
             if hidden.device.type != "cuda":
-                raise ValueError(
-                    f"CUDA-graphed layers need a CUDA device; the hidden states are on {hidden.device}"
-                )
+                raise ValueError(f"CUDA-graphed layers need a CUDA device; the hidden states are on {hidden.device}")
             capture = torch.cuda.make_graphed_callables
         # Layer j's input needs a gradient if anything before it is trainable; the first layer called
         # tells whether the embeddings are.
@@ -165,6 +183,8 @@ class LayerGraphs:
                 upstream = hidden.requires_grad
             input_requires_grad.append(upstream)
             upstream = upstream or any(p.requires_grad for p in layer.parameters())
+        if self._storages is None:
+            self._storages = [tuple(p.data_ptr() for p in layer.parameters()) for layer in self.layers]
         calls = tuple(_LayerCall(layer, spec, leaves, tensor_slots) for layer in self.layers)
         others = tuple(leaves[slot] for slot in tensor_slots[1:])
         sample_args = tuple(

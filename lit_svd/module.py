@@ -126,7 +126,9 @@ class LitSVDAdapter(LightningModule):
             if compile_backend != "inductor":
                 problems.append(f"compile_mode is an inductor option; compile_backend is {compile_backend!r}")
         if cuda_graph_layers and compile:
-            problems.append("cuda_graph_layers and compile are alternatives (both remove per-kernel host work); use one")
+            problems.append(
+                "cuda_graph_layers and compile are alternatives (both remove per-kernel host work); use one"
+            )
         if problems:
             raise ValueError("invalid LitSVDAdapter arguments: " + "; ".join(problems))
         if isinstance(adapter, dict):  # as stored in checkpoints' hyper-parameters

@@ -91,8 +91,9 @@ def test_graphed_layers_give_the_eager_loss_and_gradients_with_one_capture_per_r
         for got, expected in zip(graphed_grads, grads, strict=True):
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
     layers = len(decoder_layers(graphed.model))
-    # Two shapes, two captures (the third batch replays the first one's graphs with its own inputs); every layer gets the row's hidden
-    # states, and only the first layer's input (from the frozen embedding) needs no gradient.
+    # Two shapes, two captures (the third batch replays the first one's graphs with its own inputs); every
+    # layer gets the row's hidden states, and only the first layer's input (from the frozen embedding) needs
+    # no gradient.
     assert graphs.captures == 2
     assert [[shape for shape, _ in capture_] for capture_ in capture.captures] == [
         [(1, 40, 32)] * layers,
@@ -205,6 +206,28 @@ def test_a_layer_whose_input_starts_needing_a_gradient_is_not_replayed_silently(
     module.model.get_input_embeddings().weight.requires_grad_(True)
     with pytest.raises(RuntimeError, match="decoder layer 0 was captured with hidden states that need no gradient"):
         module.compute_loss(batch)
+
+
+def test_a_parameter_replaced_after_capture_is_an_error_not_a_stale_graph():
+    module = _module("llama", None)
+    initialize_adapters(module.model)
+    graphs = LayerGraphs(decoder_layers(module.model), capture=RecordingCapture())
+    graphs.install()
+    module.train()
+    batch = _packed(EXAMPLES[:4])
+    module.compute_loss(batch)
+    with torch.no_grad():  # in place, as an optimizer step: the graphs stay valid
+        for parameter in module.model.parameters():
+            if parameter.requires_grad:
+                parameter.mul_(0.5)
+    module.compute_loss(batch)
+    layer = decoder_layers(module.model)[1]
+    layer.self_attn.q_proj.U.data = layer.self_attn.q_proj.U.data.clone()
+    with pytest.raises(RuntimeError, match=r"decoder layer 1: parameter 'self_attn.q_proj.U' was replaced"):
+        module.compute_loss(batch)
+    graphs.remove()
+    graphs.install()  # a fresh capture reads the new tensor
+    module.compute_loss(batch)
 
 
 def test_graphed_layers_on_the_cpu_without_a_stand_in_name_the_device():
