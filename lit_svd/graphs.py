@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -74,14 +75,26 @@ class LayerGraphs:
         capture: ``torch.cuda.make_graphed_callables`` (default) or a stand-in with its signature (tests on
             the CPU use one that returns the callables uncaptured, to check everything around the capture).
         warmup_iters: eager forward/backward passes before each capture (lazy initialisation, autotuning).
+        max_shapes: at most this many shapes are captured; later new shapes run eagerly, with one warning
+            (rows whose length is not rounded to a few values would otherwise capture, and keep, a set of
+            graphs per batch).
     """
 
-    def __init__(self, layers: Sequence[nn.Module], capture: GraphCapture | None = None, warmup_iters: int = 3) -> None:
+    def __init__(
+        self,
+        layers: Sequence[nn.Module],
+        capture: GraphCapture | None = None,
+        warmup_iters: int = 3,
+        max_shapes: int = 16,
+    ) -> None:
         if not layers:
             raise ValueError("LayerGraphs needs at least one decoder layer")
         self.layers = list(layers)
         self.capture = capture
         self.warmup_iters = warmup_iters
+        self.max_shapes = max_shapes
+        self.eager_calls = 0
+        """Layer calls that a graph could have replayed but ran eagerly because ``max_shapes`` was reached."""
         self.graphed: dict[Any, tuple[tuple[bool, ...], tuple[nn.Module, ...]]] = {}
         self._pool: Any = None
         self._installed = False
@@ -136,6 +149,16 @@ class LayerGraphs:
             if torch.is_autocast_enabled(leaves[0].device.type)
             else None,
         )
+        if key not in self.graphed and len(self.graphed) >= self.max_shapes:
+            if self.eager_calls == 0:
+                warnings.warn(
+                    f"LayerGraphs: {self.max_shapes} input shapes captured already; this new one "
+                    f"{tuple(leaves[0].shape)} and any later ones run eagerly. Round packed rows up to a few "
+                    "lengths (pack_to_multiple_of) so that a training epoch has few shapes",
+                    stacklevel=2,
+                )
+            self.eager_calls += 1
+            return layer._call_impl(*args, **kwargs)
         if key not in self.graphed:
             started = time.perf_counter()
             self.graphed[key] = self._capture(index, spec, leaves, tensor_slots)

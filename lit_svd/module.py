@@ -260,6 +260,17 @@ class LitSVDAdapter(LightningModule):
                 )
             if self.layer_graph_capture is None and self.device.type != "cuda":
                 raise ValueError(f"cuda_graph_layers needs a CUDA device; this module is on {self.device}")
+            datamodule = getattr(self.trainer, "datamodule", None)
+            if getattr(datamodule, "pack_sequences", True) is False:
+                rank_zero_warn(
+                    "cuda_graph_layers replays packed batches only, and the data module does not pack "
+                    "(pack_sequences=False): every decoder layer will run eagerly"
+                )
+            elif datamodule is not None and getattr(datamodule, "pack_to_multiple_of", 0) is None:
+                rank_zero_warn(
+                    "cuda_graph_layers captures each packed-row length once, and without pack_to_multiple_of "
+                    "almost every batch has a length of its own; set it (e.g. 2048) to get a few lengths"
+                )
             self._layer_graphs = LayerGraphs(decoder_layers(self.model), capture=self.layer_graph_capture)
             self._layer_graphs.install()
         pending = [name for name, layer in adapter_layers(self.model) if not bool(layer.initialized)]

@@ -230,6 +230,50 @@ def test_a_parameter_replaced_after_capture_is_an_error_not_a_stale_graph():
     module.compute_loss(batch)
 
 
+def test_shapes_beyond_the_limit_run_eagerly_with_one_warning():
+    module = _module("llama", None)
+    initialize_adapters(module.model)
+    capture = RecordingCapture()
+    graphs = LayerGraphs(decoder_layers(module.model), capture=capture, max_shapes=1)
+    graphs.install()
+    module.train()
+    module.compute_loss(_packed(EXAMPLES[:4]))
+    layers = len(decoder_layers(module.model))
+    with pytest.warns(UserWarning, match=r"1 input shapes captured already; this new one \(1, 16, 32\)") as caught:
+        module.compute_loss(_packed(EXAMPLES[4:]))
+        module.compute_loss(_packed(EXAMPLES[4:]))
+    assert len(caught) == 1 and len(capture.captures) == 1 and graphs.eager_calls == 2 * layers
+
+
+@pytest.mark.parametrize(
+    ("pack", "multiple", "message"),
+    [(False, None, "the data module does not pack"), (True, None, "without pack_to_multiple_of")],
+)
+def test_fit_with_graphed_layers_warns_about_data_that_defeats_them(pack, multiple, message, tmp_path):
+    class Data(L.LightningDataModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pack_sequences, self.pack_to_multiple_of = pack, multiple
+            self.collate = InstructionCollator(pad_token_id=0, pack=pack, pack_to_multiple_of=multiple)
+
+        def train_dataloader(self) -> DataLoader:
+            return DataLoader(EXAMPLES, batch_size=4, collate_fn=self.collate)
+
+    module = _module("llama", RecordingCapture())
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[SVDInit()],
+        default_root_dir=tmp_path,
+    )
+    with pytest.warns(UserWarning, match=message):
+        trainer.fit(module, datamodule=Data())
+
+
 def test_graphed_layers_on_the_cpu_without_a_stand_in_name_the_device():
     model = make_tiny_model("llama")
     graphs = LayerGraphs(decoder_layers(model))
