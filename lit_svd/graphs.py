@@ -142,7 +142,7 @@ class LayerGraphs:
         if any(leaves[slot].requires_grad for slot in tensor_slots[1:]):
             return layer._call_impl(*args, **kwargs)  # only the hidden states may carry a gradient
         key = (
-            repr(spec),
+            spec,
             tuple(leaf for slot, leaf in enumerate(leaves) if slot not in tensor_slots),
             tuple((tuple(leaves[slot].shape), leaves[slot].dtype, leaves[slot].device) for slot in tensor_slots),
             torch.get_autocast_dtype(leaves[0].device.type)
