@@ -305,7 +305,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "ours:lora:grouped",
             "ours:lora:padded",
         ],
-        help="peft-loop and/or ours:<method>:<padded|grouped|packed>",
+        help=f"peft-loop and/or ours:<method>:<{'|'.join(LAYOUTS)}>",
     )
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=32)
