@@ -200,3 +200,31 @@ def test_example_adapter_keeps_the_adapter_contract(svd_scale, input_ids):
         layer.unmerge()
         torch.testing.assert_close(layer.base_layer.weight, weights[name], rtol=0, atol=1e-6)
     assert (_logits(model, input_ids) - trained).abs().max().item() < TOLERANCE[torch.float32]
+
+
+# ----- recipes/configs/overlays: settings layered over any recipe's own defaults ------------------------
+OVERLAY = REPO / "recipes" / "configs" / "overlays" / "fast_single_gpu.yaml"
+
+
+@pytest.mark.parametrize("recipe", ["gsm8k_sorsa", "commonsense_osora"])
+def test_fast_single_gpu_overlay_sets_its_keys_and_keeps_the_recipe(recipe):
+    done = subprocess.run(
+        [sys.executable, f"recipes/{recipe}.py", "fit", "--config", str(OVERLAY), "--print_config"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    merged = yaml.safe_load(done.stdout)
+    own = yaml.safe_load((REPO / "recipes" / "configs" / f"{recipe}.yaml").read_text())
+    overlay = yaml.safe_load(OVERLAY.read_text())
+    assert merged["trainer"]["precision"] == "bf16-mixed"
+    assert merged["model"]["cuda_graph_layers"] is True
+    assert {k: merged["data"][k] for k in overlay["data"]} == overlay["data"]
+    # Nested adapter keys merge: the recipe keeps its method, rank, targets …; only the storage dtype changes.
+    for key, value in own["model"]["adapter"].items():
+        if key != "adapter_dtype":
+            assert merged["model"]["adapter"][key] == value, key
+    assert merged["model"]["adapter"]["adapter_dtype"] == "float32"
+    assert merged["model"]["learning_rate"] == own["model"]["learning_rate"]
