@@ -368,8 +368,10 @@ def main(argv: list[str] | None = None) -> None:
             result["peak_gb"] = gb(torch.cuda.max_memory_allocated(device))
             torch.cuda.reset_peak_memory_stats(device)
         results.append(result)
-        outcome = result.get("error") or f"{result['tokens_per_s']} tokens/s"
-        print(f"{run}: {outcome} over {result['steps']} steps", flush=True)
+        if result.get("error"):
+            print(f"{run}: failed: {result['error']}", flush=True)
+        else:
+            print(f"{run}: {result['tokens_per_s']} tokens/s over {result['steps']} steps", flush=True)
         if not args.smoke:  # a later run that crashes the process (or hits a time limit) keeps these
             write_json(args.out, _payload(args, device, results, finished=False))
         if result["profile"]:

@@ -38,7 +38,8 @@ def test_smoke_run_measures_the_anchor_and_a_layout_and_reports_a_failing_layout
     output = done.stdout + done.stderr
     assert done.returncode != 0
     assert "failed runs: ours:lora:layergraphs" in output
-    assert "ours:lora:layergraphs: ValueError: cuda_graph_layers needs a CUDA device; this module is on cpu" in output
+    failure = "ours:lora:layergraphs: failed: ValueError: cuda_graph_layers needs a CUDA device; this module is on cpu"
+    assert failure in output
     lines = done.stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("run "))
     columns = lines[header].split()
