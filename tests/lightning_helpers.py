@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from lightning.pytorch import LightningDataModule
+from lightning.pytorch import LightningDataModule, Trainer
 from torch.utils.data import DataLoader, Dataset
 
 
@@ -33,3 +33,20 @@ class RandomTokensData(LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(RandomTokens(8, seed=1), batch_size=self.batch_size)
+
+
+def quiet_cpu_trainer(root, max_steps: int, **kwargs) -> Trainer:
+    """A CPU ``Trainer`` with ``SVDInit`` and nothing else: no logger, checkpoints, progress bar or summary."""
+    from lit_svd.callbacks import SVDInit
+
+    return Trainer(
+        accelerator="cpu",
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[SVDInit()],
+        default_root_dir=root,
+        **kwargs,
+    )

@@ -15,11 +15,11 @@ import lightning as L
 import pytest
 import torch
 from conftest import TINY_TARGETS, make_tiny_model
+from lightning_helpers import quiet_cpu_trainer
 from torch.utils._pytree import tree_leaves
 from torch.utils.data import DataLoader
 
 from lit_svd import AdapterConfig
-from lit_svd.callbacks import SVDInit
 from lit_svd.data import InstructionCollator
 from lit_svd.graphs import LayerGraphs
 from lit_svd.inject import adapter_state_dict, initialize_adapters
@@ -145,16 +145,9 @@ def test_trainer_fit_with_graphed_layers_follows_the_eager_trajectory_and_ends_e
     for graphs_on in (False, True):
         capture = RecordingCapture() if graphs_on else None
         module = _module("llama", capture, base=base)
-        L.Trainer(
-            accelerator="cpu",
-            max_steps=4,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=[SVDInit()],
-            default_root_dir=tmp_path,
-        ).fit(module, train_dataloaders=DataLoader(EXAMPLES, batch_size=4, collate_fn=collate))
+        quiet_cpu_trainer(tmp_path, max_steps=4).fit(
+            module, train_dataloaders=DataLoader(EXAMPLES, batch_size=4, collate_fn=collate)
+        )
         states[graphs_on] = adapter_state_dict(module.model)
         captures[graphs_on] = capture.captures if capture else None
         assert all(layer._compiled_call_impl is None for layer in decoder_layers(module.model))
@@ -166,17 +159,9 @@ def test_trainer_fit_with_graphed_layers_follows_the_eager_trajectory_and_ends_e
 
 def _fit_one_step(module: LitSVDAdapter, root, **trainer_kwargs) -> None:
     collate = InstructionCollator(pad_token_id=0, pack=True, pack_to_multiple_of=8)
-    L.Trainer(
-        accelerator="cpu",
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[SVDInit()],
-        default_root_dir=root,
-        **trainer_kwargs,
-    ).fit(module, train_dataloaders=DataLoader(EXAMPLES, batch_size=4, collate_fn=collate))
+    quiet_cpu_trainer(root, max_steps=1, **trainer_kwargs).fit(
+        module, train_dataloaders=DataLoader(EXAMPLES, batch_size=4, collate_fn=collate)
+    )
 
 
 def test_graphed_layers_refuse_what_they_cannot_do(tmp_path):
@@ -260,16 +245,7 @@ def test_fit_with_graphed_layers_warns_about_data_that_defeats_them(pack, multip
             return DataLoader(EXAMPLES, batch_size=4, collate_fn=self.collate)
 
     module = _module("llama", RecordingCapture())
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[SVDInit()],
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_cpu_trainer(tmp_path, max_steps=1)
     with pytest.warns(UserWarning, match=message):
         trainer.fit(module, datamodule=Data())
 

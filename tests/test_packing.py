@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import TINY_ARCHS, TINY_TARGETS, make_tiny_model
+from lightning_helpers import quiet_cpu_trainer
 from torch._dynamo import list_backends, register_backend
 from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.utils import counters
@@ -16,7 +17,6 @@ from torch.utils.data import DataLoader
 
 from lit_svd import AdapterConfig
 from lit_svd.attention import VARLEN_ATTENTION, packed_attention, packed_causal_attention, sequence_boundaries
-from lit_svd.callbacks import SVDInit
 from lit_svd.data import GSM8KDataModule, InstructionCollator, non_padding_tokens
 from lit_svd.inject import adapter_layers, adapter_state_dict, initialize_adapters, inject_adapters
 from lit_svd.losses import causal_lm_loss, linear_cross_entropy
@@ -278,16 +278,7 @@ class _ListData(L.LightningDataModule):
 
 def fit_three_steps(module: LitSVDAdapter, data: L.LightningDataModule, root) -> None:
     """Three optimizer steps of ``module`` on ``data`` through a quiet CPU ``Trainer``."""
-    L.Trainer(
-        accelerator="cpu",
-        max_steps=3,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[SVDInit()],
-        default_root_dir=root,
-    ).fit(module, datamodule=data)
+    quiet_cpu_trainer(root, max_steps=3).fit(module, datamodule=data)
 
 
 def test_packed_training_follows_the_padded_trajectory(tmp_path):
