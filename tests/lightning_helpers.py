@@ -36,17 +36,19 @@ class RandomTokensData(LightningDataModule):
 
 
 def quiet_cpu_trainer(root, max_steps: int, **kwargs) -> Trainer:
-    """A CPU ``Trainer`` with ``SVDInit`` and nothing else: no logger, checkpoints, progress bar or summary."""
+    """A CPU ``Trainer`` with ``SVDInit`` and nothing else: no logger, checkpoints, progress bar or summary.
+
+    ``kwargs`` add Trainer arguments or replace these defaults (e.g. ``callbacks``, ``logger``).
+    """
     from lit_svd.callbacks import SVDInit
 
-    return Trainer(
+    defaults = dict(
         accelerator="cpu",
-        max_steps=max_steps,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=[SVDInit()],
         default_root_dir=root,
-        **kwargs,
     )
+    return Trainer(max_steps=max_steps, **(defaults | kwargs))

@@ -64,6 +64,17 @@ def _module(arch: str, capture: RecordingCapture | None, base=None, **kwargs) ->
     return module
 
 
+def _installed_graphs(**graph_kwargs) -> tuple[LitSVDAdapter, LayerGraphs, RecordingCapture]:
+    """An initialised tiny Llama (SORSA) module in training mode whose layers go through ``LayerGraphs``."""
+    module = _module("llama", None)
+    initialize_adapters(module.model)
+    capture = RecordingCapture()
+    graphs = LayerGraphs(decoder_layers(module.model), capture=capture, **graph_kwargs)
+    graphs.install()
+    module.train()
+    return module, graphs, capture
+
+
 def _packed(examples, multiple=8):
     return InstructionCollator(pad_token_id=0, max_length=16, pack=True, pack_to_multiple_of=multiple)(examples)
 
@@ -105,13 +116,8 @@ def test_graphed_layers_give_the_eager_loss_and_gradients_with_one_capture_per_r
 
 
 def test_calls_a_graph_cannot_replay_stay_eager():
-    module = _module("llama", None)
-    initialize_adapters(module.model)
-    capture = RecordingCapture()
-    graphs = LayerGraphs(decoder_layers(module.model), capture=capture)
-    graphs.install()
+    module, _, capture = _installed_graphs()
     padded = InstructionCollator(pad_token_id=0)(EXAMPLES[:4])
-    module.train()
     module.compute_loss(padded)  # no cu_seq_lens: attention needs its mask
     with torch.no_grad():
         module.compute_loss(_packed(EXAMPLES[:4]))  # no backward to replay
@@ -124,11 +130,7 @@ def test_calls_a_graph_cannot_replay_stay_eager():
 
 
 def test_capture_runs_with_the_autocast_cache_off_and_keys_on_the_autocast_dtype():
-    module = _module("llama", None)
-    initialize_adapters(module.model)
-    capture = RecordingCapture()
-    LayerGraphs(decoder_layers(module.model), capture=capture).install()
-    module.train()
+    module, _, capture = _installed_graphs()
     batch = _packed(EXAMPLES[:4])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.is_autocast_cache_enabled()
@@ -181,11 +183,7 @@ def test_graphed_layers_refuse_what_they_cannot_do(tmp_path):
 
 
 def test_a_layer_whose_input_starts_needing_a_gradient_is_not_replayed_silently():
-    module = _module("llama", None)
-    initialize_adapters(module.model)
-    graphs = LayerGraphs(decoder_layers(module.model), capture=RecordingCapture())
-    graphs.install()
-    module.train()
+    module, _, _ = _installed_graphs()
     batch = _packed(EXAMPLES[:4])
     module.compute_loss(batch)  # captured with a frozen embedding: layer 0's input needs no gradient
     module.model.get_input_embeddings().weight.requires_grad_(True)
@@ -194,11 +192,7 @@ def test_a_layer_whose_input_starts_needing_a_gradient_is_not_replayed_silently(
 
 
 def test_a_parameter_replaced_after_capture_is_an_error_not_a_stale_graph():
-    module = _module("llama", None)
-    initialize_adapters(module.model)
-    graphs = LayerGraphs(decoder_layers(module.model), capture=RecordingCapture())
-    graphs.install()
-    module.train()
+    module, graphs, _ = _installed_graphs()
     batch = _packed(EXAMPLES[:4])
     module.compute_loss(batch)
     with torch.no_grad():  # in place, as an optimizer step: the graphs stay valid
@@ -216,12 +210,7 @@ def test_a_parameter_replaced_after_capture_is_an_error_not_a_stale_graph():
 
 
 def test_shapes_beyond_the_limit_run_eagerly_with_one_warning():
-    module = _module("llama", None)
-    initialize_adapters(module.model)
-    capture = RecordingCapture()
-    graphs = LayerGraphs(decoder_layers(module.model), capture=capture, max_shapes=1)
-    graphs.install()
-    module.train()
+    module, graphs, capture = _installed_graphs(max_shapes=1)
     module.compute_loss(_packed(EXAMPLES[:4]))
     layers = len(decoder_layers(module.model))
     with pytest.warns(UserWarning, match=r"1 input shapes captured already; this new one \(1, 16, 32\)") as caught:

@@ -10,7 +10,7 @@ import torch
 from conftest import make_tiny_model
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning_helpers import RandomTokensData
+from lightning_helpers import RandomTokensData, quiet_cpu_trainer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lit_svd import AdapterConfig, adapter_layers, adapter_state_dict, available_adapters, orthonormal_regularizer
@@ -28,19 +28,10 @@ def make_module(method: str = "sorsa", rank: int = 4, seed: int = 0, **kwargs) -
 
 
 def trainer(tmp_path, max_steps: int, **kwargs) -> L.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        max_steps=max_steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        deterministic=True,
-        default_root_dir=tmp_path,
-        num_sanity_val_steps=0,
+    """``quiet_cpu_trainer``, deterministic, without sanity validation and without callbacks unless given."""
+    return quiet_cpu_trainer(
+        tmp_path, max_steps, **{"deterministic": True, "num_sanity_val_steps": 0, "callbacks": None, **kwargs}
     )
-    defaults.update(kwargs)
-    return L.Trainer(**defaults)
 
 
 @pytest.mark.parametrize("method", available_adapters())
