@@ -210,6 +210,44 @@ def test_summarise_ours_minus_peft_paired_by_seed():
     assert pair["math500_accuracy"]["ci95"] is None
 
 
+@pytest.mark.parametrize(
+    "only_first, only_second, expected",
+    [
+        (0, 0, 1.0),  # nothing discordant: no evidence either way
+        (4, 4, 1.0),
+        (0, 5, 2 / 32),  # 2 · P(X ≤ 0), X ~ Bin(5, ½)
+        (9, 1, 2 * (1 + 10) / 1024),  # symmetric in its arguments
+        (1, 9, 2 * (1 + 10) / 1024),
+        (6, 15, 2 * 82_160 / 2**21),  # Σ_{k≤6} C(21, k) = 1 + 21 + 210 + 1330 + 5985 + 20349 + 54264
+    ],
+)
+def test_mcnemar_exact(only_first, only_second, expected):
+    assert report.mcnemar_exact(only_first, only_second) == pytest.approx(expected, rel=1e-12)
+
+
+def test_mcnemar_exact_large_counts_and_bad_input():
+    # 600 vs 400 discordant answers: far from even, and the big binomial coefficients must not overflow.
+    assert 0 < report.mcnemar_exact(600, 400) < 1e-9
+    with pytest.raises(ValueError, match="non-negative"):
+        report.mcnemar_exact(-1, 3)
+
+
+def test_summarise_pairs_per_question_verdicts_over_common_questions():
+    results = [
+        # seed 0: ours right on q0, q1; PEFT right on q1, q2 → 1 ours only (q0), 1 PEFT only (q2)
+        result("lora", 0, test_loss=0.8, accuracy=0.5, gsm8k_correct="1100", math500_correct="10"),
+        result("peft-lora", 0, test_loss=0.8, accuracy=0.5, gsm8k_correct="0110", math500_correct="00"),
+        # seed 1: PEFT scored one question more; only the first three compare → q2 PEFT only
+        result("lora", 1, test_loss=0.8, accuracy=0.0, gsm8k_correct="000"),
+        result("peft-lora", 1, test_loss=0.8, accuracy=0.5, gsm8k_correct="0011"),
+    ]
+    pair = report.summarise(results, [])["ours_vs_peft"]["lora"]
+    assert pair["gsm8k_mcnemar"] == {"ours_only": 1, "peft_only": 2, "questions": 7, "p": 1.0}
+    # MATH-500 verdicts only for seed 0: 1 ours only of 2 questions, p = 2 · ½.
+    assert pair["math500_mcnemar"] == {"ours_only": 1, "peft_only": 0, "questions": 2, "p": 1.0}
+    assert "gsm8k_mcnemar" not in report.summarise(study_results(), [])["ours_vs_peft"]["lora"]
+
+
 def test_summarise_grid_best():
     grid = report.summarise(study_results(), GRID)["grid"]
     assert grid["best"]["lora"]["lr"] == 5e-4
@@ -348,7 +386,16 @@ def test_markdown_results_pairs_grid_and_figure(tmp_path):
     assert dict(zip(header, rows[2], strict=True))["LR"] == "0.0005"
 
     _, pair_rows = table_after(lines, "| pair |")
-    assert pair_rows == [["ours LoRA − PEFT LoRA", "2", "-0.0150 ± 0.0635", "0.50 ± 19.06 pt", "4.00 pt"]]
+    assert pair_rows == [["ours LoRA − PEFT LoRA", "2", "-0.0150 ± 0.0635", "0.50 ± 19.06 pt", "4.00 pt", "–", "–"]]
+
+    with_verdicts = [
+        r | {"gsm8k_correct": "1" * 10 + "0" * 390 if r["method"] == "lora" else "0" * 400} for r in results
+    ]
+    verdict_page = report.markdown(report.summarise(with_verdicts, []), [], None, tmp_path / "page.md")
+    pair_header, pair_rows = table_after(verdict_page.splitlines(), "| pair |")
+    discordant = dict(zip(pair_header, pair_rows[0], strict=True))
+    assert discordant["GSM8K ours only / PEFT only (McNemar p)"] == "20 / 0 (p 0.00)"  # 10 per paired seed
+    assert discordant["MATH-500 ours only / PEFT only (McNemar p)"] == "–"
 
     grid_header, grid_rows = table_after(lines, "| method | 0.0001")
     assert grid_header == ["method", "0.0001", "0.0005", "0.001"]

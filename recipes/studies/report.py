@@ -6,7 +6,7 @@ way ``collect.py`` merges them) and the TensorBoard runs ``<study>/runs/<method>
 - a markdown page: per method the number of seeds, trainable parameters, learning rate, GSM8K test loss,
   GSM8K accuracy and MATH-500 accuracy as seed mean ± 95% t-interval (over seeds), the pooled binomial
   (Wilson) 95% interval of the accuracies, and the mean training time; ours − PEFT differences paired by
-  seed; the learning-rate grid;
+  seed, with an exact McNemar test on the per-question answers; the learning-rate grid;
 - ``loss_curves.png``: seed-averaged training loss (smoothed) and held-out loss vs step, all methods;
 - a JSON summary with the same numbers.
 
@@ -106,6 +106,45 @@ def pooled_accuracy(records: list[dict], accuracy_key: str, count_key: str) -> d
     return wilson(correct, total)
 
 
+def mcnemar_exact(only_first: int, only_second: int) -> float:
+    """Two-sided exact McNemar test of two classifiers scored on the same questions.
+
+    Only the discordant questions count (one right, the other wrong); with no difference between the two,
+    each is a fair coin, so this is a sign test: the probability of a split at least as uneven as
+    ``only_first`` vs ``only_second``. 1.0 when there is no discordant question.
+    """
+    if only_first < 0 or only_second < 0:
+        raise ValueError(f"discordant counts must be non-negative, got {only_first} and {only_second}")
+    discordant = only_first + only_second
+    smaller = min(only_first, only_second)
+    tail = sum(math.comb(discordant, k) for k in range(smaller + 1)) / 2**discordant  # exact: int / int
+    return min(1.0, 2 * tail)
+
+
+def discordant_answers(ours: list[dict], theirs: list[dict], verdict_key: str) -> dict[str, Any] | None:
+    """Per-question comparison of paired runs (``ours[i]`` with ``theirs[i]``, same seed) on the verdict
+    strings stored under ``verdict_key`` ("1" right, "0" wrong, in dataset order), over the questions both
+    runs answered. Pairs of every seed are pooled as independent questions. ``None`` without verdicts."""
+    ours_only = theirs_only = questions = 0
+    for first, second in zip(ours, theirs, strict=True):
+        a, b = first.get(verdict_key), second.get(verdict_key)
+        if not a or not b:
+            continue
+        common = min(len(a), len(b))
+        answers = list(zip(a[:common], b[:common], strict=True))
+        ours_only += answers.count(("1", "0"))
+        theirs_only += answers.count(("0", "1"))
+        questions += common
+    if not questions:
+        return None
+    return {
+        "ours_only": ours_only,
+        "peft_only": theirs_only,
+        "questions": questions,
+        "p": mcnemar_exact(ours_only, theirs_only),
+    }
+
+
 # ----- summary -----------------------------------------------------------------------------------------------
 def on_common_questions(results: list[dict]) -> list[dict]:
     """Rescore GSM8K accuracy on the questions every run was scored on (the shortest prefix of the test set).
@@ -178,6 +217,10 @@ def summarise(results: list[dict], grid: list[dict]) -> dict[str, Any]:
             ]
             if diffs:
                 pair[key] = mean_ci(diffs)
+        for verdict_key in ("gsm8k_correct", "math500_correct"):
+            per_question = discordant_answers([ours[s] for s in seeds], [theirs[s] for s in seeds], verdict_key)
+            if per_question is not None:
+                pair[verdict_key.replace("_correct", "_mcnemar")] = per_question
         summary["ours_vs_peft"][method.removeprefix("peft-")] = pair
     if grid:
         summary["grid"] = {
@@ -206,6 +249,12 @@ def _fmt_interval(pooled: dict[str, Any] | None) -> str:
     if not pooled or not pooled.get("total"):
         return "–"
     return f"{100 * pooled['low']:.1f}–{100 * pooled['high']:.1f} % ({pooled['correct']}/{pooled['total']})"
+
+
+def _fmt_discordant(stat: dict[str, Any] | None) -> str:
+    if not stat:
+        return "–"
+    return f"{stat['ours_only']} / {stat['peft_only']} (p {stat['p']:.2f})"
 
 
 def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -260,10 +309,19 @@ def markdown(summary: dict[str, Any], grid: list[dict], figure: Path | None, tab
                 _fmt(p.get("test_loss")),
                 _fmt(p.get("accuracy"), 100, 2, " pt"),
                 _fmt(p.get("math500_accuracy"), 100, 2, " pt"),
+                _fmt_discordant(p.get("gsm8k_mcnemar")),
+                _fmt_discordant(p.get("math500_mcnemar")),
             ]
             for m, p in pairs.items()
         ]
-        lines += _markdown_table(["pair", "seeds", "Δ test loss", "Δ GSM8K acc.", "Δ MATH-500 acc."], pair_rows)
+        pair_header = ["pair", "seeds", "Δ test loss", "Δ GSM8K acc.", "Δ MATH-500 acc."]
+        pair_header += ["GSM8K ours only / PEFT only (McNemar p)", "MATH-500 ours only / PEFT only (McNemar p)"]
+        lines += _markdown_table(pair_header, pair_rows)
+        lines += [
+            "",
+            "*Ours only / PEFT only*: questions that one side of a same-seed pair answered right and the other",
+            "wrong, summed over seeds; *p*: two-sided exact McNemar test on them (seeds pooled).",
+        ]
     if grid:
         info = summary["grid"]
         lrs = sorted({float(r["lr"]) for r in grid if r.get("lr") is not None})
