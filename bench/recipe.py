@@ -20,11 +20,11 @@ layouts so the table shows where the time goes:
               (``LitSVDAdapter(cuda_graph_layers=True)``): nothing compiled, one capture per row shape
     layergraphs2k  the same with rows rounded up to a multiple of 2048 tokens (less padding, more shapes)
 
-Every run: SmolLM2-135M-Instruct (bf16 weights), r=16 on all 7 projections, batch 32, one epoch of GSM8K
-train (or ``--max-steps``), the same tokenised examples. Throughput = non-padding tokens ÷ seconds of the
-training loop (first batch to last optimizer step, device synchronised; ``steady_tokens_per_s`` leaves out
-the first 20 steps, where compilation happens); ``fit_s`` is the whole
-``Trainer.fit`` (SVD initialisation and data loading included). ``--profile`` adds a ``torch.profiler``
+Every run: SmolLM2-135M-Instruct (bf16 weights on GPUs; float32 on CPUs, for ``--smoke``), r=16 on all 7
+projections, batch 32, one epoch of GSM8K train (or ``--max-steps``), the same tokenised examples.
+Throughput = non-padding tokens ÷ seconds of the training loop (first batch to last optimizer step, device
+synchronised; ``steady_tokens_per_s`` leaves out the first 20 steps, where compilation happens); ``fit_s`` is
+the whole ``Trainer.fit`` (SVD initialisation and data loading included). ``--profile`` adds a ``torch.profiler``
 table of the top CUDA kernels over 10 steps of each run.
 
 Usage:
@@ -181,7 +181,7 @@ def peft_loop(args: argparse.Namespace, base_model, train_dataset, pad_token_id:
             profiler = torch.profiler.profile(activities=_profiler_activities())
             profiler.__enter__()
         batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -246,7 +246,7 @@ def ours_fit(args: argparse.Namespace, method: str, layout: str, base_model, tok
     trainer = L.Trainer(
         accelerator=device.type,
         devices=1,
-        precision="bf16-mixed",
+        precision="bf16-mixed" if device.type == "cuda" else "32-true",
         max_epochs=1,
         max_steps=args.max_steps if args.max_steps is not None else -1,
         gradient_clip_val=1.0,
@@ -341,7 +341,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(args.model)
-    base_model = load_causal_lm(args.model, dtype=torch.bfloat16)
+    # bf16 on GPUs (what is measured); float32 on CPUs, where bf16 matrix products can be ~30x slower than
+    # float32 (CPUs without native bf16, e.g. AVX2-only), so that --smoke tests the plumbing in seconds.
+    base_model = load_causal_lm(args.model, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
     # The anchor gets exactly the examples the recipe trains on (same tokenisation and length policy).
     data = GSM8KDataModule(
         data_dir=args.data_dir,

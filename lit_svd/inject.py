@@ -148,29 +148,77 @@ def inject_adapters(model: nn.Module, config: AdapterConfig, initialize: bool = 
     return model
 
 
+def _share(items: list, process_index: int, process_count: int) -> tuple[int, int]:
+    """``[first, stop)`` of the contiguous, near-equal share of ``items`` that ``process_index`` owns."""
+    per, extra = divmod(len(items), process_count)
+    first = process_index * per + min(process_index, extra)
+    return first, first + per + (process_index < extra)
+
+
+def _decompose(
+    decomposition: str, layers: list[AdapterLayer], rank: int, svd_method: str, dtype: torch.dtype, device
+) -> tuple[torch.Tensor, ...]:
+    """Batched top-r SVD ``(U, S, V)`` or thin QR ``(Q_r, R_r)`` of the layers' weights, on ``device``."""
+    # The SVD keeps the storage dtype (bf16 weights take a tensor-core Gram product and are read in float64
+    # after that); QR works in the compute dtype.
+    stacked = torch.stack(
+        [
+            (layer.weight_matrix() if decomposition == "svd" else layer.weight_matrix().to(dtype)).to(device)
+            for layer in layers
+        ]
+    )
+    if decomposition == "svd":
+        factors = top_r_svd(stacked, rank, method=svd_method, dtype=dtype)
+    else:
+        factors = thin_qr(stacked, rank, dtype=dtype)
+    return tuple(t.contiguous() for t in factors)
+
+
+def _factor_shapes(decomposition: str, count: int, shape: tuple[int, int], rank: int) -> list[tuple[int, ...]]:
+    m, n = shape
+    if decomposition == "svd":
+        return [(count, m, rank), (count, rank), (count, n, rank)]
+    return [(count, m, rank), (count, rank, n)]
+
+
 @torch.no_grad()
 def initialize_adapters(
     model: nn.Module,
     compute_dtype: torch.dtype = torch.float32,
-    broadcast: Callable[[torch.Tensor], None] | None = None,
-    compute: bool = True,
+    broadcast: Callable[[torch.Tensor, int], None] | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
+    device: torch.device | str | None = None,
 ) -> dict[str, float]:
     """Initialise every adapter not yet initialised, one batched decomposition per weight shape.
 
-    The SVD/QR runs on the device the weights live on (move the model to the GPU first to use it).
+    The SVD/QR runs on ``device`` (default: where each weight lives; move the model to the GPU first, or
+    pass the GPU here to decompose CPU-resident weights layer by layer, e.g. before FSDP shards them).
+
+    Several processes (DDP/FSDP ranks) share the work: each weight shape's layers are split into
+    ``process_count`` contiguous shares, process ``q`` decomposes share ``q`` only, and each share's
+    factors are then broadcast from its owner, so every process forms bit-identical adapters and
+    residuals while the decompositions take about ``1 / process_count`` of the time.
 
     Args:
         model: Model with injected adapters.
         compute_dtype: Working precision of the decompositions (float32, or float64 for reference runs).
-        broadcast: In-place broadcast applied to every batch of factors before use (e.g. from rank 0
-            under DDP), so that all processes form bit-identical adapters and residuals.
-        compute: ``False`` skips the decompositions and takes the factors from ``broadcast`` alone (the
-            receiving ranks, which then spend no time on a result they would overwrite).
+        broadcast: ``broadcast(tensor, src)``: in-place broadcast of ``tensor`` from process ``src`` to
+            all (e.g. ``torch.distributed.broadcast``). Required when ``process_count > 1``. Every
+            process must call ``initialize_adapters`` with the same model structure.
+        process_index: This process's index in ``[0, process_count)`` (the global rank).
+        process_count: How many processes share the decompositions (the world size).
+        device: Where to decompose and form the residuals; ``None``: where the weights are.
 
     Returns:
-        ``{"count": layers initialised, "seconds": wall time, "max_reconstruction_error": max over layers
-        of ‖W_base + delta − W‖_F / ‖W‖_F}``.
+        ``{"count": layers initialised, "seconds": wall time, "decompose_seconds": time in this process's
+        own decompositions, "decomposed": how many matrices this process decomposed,
+        "max_reconstruction_error": max over layers of ‖W_base + delta − W‖_F / ‖W‖_F}``.
     """
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} is outside [0, process_count={process_count})")
+    if process_count > 1 and broadcast is None:
+        raise ValueError(f"initialize_adapters with process_count={process_count} needs a broadcast(tensor, src)")
     start = time.perf_counter()
     pending = [(n, layer) for n, layer in adapter_layers(model) if not bool(layer.initialized)]
     meta = [n for n, layer in pending if layer.weight_matrix().is_meta]
@@ -180,46 +228,67 @@ def initialize_adapters(
     groups: dict[tuple, list[AdapterLayer]] = defaultdict(list)
     for _, layer in pending:
         weight = layer.weight_matrix()
-        key = (layer.decomposition, tuple(weight.shape), layer.rank, layer.svd_method, weight.device)
+        work_device = torch.device(device) if device is not None else weight.device
+        key = (layer.decomposition, tuple(weight.shape), layer.rank, layer.svd_method, work_device)
         groups[key].append(layer)
-    max_error = 0.0
-    for (decomposition, shape, rank, svd_method, _), layers in groups.items():
+
+    # Pass 1: this process decomposes its own share of every group (no communication, so all processes
+    # work at once). Pass 2: every share's factors are broadcast from its owner, in the same order on
+    # every process, and all processes form adapters and residuals from identical factors.
+    plan: list[tuple[tuple, list[AdapterLayer], int]] = []  # (group key, chunk of layers, owner)
+    for key, layers in groups.items():
+        decomposition, shape = key[0], key[1]
         per_chunk = max(1, _MAX_BATCH_BYTES // (shape[0] * shape[1] * 4))
-        for first in range(0, len(layers), per_chunk):
-            chunk = layers[first : first + per_chunk]
-            factors: list = [None] * len(chunk)
-            if decomposition is not None:
-                if compute:
-                    # The SVD keeps the storage dtype (bf16 weights take a tensor-core Gram product and
-                    # are read in float64 after that); QR works in the compute dtype.
-                    stacked = torch.stack(
-                        [
-                            layer.weight_matrix() if decomposition == "svd" else layer.weight_matrix().to(compute_dtype)
-                            for layer in chunk
-                        ]
-                    )
-                    if decomposition == "svd":
-                        batched = top_r_svd(stacked, rank, method=svd_method, dtype=compute_dtype)
-                    else:
-                        batched = thin_qr(stacked, rank, dtype=compute_dtype)
-                elif broadcast is not None:
-                    (m, n), b, device = shape, len(chunk), chunk[0].weight_matrix().device
-                    shapes = (
-                        [(b, m, rank), (b, rank), (b, n, rank)]
-                        if decomposition == "svd"
-                        else [(b, m, rank), (b, rank, n)]
-                    )
-                    batched = tuple(torch.empty(s, dtype=compute_dtype, device=device) for s in shapes)
-                else:
-                    raise ValueError("initialize_adapters(compute=False) needs a broadcast to receive the factors")
-                if broadcast is not None:
-                    batched = tuple(t.contiguous() for t in batched)
-                    for t in batched:
-                        broadcast(t)
-                factors = [tuple(t[i] for t in batched) for i in range(len(chunk))]
-            for layer, layer_factors in zip(chunk, factors, strict=True):
-                max_error = max(max_error, layer.initialize(layer_factors))
-    return {"count": len(pending), "seconds": time.perf_counter() - start, "max_reconstruction_error": max_error}
+        for owner in range(process_count if decomposition is not None else 1):
+            first, stop = _share(layers, owner, process_count) if decomposition is not None else (0, len(layers))
+            for chunk_start in range(first, stop, per_chunk):
+                plan.append((key, layers[chunk_start : min(stop, chunk_start + per_chunk)], owner))
+    own_factors: dict[int, tuple[torch.Tensor, ...]] = {}
+    decomposed = sum(len(chunk) for (key, chunk, owner) in plan if key[0] is not None and owner == process_index)
+    decompose_start = time.perf_counter()
+    for index, ((decomposition, _, rank, svd_method, work_device), chunk, owner) in enumerate(plan):
+        if decomposition is not None and owner == process_index:
+            own_factors[index] = _decompose(decomposition, chunk, rank, svd_method, compute_dtype, work_device)
+    for factors_of_chunk in own_factors.values():  # CUDA runs asynchronously: time the work, not its launch
+        if factors_of_chunk[0].is_cuda:
+            torch.cuda.synchronize(factors_of_chunk[0].device)
+    decompose_seconds = time.perf_counter() - decompose_start
+
+    max_error = 0.0
+    for index, ((decomposition, shape, rank, _, work_device), chunk, owner) in enumerate(plan):
+        factors: list = [None] * len(chunk)
+        if decomposition is not None:
+            batched = own_factors.pop(index, None)
+            if batched is None:
+                batched = tuple(
+                    torch.empty(s, dtype=compute_dtype, device=work_device)
+                    for s in _factor_shapes(decomposition, len(chunk), shape, rank)
+                )
+            if process_count > 1:
+                for t in batched:
+                    broadcast(t, owner)
+            factors = [tuple(t[i] for t in batched) for i in range(len(chunk))]
+        for layer, layer_factors in zip(chunk, factors, strict=True):
+            max_error = max(max_error, _initialize_on(layer, layer_factors, work_device))
+    return {
+        "count": len(pending),
+        "seconds": time.perf_counter() - start,
+        "decompose_seconds": decompose_seconds,
+        "decomposed": decomposed,
+        "max_reconstruction_error": max_error,
+    }
+
+
+def _initialize_on(layer: AdapterLayer, factors, device: torch.device) -> float:
+    """``layer.initialize(factors)`` with the layer moved to ``device`` for it (and back afterwards)."""
+    home = layer.weight_matrix().device
+    if home == device:
+        return layer.initialize(factors)
+    layer.to(device)
+    try:
+        return layer.initialize(factors)
+    finally:
+        layer.to(home)
 
 
 def merge_adapters(model: nn.Module) -> nn.Module:

@@ -1,7 +1,10 @@
 """Run by test_ddp.py: 2-process DDP (gloo, CPU) fit; each rank writes adapter checksums to OUT_DIR.
 
 Rank 1 deliberately uses another SVD algorithm, so only the broadcast in SVDInit can make the factors
-bit-identical across ranks.
+bit-identical across ranks. ``CollectiveGuard`` applies NCCL's placement rules on the CPU, where gloo would
+accept anything: every tensor handed to a collective must be on the strategy's root device, and no
+collective may run after the strategy's teardown (which moves the module to the CPU, where NCCL cannot
+reduce it).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import sys
 from pathlib import Path
 
 import lightning as L
+import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import make_tiny_model  # noqa: E402
@@ -21,16 +25,57 @@ from lit_svd import AdapterConfig  # noqa: E402
 from lit_svd.callbacks import SVDInit, adapter_checksum  # noqa: E402
 from lit_svd.module import LitSVDAdapter  # noqa: E402
 
+COLLECTIVES = ("broadcast", "all_gather", "all_gather_into_tensor", "all_reduce", "reduce_scatter_tensor", "gather")
+
+
+class CollectiveGuard(L.Callback):
+    """Fail a collective whose tensors NCCL would refuse: off the root device, or after teardown."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, int] = {}
+        self.torn_down = False
+
+    def setup(self, trainer, pl_module, stage):
+        strategy = trainer.strategy
+        original_teardown = strategy.teardown
+
+        def teardown():
+            self.torn_down = True
+            original_teardown()
+
+        strategy.teardown = teardown
+        for name in COLLECTIVES:
+            setattr(dist, name, self._guarded(name, getattr(dist, name), strategy))
+
+    def _guarded(self, name, collective, strategy):
+        def call(*args, **kwargs):
+            tensors = [a for a in args if hasattr(a, "device")]
+            tensors += [t for a in args if isinstance(a, list) for t in a if hasattr(t, "device")]
+            if self.torn_down:
+                raise RuntimeError(f"dist.{name} after the strategy's teardown (the module is on the CPU by now)")
+            for t in tensors:
+                if t.device != strategy.root_device:
+                    raise RuntimeError(
+                        f"dist.{name} got a tensor on {t.device}; the root device is {strategy.root_device}"
+                    )
+            self.calls[name] = self.calls.get(name, 0) + 1
+            return collective(*args, **kwargs)
+
+        return call
+
 
 class RecordChecksums(L.Callback):
-    def __init__(self, out_dir: Path) -> None:
-        self.out_dir, self.values = out_dir, {}
+    def __init__(self, out_dir: Path, svd_init: SVDInit, guard: CollectiveGuard) -> None:
+        self.out_dir, self.svd_init, self.guard, self.values = out_dir, svd_init, guard, {}
 
     def on_fit_start(self, trainer, pl_module):
         self.values["after_init"] = int(adapter_checksum(pl_module))
+        self.values["decomposed"] = self.svd_init.report["decomposed"]
+        self.values["count"] = self.svd_init.report["count"]
 
     def on_fit_end(self, trainer, pl_module):
         self.values["after_fit"] = int(adapter_checksum(pl_module))
+        self.values["collectives"] = self.guard.calls
         (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.values))
 
 
@@ -41,6 +86,7 @@ def main(out_dir: Path, method: str) -> None:
         method=method, rank=4, target_modules=["q_proj", "down_proj"], svd_method=["full", "gram"][local_rank]
     )
     module = LitSVDAdapter(make_tiny_model("llama"), config, learning_rate=1e-2)
+    svd_init, guard = SVDInit(), CollectiveGuard()
     trainer = L.Trainer(
         accelerator="cpu",
         devices=2,
@@ -51,7 +97,7 @@ def main(out_dir: Path, method: str) -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
         limit_val_batches=0,
-        callbacks=[SVDInit(), RecordChecksums(out_dir)],
+        callbacks=[guard, svd_init, RecordChecksums(out_dir, svd_init, guard)],
     )
     trainer.fit(module, datamodule=RandomTokensData(count=24, batch_size=2))
 

@@ -22,3 +22,7 @@ def test_ddp_ranks_hold_identical_adapters(method, tmp_path):
     assert ranks[0]["after_init"] == ranks[1]["after_init"]
     assert ranks[0]["after_fit"] == ranks[1]["after_fit"]
     assert ranks[0]["after_fit"] != ranks[0]["after_init"]  # training did move the adapters
+    # The decompositions were shared: each rank did its half of the 4 matrices (2 layers × q_proj, down_proj).
+    assert [r["decomposed"] for r in ranks] == [2, 2] and ranks[0]["count"] == 4
+    # Factors were broadcast, and checksums all-gathered after init and after training, under the guard.
+    assert ranks[0]["collectives"]["broadcast"] >= 2 and ranks[0]["collectives"]["all_gather"] >= 2

@@ -42,8 +42,13 @@ def test_top_r_svd_matches_float64_reference(method, m, n, r):
     rel = ((S.double() - S_ref[:, :r]).abs() / S_ref[:, :r]).max().item()
     assert rel < 1e-5, rel
     residual = torch.linalg.matrix_norm(w64 - principal_weight(U.double(), S.double(), V.double()))
-    # fp32 rounding of the factors adds ~1e-7·‖W‖ even where the optimum is 0 (r = min(m, n)).
-    slack = 1e-6 * torch.linalg.matrix_norm(w64)
+    # Rounding, not the algorithm, sets the floor where the optimum is 0 (r = min(m, n)): the float32 copy
+    # of W, the float32 SVD (backward stable: ‖ΔW‖ ≤ p(m, n)·u·‖W‖ with p a low-degree polynomial whose
+    # size depends on the BLAS/LAPACK blocking) and the float32 factors. p = max(m, n) is the usual
+    # first-order form. LAPACK's float32 SVD ("full") leaves 15–18·u on these 64×48 matrices (measured
+    # with MKL; the float64 Rayleigh–Ritz paths 1–2.4·u), which a fixed 1e-6·‖W‖ (~17·u) did not allow.
+    unit_roundoff = torch.finfo(torch.float32).eps / 2
+    slack = max(m, n) * unit_roundoff * torch.linalg.matrix_norm(w64)
     assert (residual <= (1 + 1e-5) * optimal_residual_norm(S_ref, r) + slack).all()
     assert orthonormality_error(U.double()).max() < 1e-5
     assert orthonormality_error(V.double()).max() < 1e-5

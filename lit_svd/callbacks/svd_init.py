@@ -15,15 +15,27 @@ from lit_svd.inject import adapter_layers, initialize_adapters
 __all__ = ["SVDInit", "adapter_checksum"]
 
 
-def adapter_checksum(module: torch.nn.Module) -> torch.Tensor:
-    """An int64 checksum of the raw bits of every adapter tensor and adapted base weight (equal ⇔ identical)."""
-    total = torch.zeros((), dtype=torch.int64)
+def adapter_checksum(module: torch.nn.Module, device: torch.device | str | None = None) -> torch.Tensor:
+    """An int64 checksum of the raw bits of every adapter tensor and adapted base weight (equal ⇔ identical).
+
+    Computed where the tensors live (or on ``device``), so under NCCL it is a GPU tensor ready for a
+    collective, and a 7B model's weights are never copied to the host: a few hundred milliseconds on a
+    GPU. Each tensor contributes ``Σ_i i·bits_i`` (int64, wrapping), so order and position both count.
+
+    Returns:
+        A 0-dim int64 tensor on the tensors' (or ``device``'s) device.
+    """
+    total = None
     for _, layer in adapter_layers(module):
         tensors = [getattr(layer, n) for n in layer.adapter_tensor_names if n != "initialized"]
         for t in [*tensors, layer.base_layer.weight]:
-            bits = t.detach().float().flatten().view(torch.int32).to(torch.int64).cpu()
-            weights = torch.arange(1, bits.numel() + 1, dtype=torch.int64)
-            total += (bits * weights).sum()  # int64 wrap-around is deterministic, which is all we need
+            t = t.detach() if device is None else t.detach().to(device)
+            bits = t.float().flatten().view(torch.int32).to(torch.int64)
+            positions = torch.arange(1, bits.numel() + 1, dtype=torch.int64, device=bits.device)
+            term = (bits * positions).sum()
+            total = term if total is None else total + term  # int64 wrap-around is deterministic
+    if total is None:
+        return torch.zeros((), dtype=torch.int64, device=device)
     return total
 
 
@@ -32,8 +44,8 @@ class SVDInit(Callback):
 
     It runs on the device the module lives on (after the strategy moved it there), batched by weight
     shape. It does nothing when every adapter is already initialised, e.g. after restoring a checkpoint
-    on resume. Under DDP the factors of rank 0 are broadcast before use, and a checksum of the adapters
-    is compared across ranks afterwards.
+    on resume. Under DDP each rank decomposes a share of the matrices and broadcasts its factors, and a
+    checksum of the adapters is compared across ranks after init and at the end of training.
 
     Example::
 
@@ -42,7 +54,8 @@ class SVDInit(Callback):
 
     Args:
         compute_dtype: Working precision of the decompositions.
-        verify_across_ranks: All-gather a checksum after init and at the end of fit; raise if any rank differs.
+        verify_across_ranks: All-gather a checksum after init and at the end of training; raise if any rank
+            differs.
     """
 
     def __init__(self, compute_dtype: Literal["float32", "float64"] = "float32", verify_across_ranks: bool = True):
@@ -59,10 +72,14 @@ class SVDInit(Callback):
             rank_zero_info("SVDInit: adapters already initialised (restored or initialised before fit); skipping")
             return
         distributed = trainer.world_size > 1 and dist.is_available() and dist.is_initialized()
-        broadcast = (lambda t: dist.broadcast(t, src=0)) if distributed else None
-        # Only rank 0 decomposes; the others receive its factors (identical results, no wasted work).
+        # Every rank decomposes its share of the matrices; each share's factors are then broadcast from
+        # its owner, so all ranks form bit-identical adapters in about 1/world_size of the time.
         self.report = initialize_adapters(
-            pl_module, self.compute_dtype, broadcast=broadcast, compute=not distributed or trainer.global_rank == 0
+            pl_module,
+            self.compute_dtype,
+            broadcast=(lambda t, src: dist.broadcast(t, src=src)) if distributed else None,
+            process_index=trainer.global_rank if distributed else 0,
+            process_count=trainer.world_size if distributed else 1,
         )
         rank_zero_info(
             f"SVDInit: initialised {self.report['count']} adapters in {self.report['seconds']:.2f}s "
@@ -80,12 +97,14 @@ class SVDInit(Callback):
             self._verify(trainer, pl_module, "init")
 
     @override
-    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Not on_fit_end: by then the strategy's teardown has moved the module to the CPU, and NCCL
+        # cannot all-gather CPU tensors (nor should 7B weights be checksummed on the host).
         if trainer.world_size > 1 and dist.is_available() and dist.is_initialized() and self.verify_across_ranks:
-            self._verify(trainer, pl_module, "fit")
+            self._verify(trainer, pl_module, "training")
 
     def _verify(self, trainer: Trainer, pl_module: LightningModule, when: str) -> None:
-        checksum = adapter_checksum(pl_module).to(pl_module.device)
+        checksum = adapter_checksum(pl_module, device=trainer.strategy.root_device)
         gathered = trainer.strategy.all_gather(checksum).flatten()
         if not bool((gathered == gathered[0]).all()):
             raise RuntimeError(f"SVDInit: adapters differ across ranks after {when} (checksums {gathered.tolist()})")
