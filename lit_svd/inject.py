@@ -9,6 +9,7 @@ exact trained model comes back without storing any m×n matrix and without re-ru
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from collections import defaultdict
@@ -16,11 +17,12 @@ from collections.abc import Callable, Iterator, Mapping
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from transformers.pytorch_utils import Conv1D
 
 from lit_svd.adapters import AdapterLayer, get_adapter_class
 from lit_svd.config import AdapterConfig
-from lit_svd.linalg import orthonormality_error, thin_qr, top_r_svd
+from lit_svd.linalg import orthonormality_error, orthonormality_error_from_gram, thin_qr, top_r_svd
 
 __all__ = [
     "adapter_layers",
@@ -212,8 +214,8 @@ def initialize_adapters(
 
     Returns:
         ``{"count": layers initialised, "seconds": wall time, "decompose_seconds": time in this process's
-        own decompositions, "decomposed": how many matrices this process decomposed,
-        "max_reconstruction_error": max over layers of ‖W_base + delta − W‖_F / ‖W‖_F}``.
+        own decompositions, "decomposed": how many matrices this process decomposed, "weight_norms": ``‖W_0‖_F``
+        by layer name, "max_reconstruction_error": max over layers of ‖W_base + delta − W‖_F / ‖W‖_F}``.
     """
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} is outside [0, process_count={process_count})")
@@ -254,7 +256,7 @@ def initialize_adapters(
             torch.cuda.synchronize(factors_of_chunk[0].device)
     decompose_seconds = time.perf_counter() - decompose_start
 
-    max_error = 0.0
+    max_error, weight_norms = 0.0, {}
     for index, ((decomposition, shape, rank, _, work_device), chunk, owner) in enumerate(plan):
         factors: list = [None] * len(chunk)
         if decomposition is not None:
@@ -269,26 +271,38 @@ def initialize_adapters(
                     broadcast(t, owner)
             factors = [tuple(t[i] for t in batched) for i in range(len(chunk))]
         for layer, layer_factors in zip(chunk, factors, strict=True):
-            max_error = max(max_error, _initialize_on(layer, layer_factors, work_device))
+            error, weight_norms[layer.layer_name] = _initialize_on(layer, layer_factors, work_device)
+            max_error = max(max_error, error)
     return {
         "count": len(pending),
         "seconds": time.perf_counter() - start,
         "decompose_seconds": decompose_seconds,
         "decomposed": decomposed,
         "max_reconstruction_error": max_error,
+        "weight_norms": {name: norm.item() for name, norm in weight_norms.items()},
     }
 
 
-def _initialize_on(layer: AdapterLayer, factors, device: torch.device) -> float:
-    """``layer.initialize(factors)`` with the layer moved to ``device`` for it (and back afterwards)."""
+@contextlib.contextmanager
+def _visiting(layer: AdapterLayer, device: torch.device | None) -> Iterator[None]:
+    """Move ``layer`` (base weight and adapter tensors) to ``device`` for the block, then back home."""
     home = layer.weight_matrix().device
-    if home == device:
-        return layer.initialize(factors)
+    if device is None or torch.device(device) == home:
+        yield
+        return
     layer.to(device)
     try:
-        return layer.initialize(factors)
+        yield
     finally:
         layer.to(home)
+
+
+def _initialize_on(layer: AdapterLayer, factors, device: torch.device) -> tuple[float, torch.Tensor]:
+    """``layer.initialize(factors)`` on ``device``; returns its reconstruction error and ``‖W_0‖_F``."""
+    with _visiting(layer, device):
+        # Measured here because under FSDP this is the last time the layer's whole weight is in one place.
+        weight_norm = torch.linalg.vector_norm(layer.weight_matrix().float())
+        return layer.initialize(factors), weight_norm
 
 
 def merge_adapters(model: nn.Module) -> nn.Module:
@@ -323,8 +337,35 @@ def orthonormal_regularizer(model: nn.Module) -> torch.Tensor:
     if not by_shape:
         first = next(model.parameters(), None)
         return torch.zeros((), device=first.device if first is not None else device)
-    errors = [orthonormality_error(torch.stack(factors).float()) for factors in by_shape.values()]
+    errors = []
+    for factors in by_shape.values():
+        if isinstance(factors[0], DTensor):
+            # FSDP shards each factor by rows: XᵀX is the sum of the shards' local Gram matrices.
+            local = torch.stack([f.to_local() for f in factors]).float()
+            gram = _SumOverRanks.apply(local.mT @ local, factors[0].device_mesh.get_group())
+            errors.append(orthonormality_error_from_gram(gram))
+        else:
+            errors.append(orthonormality_error(torch.stack(factors).float()))
     return torch.cat(errors).mean()
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """All-reduce (sum) forward, identity backward.
+
+    Every rank computes the same loss from the summed Gram matrix, so each rank's local term receives the
+    loss's gradient unchanged; the shard's own gradient then follows locally. (DTensor's own
+    ``full_tensor()`` would sum the identical gradients of all ranks in backward: world_size × too big.)
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group) -> torch.Tensor:
+        total = tensor.clone()
+        torch.distributed.all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
 
 
 def trainable_parameter_count(model: nn.Module) -> int:
@@ -343,12 +384,19 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_adapter_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+def load_adapter_state_dict(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor], device: torch.device | str | None = None
+) -> None:
     """Load ``adapter_state_dict`` output into a model injected with the same config.
 
     The target model's base weights must be the original pretrained ones (adapters injected with
     ``initialize=False``), or already initialised with the very same init snapshot. Everything is
     validated before any tensor is written.
+
+    Args:
+        model: Model with injected adapters.
+        state_dict: Adapter tensors by ``<layer path>.<tensor>``.
+        device: Where residuals are rebuilt (each layer visits it); ``None``: where the weights are.
     """
     layers = dict(adapter_layers(model))
     if not layers:
@@ -392,4 +440,5 @@ def load_adapter_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Ten
             for tensor_name in layer.adapter_tensor_names:
                 getattr(layer, tensor_name).copy_(state_dict[f"{name}.{tensor_name}"])
             if bool(layer.initialized) and not was_initialized:
-                layer.rebuild_residual()
+                with _visiting(layer, device):
+                    layer.rebuild_residual()

@@ -302,8 +302,12 @@ def residual_weight(w: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
 
 def orthonormality_error(X: torch.Tensor) -> torch.Tensor:
     """``‖X^T X − I_r‖_F`` for ``X`` of shape ``(..., d, r)``; returns shape ``(...)``."""
-    gram = X.mT @ X
-    eye = torch.eye(X.shape[-1], dtype=X.dtype, device=X.device)
+    return orthonormality_error_from_gram(X.mT @ X)
+
+
+def orthonormality_error_from_gram(gram: torch.Tensor) -> torch.Tensor:
+    """``‖G − I_r‖_F`` for a Gram matrix ``G = XᵀX`` of shape ``(..., r, r)``; returns shape ``(...)``."""
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
     return torch.linalg.matrix_norm(gram - eye, ord="fro")
 
 

@@ -434,18 +434,70 @@ class LitSVDAdapter(LightningModule):
             raise ValueError("checkpoint does not match this LitSVDAdapter: " + "; ".join(mismatches))
         prefix = "model."
         state = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
-        load_adapter_state_dict(self.model, state)
+        # Lightning restores before the strategy moves the model (DDP) or shards it (FSDP): the residuals
+        # are rebuilt with each layer visiting the accelerator, not on the host.
+        device = self._trainer.strategy.root_device if self._trainer is not None else None
+        load_adapter_state_dict(self.model, state, device=device)
         # Already loaded (with residual rebuilding); Lightning's own load_state_dict gets nothing to do.
         checkpoint["state_dict"] = {}
 
     # ----- export ------------------------------------------------------------------------------------------
-    def export_merged(self, path: str | Path, overwrite: bool = False) -> Path:
-        """Plain Hugging Face checkpoint (+ tokenizer) with the adapters folded in."""
-        return export_merged(self.model, path, tokenizer=self.tokenizer, overwrite=overwrite)
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """The adapter tensors (``adapter_state_dict``) as full tensors, also when FSDP shards them.
 
-    def export_peft_lora(self, path: str | Path, overwrite: bool = False) -> Path:
-        """Standard PEFT LoRA adapter (rank ≤ 2r) against the original base weights of ``self.model_name``."""
-        return export_peft_lora(self.model, path, base_model_name_or_path=str(self.model_name), overwrite=overwrite)
+        Under FSDP this all-gathers each adapter tensor (never a base weight), so every rank must call it.
+        """
+        return {k: _full_tensor(v) for k, v in adapter_state_dict(self.model).items()}
+
+    def _exportable_model(self) -> torch.nn.Module | None:
+        """The model to export: ``self.model``, or under FSDP (on rank 0; ``None`` elsewhere) a fresh copy of
+        the original base with the gathered adapter loaded onto it (residuals rebuilt exactly as on resume)."""
+        if not _is_sharded(self.model):
+            return self.model
+        state = self.adapter_state()  # collective: every rank
+        if self.trainer.global_rank != 0:
+            return None
+        if not isinstance(self.model_name, str) or not self.model_name:
+            raise ValueError("exporting a sharded model reloads the base by name; this module was given a model object")
+        hp = self.hparams
+        fresh = load_causal_lm(self.model_name, gguf_file=hp.get("gguf_file"), dtype=hp.get("model_dtype"))
+        fresh = self.inject(fresh)
+        load_adapter_state_dict(fresh, state, device=self.trainer.strategy.root_device)
+        return fresh
+
+    def export_merged(self, path: str | Path, overwrite: bool = False) -> Path | None:
+        """Plain Hugging Face checkpoint (+ tokenizer) with the adapters folded in.
+
+        Under FSDP call it on every rank (the adapter is gathered); rank 0 writes and returns the path, the
+        other ranks return ``None``.
+        """
+        model = self._exportable_model()
+        if model is None:
+            return None
+        return export_merged(model, path, tokenizer=self.tokenizer, overwrite=overwrite)
+
+    def export_peft_lora(self, path: str | Path, overwrite: bool = False) -> Path | None:
+        """Standard PEFT LoRA adapter (rank ≤ 2r) against the original base weights of ``self.model_name``.
+
+        Under FSDP call it on every rank, as ``export_merged``.
+        """
+        model = self._exportable_model()
+        if model is None:
+            return None
+        return export_peft_lora(model, path, base_model_name_or_path=str(self.model_name), overwrite=overwrite)
+
+
+def _full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """A ``DTensor`` gathered into an ordinary tensor (a collective); any other tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def _is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:

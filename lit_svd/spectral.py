@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from lit_svd.adapters import AdapterLayer
 from lit_svd.linalg import (
@@ -66,8 +67,15 @@ def layer_position(name: str) -> tuple[int, str]:
 
 
 def _weight_norm(layer: AdapterLayer) -> torch.Tensor:
-    """``‖W_0‖_F`` as a 0-dim float32 tensor on the layer's device (no synchronisation)."""
-    weight = layer.weight_matrix().float()
+    """``‖W_0‖_F`` as a 0-dim float32 tensor on the layer's device (no synchronisation).
+
+    Under FSDP the weight is gathered whole (one matrix, once per run: ``SpectralMonitor`` caches the norm,
+    and takes it from ``SVDInit`` when the init measured it before sharding).
+    """
+    weight = layer.weight_matrix()
+    if isinstance(weight, DTensor):
+        weight = weight.full_tensor()
+    weight = weight.float()
     if layer.decomposition is None:  # init left W unchanged: the base weight is W_0
         return torch.linalg.vector_norm(weight)
     P_0, Q_0 = layer.initial_low_rank_factors()

@@ -3,8 +3,8 @@
 Rank 1 deliberately uses another SVD algorithm, so only the broadcast in SVDInit can make the factors
 bit-identical across ranks. ``CollectiveGuard`` applies NCCL's placement rules on the CPU, where gloo would
 accept anything: every tensor handed to a collective must be on the strategy's root device, and no
-collective may run after the strategy's teardown (which moves the module to the CPU, where NCCL cannot
-reduce it).
+collective may run once the strategy's teardown has moved the module to the CPU (DDP's does), where NCCL
+cannot reduce it.
 """
 
 from __future__ import annotations
@@ -29,21 +29,22 @@ COLLECTIVES = ("broadcast", "all_gather", "all_gather_into_tensor", "all_reduce"
 
 
 class CollectiveGuard(L.Callback):
-    """Fail a collective whose tensors NCCL would refuse: off the root device, or after teardown."""
+    """Fail a collective whose tensors NCCL would refuse: off the root device, or on a module that the
+    strategy's teardown has moved to the host (DDP's teardown does; FSDP's keeps the shards on the GPUs)."""
 
     def __init__(self) -> None:
         self.calls: dict[str, int] = {}
-        self.torn_down = False
+        self.moved_to_host = False
 
     def setup(self, trainer, pl_module, stage):
         strategy = trainer.strategy
-        original_teardown = strategy.teardown
+        to_host = pl_module.cpu
 
-        def teardown():
-            self.torn_down = True
-            original_teardown()
+        def cpu():
+            self.moved_to_host = True
+            return to_host()
 
-        strategy.teardown = teardown
+        pl_module.cpu = cpu
         for name in COLLECTIVES:
             setattr(dist, name, self._guarded(name, getattr(dist, name), strategy))
 
@@ -51,8 +52,8 @@ class CollectiveGuard(L.Callback):
         def call(*args, **kwargs):
             tensors = [a for a in args if hasattr(a, "device")]
             tensors += [t for a in args if isinstance(a, list) for t in a if hasattr(t, "device")]
-            if self.torn_down:
-                raise RuntimeError(f"dist.{name} after the strategy's teardown (the module is on the CPU by now)")
+            if self.moved_to_host:
+                raise RuntimeError(f"dist.{name} after the strategy's teardown moved the module to the CPU")
             for t in tensors:
                 if t.device != strategy.root_device:
                     raise RuntimeError(

@@ -29,11 +29,18 @@ from typing import ClassVar, Literal
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from transformers.pytorch_utils import Conv1D
 
 from lit_svd.linalg import residual_weight
 
 __all__ = ["AdapterLayer", "BaseLinear"]
+
+
+def _full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    # FSDP2 keeps parameters as DTensor shards between forward passes; metrics and merges need them whole.
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
 
 BaseLinear = nn.Linear | Conv1D
 Factors = tuple[torch.Tensor, ...] | None
@@ -124,11 +131,14 @@ class AdapterLayer(nn.Module):
         return {n: getattr(self, n) for n in (*self.trainable_names, *self.frozen_names)}
 
     def factors(self, initial: bool = False) -> dict[str, torch.Tensor]:
-        """Current (or, with ``initial``, init-time) adapter tensors by name, in float32."""
-        out = {n: getattr(self, n).float() for n in self.frozen_names}
+        """Current (or, with ``initial``, init-time) adapter tensors by name, in float32.
+
+        Tensors that FSDP shards are gathered whole (a collective: under FSDP every rank must call this).
+        """
+        out = {n: _full_tensor(getattr(self, n)).float() for n in self.frozen_names}
         for n in self.trainable_names:
             source = f"init_{n}" if initial and self.decomposition is not None else n
-            out[n] = getattr(self, source).float()
+            out[n] = _full_tensor(getattr(self, source)).float()
         return out
 
     def initial_low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -108,6 +108,18 @@ class SpectralMonitor(Callback):
         """
         return layer_spectra(dict(adapter_layers(pl_module)), self._weight_norms, self._initial_singular_values)
 
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # ‖W_0‖_F is the only metric input that reads the m×n weights; SVDInit measured it while each weight
+        # was whole (under FSDP, before sharding), so take it from there instead of gathering weights.
+        from lit_svd.callbacks.svd_init import SVDInit
+
+        report = next((cb.report for cb in trainer.callbacks if isinstance(cb, SVDInit) and cb.report), None)
+        norms = (report or {}).get("weight_norms", {})
+        for name, layer in adapter_layers(pl_module):
+            if layer.layer_name in norms:
+                self._weight_norms.setdefault(name, norms[layer.layer_name])
+
     def _images_due(self, step: int) -> bool:
         return step % self.images_every_n_steps == 0 or step == 1
 

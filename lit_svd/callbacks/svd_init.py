@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
+from torch.distributed.tensor import DTensor
 from typing_extensions import override
 
 from lit_svd.inject import adapter_layers, initialize_adapters
@@ -39,6 +40,10 @@ def adapter_checksum(module: torch.nn.Module, device: torch.device | str | None 
     return total
 
 
+def _is_sharded(module: torch.nn.Module) -> bool:
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
 class SVDInit(Callback):
     """Run the SVD/QR initialisation of all adapters at ``on_fit_start``, once.
 
@@ -67,6 +72,15 @@ class SVDInit(Callback):
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.initialize(trainer, pl_module)
+
+    def initialize(self, trainer: Trainer, pl_module: LightningModule, device: torch.device | None = None) -> None:
+        """Initialise every pending adapter of ``pl_module``, sharing the work across ranks.
+
+        Called at ``on_fit_start``, and by ``lit_svd.strategies.AdapterFSDPStrategy`` before it shards the
+        model (then with ``device``: the weights are still on the host and each layer visits the device for
+        its decomposition and residual).
+        """
         pending = [n for n, layer in adapter_layers(pl_module) if not bool(layer.initialized)]
         if not pending:
             rank_zero_info("SVDInit: adapters already initialised (restored or initialised before fit); skipping")
@@ -80,10 +94,12 @@ class SVDInit(Callback):
             broadcast=(lambda t, src: dist.broadcast(t, src=src)) if distributed else None,
             process_index=trainer.global_rank if distributed else 0,
             process_count=trainer.world_size if distributed else 1,
+            device=device,
         )
         rank_zero_info(
             f"SVDInit: initialised {self.report['count']} adapters in {self.report['seconds']:.2f}s "
-            f"(max relative reconstruction error {self.report['max_reconstruction_error']:.2e})"
+            f"({self.report['decomposed']} decomposed by this rank in {self.report['decompose_seconds']:.2f}s; "
+            f"max relative reconstruction error {self.report['max_reconstruction_error']:.2e})"
         )
         if trainer.logger is not None and trainer.is_global_zero:
             trainer.logger.log_metrics(
@@ -101,6 +117,9 @@ class SVDInit(Callback):
         # Not on_fit_end: by then the strategy's teardown has moved the module to the CPU, and NCCL
         # cannot all-gather CPU tensors (nor should 7B weights be checksummed on the host).
         if trainer.world_size > 1 and dist.is_available() and dist.is_initialized() and self.verify_across_ranks:
+            if _is_sharded(pl_module):
+                # Under FSDP each rank holds different shards by design (init was verified before sharding).
+                return
             self._verify(trainer, pl_module, "training")
 
     def _verify(self, trainer: Trainer, pl_module: LightningModule, when: str) -> None:

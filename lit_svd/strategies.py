@@ -1,0 +1,167 @@
+"""Sharded training of adapters: FSDP2 (``fully_shard``) through Lightning's ``ModelParallelStrategy``.
+
+``AdapterFSDPStrategy`` is what ``--strategy fsdp`` means for the recipes. The order of a fit is:
+
+1. (resume only) the adapter tensors are read from the checkpoint — every rank reads the whole adapter,
+   which is small — and each residual ``W − P_0 Q_0ᵀ`` is rebuilt on the full original weight;
+2. otherwise ``SVDInit`` initialises the adapters on the full weights, the decompositions shared across
+   ranks (each layer visits the GPU, so the host-resident model is never on one GPU whole);
+3. every decoder layer, then the root, is ``fully_shard``-ed over all ranks: each GPU keeps 1/world of
+   each frozen base weight (in its dtype, e.g. bf16) and of each adapter tensor;
+4. the optimizer is built over the adapter parameters only, so only they hold optimizer state.
+
+Checkpoints hold the adapter tensors and the optimizer state only (sharded, one file per rank with
+``torch.distributed.checkpoint``); the frozen base is never written. ``LitSVDAdapter.adapter_state()``
+gathers the (small) adapter onto every rank for exports.
+
+Why FSDP2 rather than Lightning's ``FSDPStrategy`` (FSDP1): FSDP1 flattens each wrapped module's
+parameters into one flat buffer of one dtype, so float32 adapters next to a bf16 base need
+``adapter_dtype=bfloat16`` or wrapping each adapter separately, and its ``use_orig_params`` views make
+adapter-only state dicts awkward. FSDP2 shards each parameter on its own (``DTensor``), keeps each dtype,
+and checkpoints any subset of tensors with ``torch.distributed.checkpoint``.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.strategies.model_parallel import (
+    _METADATA_FILENAME,
+    _distributed_checkpoint_load,
+    _is_sharded_checkpoint,
+)
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.utilities import rank_zero_info
+from torch.distributed.constants import default_pg_timeout
+from torch.distributed.tensor import DTensor
+from typing_extensions import override
+
+from lit_svd.inject import adapter_layers, adapter_state_dict
+
+__all__ = ["AdapterFSDPStrategy", "shard_model"]
+
+
+def shard_model(model: torch.nn.Module, mesh) -> torch.nn.Module:
+    """``fully_shard`` every decoder layer of a transformers model, then its body (``base_model``), over ``mesh``.
+
+    Per-layer units keep the all-gathered (unsharded) weights to one decoder layer at a time. The root unit
+    is the body, not the whole model, because the fused loss calls the body and then reads the output
+    embedding's weight itself: the (frozen) LM head stays an ordinary replicated tensor, which a tied head
+    already is (it keeps the original embedding tensor, which never changes).
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    from lit_svd.module import decoder_layers
+
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh)
+    body = getattr(model, "base_model", model)
+    fully_shard(body, mesh=mesh)
+    return model
+
+
+class AdapterFSDPStrategy(ModelParallelStrategy):
+    """FSDP2 over all processes for ``LitSVDAdapter``: init on full weights, then shard; adapter-only checkpoints.
+
+    Example::
+
+        trainer = Trainer(accelerator="gpu", devices=2, strategy=AdapterFSDPStrategy(), precision="bf16-mixed")
+
+    Args:
+        process_group_backend: ``None``: NCCL on GPUs, gloo on CPUs.
+        timeout: Collective timeout.
+    """
+
+    strategy_name = "lit_svd_fsdp"
+
+    def __init__(
+        self, process_group_backend: str | None = None, timeout: timedelta | None = default_pg_timeout
+    ) -> None:
+        # Pure data parallelism: one mesh dimension over every process (no tensor parallelism). Checkpoints
+        # are always sharded (one file per rank): a single file would need the whole optimizer on rank 0.
+        super().__init__(
+            data_parallel_size="auto",
+            tensor_parallel_size=1,
+            save_distributed_checkpoint=True,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+        )
+        self._checkpoint_to_restore: Path | None = None
+
+    @property
+    @override
+    def restore_checkpoint_after_setup(self) -> bool:
+        # Restore *before* sharding: the residuals are rebuilt on full weights, and SVDInit then sees
+        # initialised adapters and never re-runs the decompositions on resume.
+        return False
+
+    @override
+    def setup_environment(self) -> None:
+        if self._data_parallel_size == "auto":
+            self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
+
+    @override
+    def setup(self, trainer) -> None:
+        from lightning.fabric.utilities.init import _materialize_distributed_module
+        from lightning.fabric.utilities.optimizer import _optimizers_to_device
+
+        from lit_svd.callbacks import SVDInit
+
+        self.accelerator.setup(trainer)
+        module = self.lightning_module
+        if not any(isinstance(p, DTensor) for p in module.parameters()):
+            pending = [n for n, layer in adapter_layers(module) if not bool(layer.initialized)]
+            if pending:
+                svd_init = next((cb for cb in trainer.callbacks if isinstance(cb, SVDInit)), None) or SVDInit()
+                svd_init.initialize(trainer, module, device=self.root_device)
+            shard_model(module.model, self.device_mesh["data_parallel"])
+        # What ModelParallelStrategy.setup does after the user's configure_model has parallelised the model.
+        _materialize_distributed_module(self.model, self.root_device)
+        self.model = self.precision_plugin.convert_module(self.model)
+        self.model_to_device()
+        self.barrier()
+        if trainer.state.fn == "fit":
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+        if trainer.state.fn == "fit":
+            _optimizers_to_device(self.optimizers, self.root_device)
+            if self._checkpoint_to_restore is not None:
+                self._load_optimizer_states(self._checkpoint_to_restore)
+                self._checkpoint_to_restore = None
+
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """Adapter tensors only (``DTensor`` shards for the trained ones); the frozen base is never saved."""
+        return {f"model.{k}": v for k, v in adapter_state_dict(self.lightning_module.model).items()}
+
+    @override
+    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
+        path = Path(self.broadcast(checkpoint_path))
+        if not _is_sharded_checkpoint(path):
+            raise ValueError(
+                f"{path} is not a sharded lit_svd checkpoint folder (written by AdapterFSDPStrategy); "
+                "resume a DDP or single-device checkpoint with the strategy that wrote it"
+            )
+        checkpoint = torch.load(path / _METADATA_FILENAME, map_location="cpu", weights_only=weights_only)
+        # Every rank reads the whole adapter (megabytes) into full tensors, resharded by the reader; the
+        # module's on_load_checkpoint then rebuilds the residuals on the still unsharded weights.
+        state = {"state_dict": {k: v.clone() for k, v in self.lightning_module_state_dict().items()}}
+        _distributed_checkpoint_load(state, path)
+        checkpoint["state_dict"] = state["state_dict"]
+        self._checkpoint_to_restore = path
+        rank_zero_info(f"AdapterFSDPStrategy: adapter tensors read from {path}")
+        return checkpoint
+
+    def _load_optimizer_states(self, path: Path) -> None:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+        for index, optimizer in enumerate(self.optimizers):
+            key = f"optimizer_{index}"
+            state = {key: get_optimizer_state_dict(self.model, optimizer)}
+            _distributed_checkpoint_load(state, path)
+            set_optimizer_state_dict(self.model, optimizer, optim_state_dict=state[key])
