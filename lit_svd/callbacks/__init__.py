@@ -1,6 +1,15 @@
-"""Lightning callbacks: one-time SVD initialisation and spectral monitoring."""
+"""Lightning callbacks: one-time SVD initialisation, spectral monitoring, and the end-of-run summary."""
 
+from lit_svd.callbacks.run_summary import ParameterSummary, RunSummary, wilson_interval
 from lit_svd.callbacks.spectral_monitor import SpectralMonitor, drift_heatmap
 from lit_svd.callbacks.svd_init import SVDInit, adapter_checksum
 
-__all__ = ["SVDInit", "SpectralMonitor", "adapter_checksum", "drift_heatmap"]
+__all__ = [
+    "ParameterSummary",
+    "RunSummary",
+    "SVDInit",
+    "SpectralMonitor",
+    "adapter_checksum",
+    "drift_heatmap",
+    "wilson_interval",
+]
