@@ -228,3 +228,91 @@ def test_fast_single_gpu_overlay_sets_its_keys_and_keeps_the_recipe(recipe):
             assert merged["model"]["adapter"][key] == value, key
     assert merged["model"]["adapter"]["adapter_dtype"] == "float32"
     assert merged["model"]["learning_rate"] == own["model"]["learning_rate"]
+
+
+# ----- learning rates: the recipes ship the study's tuned values -------------------------------------------------
+def _grid_best_learning_rates() -> dict[str, float]:
+    """Method → the bold (best) learning rate of the grid table in docs/reproduction.md."""
+    lines = (REPO / "docs" / "reproduction.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| method | 5e-05 |"))
+    rates = [cell.strip() for cell in lines[start].strip("|").split("|")][1:]
+    best = {}
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break  # the end of the grid table
+        if line.startswith("| ours "):
+            cells = [cell.strip() for cell in line.strip("|").split("|")]
+            method = cells[0].split()[1].lower()  # "ours SORSA (γ 4e-4)" → "sorsa"
+            (column,) = [i for i, cell in enumerate(cells[1:]) if cell.startswith("**")]
+            best[method] = float(rates[column])
+    return best
+
+
+def test_grid_table_is_read():
+    assert _grid_best_learning_rates() == {"lora": 5e-3, "pissa": 1e-3, "olora": 5e-4, "sorsa": 2e-4, "osora": 2e-2}
+
+
+@pytest.mark.parametrize("config_file", CONFIGS, ids=lambda p: p.stem)
+def test_recipe_learning_rate_is_the_studys_tuned_value(config_file):
+    config = yaml.safe_load(config_file.read_text())
+    method = config["model"]["adapter"]["method"]
+    assert config["model"]["learning_rate"] == _grid_best_learning_rates()[method]
+    # the study script's default (used when no grid is given) is the same value
+    study = (REPO / "recipes" / "studies" / "gsm8k_methods.py").read_text()
+    defaults = re.search(r"^DEFAULT_LR = (\{.*\})$", study, re.MULTILINE).group(1)
+    assert float(re.search(rf'"{method}": ([0-9.e-]+)', defaults).group(1)) == config["model"]["learning_rate"]
+    # and the README's recipe table says so
+    row = next(line for line in README.splitlines() if line.startswith(f"| `{config_file.stem}` |"))
+    assert float(row.split("|")[2]) == config["model"]["learning_rate"]
+
+
+# ----- the README: first screen, offline commands ---------------------------------------------------------------
+README = (REPO / "README.md").read_text()
+
+
+def test_readme_first_screen_has_install_tests_and_the_main_job():
+    first_screen = "\n".join(README.splitlines()[:24])
+    assert "pip install torch --index-url https://download.pytorch.org/whl/cpu" in first_screen
+    assert "pip install torch==2.13.0" in first_screen  # this environment's pinned local wheel
+    assert 'pip install -e ".[dev]"' in first_screen
+    assert "python -m pytest -q" in first_screen
+    assert "lightning run recipes/gsm8k_sorsa.py --data.data_dir ../shared/data/gsm8k" in first_screen
+
+
+def _readme_commands() -> dict[str, list[str]]:
+    """Recipe → the arguments of its offline command in the README (continuation lines joined)."""
+    import shlex
+
+    text = README.replace("\\\n", " ")
+    commands = {}
+    for line in text.splitlines():
+        match = re.search(r"lightning run recipes/(\w+)\.py ([^`|]*)", line)
+        if match and "../shared/data" in line and match.group(1) not in commands:
+            commands[match.group(1)] = shlex.split(match.group(2))
+    return commands
+
+
+def test_every_recipe_has_an_offline_command_in_the_readme_whose_paths_exist(tmp_path):
+    from jsonargparse import Namespace
+
+    from lit_svd.cli import check_paths
+
+    commands = _readme_commands()
+    assert set(commands) == {p.stem for p in CONFIGS}
+    for recipe, args in commands.items():
+        values = dict(zip(args[::2], args[1::2], strict=True))
+        data = {}
+        for flag, value in values.items():
+            value = yaml.safe_load(value) if value.startswith("[") else value
+            if isinstance(value, str) and value.startswith("runs/metamathqa_standin"):
+                value = str(tmp_path)  # made by recipes/tools/gsm8k_as_metamathqa.py, as the README says
+                (tmp_path / "MetaMathQA-395K.json").write_text("[]")
+            elif isinstance(value, str) and value.startswith("../"):
+                value = str(REPO / value)
+            data[flag.removeprefix("--data.")] = value
+        config = yaml.safe_load((REPO / "recipes" / "configs" / f"{recipe}.yaml").read_text())
+        merged = {**config["data"], **data}
+        if recipe.startswith("metamath"):
+            merged["train_file"] = "MetaMathQA-395K.json"
+        parsed = Namespace(model=Namespace(model=config["model"]["model"]), data=Namespace(**merged), ckpt_path=None)
+        assert check_paths(parsed, "fit") == [], recipe
