@@ -68,16 +68,29 @@ def quiet_third_party_output() -> None:
     - Lightning's tip to install ``litlogger`` (an advertisement, printed by every Trainer), and its note that
       a ``ModelSummary`` callback (our ``ParameterSummary``) replaces the default one.
 
-    The library itself never filters warnings: code that imports ``lit_svd`` sees everything.
+    Our own warnings print as one line, ``warning: <message>``, without the file name and source line.
+    The library itself never filters or reformats warnings: code that imports ``lit_svd`` sees everything.
     """
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*", category=FutureWarning)
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
+    if not getattr(warnings.formatwarning, "_lit_svd", False):
+        warnings.formatwarning = _one_line_for_ours(warnings.formatwarning)
     # Lightning's note that our ParameterSummary replaces its default summary (the YAML asks for it).
     drop = _DropMessages("litlogger", "Skipping setting a default `ModelSummary`")
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropMessages) for f in logger.filters):
             logger.addFilter(drop)
+
+
+def _one_line_for_ours(default: Any) -> Any:
+    def format_warning(message, category, filename, lineno, line=None) -> str:
+        if Path(filename).resolve().is_relative_to(_PACKAGE_DIR):
+            return f"warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+
+    format_warning._lit_svd = True
+    return format_warning
 
 
 # ----- errors ------------------------------------------------------------------------------------------------

@@ -47,6 +47,33 @@ def test_error_message_keeps_a_foreign_error_whole_on_one_line():
         assert error_message(error) == "Parser key \"data.max_length\": Expected a <class 'int'>. Got value: abc"
 
 
+# ----- quiet output -----------------------------------------------------------------------------------------------
+def test_third_party_noise_is_filtered_and_our_warnings_are_one_line(caplog):
+    import logging
+    import warnings
+
+    import lit_svd.cli
+    from lit_svd.cli import quiet_third_party_output
+
+    quiet_third_party_output()
+    quiet_third_party_output()  # idempotent: one filter, one formatter
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use …", FutureWarning, stacklevel=1)
+        warnings.warn("`is_gradient_checkpointing` is deprecated (v6)", FutureWarning, stacklevel=1)
+        warnings.warn("a warning we keep", UserWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["a warning we keep"]
+    with caplog.at_level(logging.INFO):
+        logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+        logger.info(
+            "💡 Tip: For seamless cloud logging … try installing [litlogger](https://pypi.org/project/litlogger/)"
+        )
+        logger.info("GPU available: False, used: False")
+    assert "litlogger" not in caplog.text and "GPU available" in caplog.text
+    ours = warnings.formatwarning("863 of 7473 examples are longer", UserWarning, lit_svd.cli.__file__, 1)
+    assert ours == "warning: 863 of 7473 examples are longer\n"
+    assert warnings.formatwarning("x", UserWarning, "/elsewhere/module.py", 7).startswith("/elsewhere/module.py:7:")
+
+
 # ----- path checks ------------------------------------------------------------------------------------------------
 def _config(data: dict, **top) -> Namespace:
     return Namespace(
