@@ -206,3 +206,12 @@ def test_parameter_summary_prints_two_lines_without_flops(tmp_path, caplog):
     text = "\n".join(r.getMessage() for r in caplog.records if "trainable:" in r.getMessage())
     assert "model: model (LlamaForCausalLM)" in text and "trainable: " in text
     assert "FLOPs" not in caplog.text
+
+
+def test_summary_after_validate_prints_once(tmp_path, capsys):
+    summary = RunSummary(filename=None)
+    trainer = quiet_cpu_trainer(tmp_path, max_steps=1, callbacks=[summary])
+    trainer.validate(_module(), datamodule=KnownAccuracyData())
+    assert summary.summary["stage"] == "validate"
+    assert summary.summary["eval"]["val"]["accuracy"]["n"] == 8
+    assert capsys.readouterr().out.count("run summary (validate)") == 1
