@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -116,7 +117,7 @@ def main() -> None:
             flush=True,
         )
         if not args.smoke:
-            write_json(args.out, result)
+            write_json(Path(args.out), result)
             print(f"wrote {args.out}")
         if not identical:
             raise SystemExit("adapters differ across ranks")

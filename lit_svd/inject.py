@@ -234,9 +234,6 @@ def initialize_adapters(
         key = (layer.decomposition, tuple(weight.shape), layer.rank, layer.svd_method, work_device)
         groups[key].append(layer)
 
-    # Pass 1: this process decomposes its own share of every group (no communication, so all processes
-    # work at once). Pass 2: every share's factors are broadcast from its owner, in the same order on
-    # every process, and all processes form adapters and residuals from identical factors.
     plan: list[tuple[tuple, list[AdapterLayer], int]] = []  # (group key, chunk of layers, owner)
     for key, layers in groups.items():
         decomposition, shape = key[0], key[1]
@@ -245,7 +242,20 @@ def initialize_adapters(
             first, stop = _share(layers, owner, process_count) if decomposition is not None else (0, len(layers))
             for chunk_start in range(first, stop, per_chunk):
                 plan.append((key, layers[chunk_start : min(stop, chunk_start + per_chunk)], owner))
+    # Pass 1: this process decomposes its own share of every group and forms those layers' adapters and
+    # residuals right away (no communication, so all processes work at once). Pass 2: every share's
+    # factors are broadcast from its owner, in the same order on every process, and the other processes
+    # form those layers from the received, identical factors.
     own_factors: dict[int, tuple[torch.Tensor, ...]] = {}
+    errors: list[torch.Tensor] = []
+    weight_norms: dict[str, torch.Tensor] = {}
+
+    def initialize_chunk(chunk: list[AdapterLayer], batched: tuple[torch.Tensor, ...] | None, device) -> None:
+        for i, layer in enumerate(chunk):
+            layer_factors = None if batched is None else tuple(t[i] for t in batched)
+            error, weight_norms[layer.layer_name] = _initialize_on(layer, layer_factors, device)
+            errors.append(error)
+
     decomposed = sum(len(chunk) for (key, chunk, owner) in plan if key[0] is not None and owner == process_index)
     decompose_start = time.perf_counter()
     for index, ((decomposition, _, rank, svd_method, work_device), chunk, owner) in enumerate(plan):
@@ -255,24 +265,26 @@ def initialize_adapters(
         if factors_of_chunk[0].is_cuda:
             torch.cuda.synchronize(factors_of_chunk[0].device)
     decompose_seconds = time.perf_counter() - decompose_start
+    for index, batched in own_factors.items():
+        (*_, work_device), chunk, _ = plan[index]
+        initialize_chunk(chunk, batched, work_device)
 
-    max_error, weight_norms = 0.0, {}
     for index, ((decomposition, shape, rank, _, work_device), chunk, owner) in enumerate(plan):
-        factors: list = [None] * len(chunk)
-        if decomposition is not None:
-            batched = own_factors.pop(index, None)
+        if decomposition is None:  # e.g. LoRA: the init does not read W
+            initialize_chunk(chunk, None, work_device)
+            continue
+        batched = own_factors.pop(index, None)
+        if process_count > 1:
             if batched is None:
                 batched = tuple(
                     torch.empty(s, dtype=compute_dtype, device=work_device)
                     for s in _factor_shapes(decomposition, len(chunk), shape, rank)
                 )
-            if process_count > 1:
-                for t in batched:
-                    broadcast(t, owner)
-            factors = [tuple(t[i] for t in batched) for i in range(len(chunk))]
-        for layer, layer_factors in zip(chunk, factors, strict=True):
-            error, weight_norms[layer.layer_name] = _initialize_on(layer, layer_factors, work_device)
-            max_error = max(max_error, error)
+            for t in batched:
+                broadcast(t, owner)
+        if owner != process_index:
+            initialize_chunk(chunk, batched, work_device)
+    max_error = max(torch.stack([e.cpu() for e in errors]).max().item(), 0.0) if errors else 0.0
     return {
         "count": len(pending),
         "seconds": time.perf_counter() - start,
@@ -297,12 +309,13 @@ def _visiting(layer: AdapterLayer, device: torch.device | None) -> Iterator[None
         layer.to(home)
 
 
-def _initialize_on(layer: AdapterLayer, factors, device: torch.device) -> tuple[float, torch.Tensor]:
-    """``layer.initialize(factors)`` on ``device``; returns its reconstruction error and ``‖W_0‖_F``."""
+def _initialize_on(layer: AdapterLayer, factors, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``layer.initialize(factors)`` on ``device``; returns its reconstruction error and ``‖W_0‖_F`` (0-dim
+    tensors, so that initialising many layers does not wait for the device after each)."""
     with _visiting(layer, device):
         # Measured here because under FSDP this is the last time the layer's whole weight is in one place.
         weight_norm = torch.linalg.vector_norm(layer.weight_matrix().float())
-        return layer.initialize(factors), weight_norm
+        return layer.initialize_without_sync(factors), weight_norm
 
 
 def merge_adapters(model: nn.Module) -> nn.Module:

@@ -225,7 +225,8 @@ class LitSVDAdapter(LightningModule):
     def configure_callbacks(self) -> list[Callback]:
         from lit_svd.callbacks import SVDInit
 
-        if any(isinstance(cb, SVDInit) for cb in self.trainer.callbacks):
+        # Only fitting initialises adapters; validate/test run on a restored (or deliberately untouched) model.
+        if self.trainer.state.fn != "fit" or any(isinstance(cb, SVDInit) for cb in self.trainer.callbacks):
             return []
         rank_zero_warn("no SVDInit callback given: LitSVDAdapter adds one so adapters are initialised at fit start")
         return [SVDInit()]
@@ -450,12 +451,13 @@ class LitSVDAdapter(LightningModule):
         return {k: _full_tensor(v) for k, v in adapter_state_dict(self.model).items()}
 
     def _exportable_model(self) -> torch.nn.Module | None:
-        """The model to export: ``self.model``, or under FSDP (on rank 0; ``None`` elsewhere) a fresh copy of
-        the original base with the gathered adapter loaded onto it (residuals rebuilt exactly as on resume)."""
+        """The model to export on rank 0 (``None`` on the other ranks): ``self.model``, or under FSDP a fresh
+        copy of the original base with the gathered adapter loaded onto it (residuals rebuilt as on resume)."""
+        rank = self._trainer.global_rank if self._trainer is not None else 0
         if not _is_sharded(self.model):
-            return self.model
+            return self.model if rank == 0 else None  # every rank holds the same model; one writes it
         state = self.adapter_state()  # collective: every rank
-        if self.trainer.global_rank != 0:
+        if rank != 0:
             return None
         if not isinstance(self.model_name, str) or not self.model_name:
             raise ValueError("exporting a sharded model reloads the base by name; this module was given a model object")
@@ -468,8 +470,8 @@ class LitSVDAdapter(LightningModule):
     def export_merged(self, path: str | Path, overwrite: bool = False) -> Path | None:
         """Plain Hugging Face checkpoint (+ tokenizer) with the adapters folded in.
 
-        Under FSDP call it on every rank (the adapter is gathered); rank 0 writes and returns the path, the
-        other ranks return ``None``.
+        Under DDP/FSDP call it on every rank (FSDP gathers the adapter); rank 0 writes and returns the path,
+        the other ranks return ``None``.
         """
         model = self._exportable_model()
         if model is None:

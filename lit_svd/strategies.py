@@ -34,7 +34,7 @@ from lightning.fabric.strategies.model_parallel import (
     _is_sharded_checkpoint,
 )
 from lightning.fabric.utilities.types import _PATH
-from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 from lightning.pytorch.utilities import rank_zero_info
 from torch.distributed.constants import default_pg_timeout
 from torch.distributed.tensor import DTensor
@@ -165,3 +165,9 @@ class AdapterFSDPStrategy(ModelParallelStrategy):
             state = {key: get_optimizer_state_dict(self.model, optimizer)}
             _distributed_checkpoint_load(state, path)
             set_optimizer_state_dict(self.model, optimizer, optim_state_dict=state[key])
+
+
+if "lit_svd_fsdp" not in StrategyRegistry:
+    StrategyRegistry.register(
+        "lit_svd_fsdp", AdapterFSDPStrategy, description="FSDP2 for lit_svd adapters (init on full weights, then shard)"
+    )

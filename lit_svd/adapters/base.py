@@ -169,6 +169,11 @@ class AdapterLayer(nn.Module):
         Returns:
             Relative reconstruction error ``‖W_base + delta − W‖_F / ‖W‖_F`` in float32.
         """
+        return self.initialize_without_sync(factors).item()
+
+    @torch.no_grad()
+    def initialize_without_sync(self, factors: Factors = None) -> torch.Tensor:
+        """``initialize`` returning the error as a 0-dim device tensor (no wait for the device)."""
         weight = self.weight_matrix()
         if weight.is_meta:
             raise ValueError(f"layer '{self.layer_name}' has meta weights; load real weights before init")
@@ -184,7 +189,7 @@ class AdapterLayer(nn.Module):
             self._write_weight_matrix(residual_weight(original, delta))
         self.initialized.fill_(True)
         rebuilt = self.weight_matrix().float() + delta
-        return (torch.linalg.norm(rebuilt - original.float()) / torch.linalg.norm(original.float())).item()
+        return torch.linalg.norm(rebuilt - original.float()) / torch.linalg.norm(original.float())
 
     @torch.no_grad()
     def rebuild_residual(self) -> None:

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The GSM8K SORSA recipe on several GPUs through `lightning run`, as docs/distributed.md reports it:
+#   ddp        2 GPUs, one node (DDP)
+#   fsdp       2 GPUs, one node (lit_svd's FSDP2: --strategy fsdp)
+#   multinode  2 "nodes" of 1 GPU on this host (--num-nodes 2 --node-rank {0,1}, one GPU each)
+#   single     1 GPU (the scaling baseline; the same global batch: 2x the per-device batch)
+# Each run trains, evaluates by generation, checkpoints and exports (merged + PEFT); its summary.json,
+# log and the GPUs' peak memory (nvidia-smi, sampled every 200 ms) go to OUT_DIR/<run>.
+#
+# Usage: bench/distributed_recipes.sh MODEL_DIR DATA_DIR OUT_DIR RUNS [recipe args...]
+#   e.g. bench/distributed_recipes.sh /tmp/smol ../shared/data/gsm8k /tmp/out "ddp fsdp" --trainer.max_steps 20
+set -uo pipefail
+model=$1 data=$2 out=$3 runs=$4
+shift 4
+batch=$(python3 -c "import sys; a=sys.argv[1:]; print(a[a.index('--data.batch_size')+1] if '--data.batch_size' in a else 8)" "$@")
+common=(--model.model "$model" --model.model_dtype bfloat16 --data.data_dir "$data")
+for run in $runs; do
+    dir=$out/$run
+    mkdir -p "$dir"
+    nvidia-smi --query-gpu=index,memory.used --format=csv,noheader,nounits -lms 200 >"$dir/memory.csv" &
+    smi=$!
+    args=("${common[@]}" --trainer.default_root_dir "$dir" --trainer.logger.init_args.save_dir "$dir/runs"
+          --export.merged_dir "$dir/merged" --export.peft_dir "$dir/peft" "$@")
+    start=$(date +%s.%N)
+    case $run in
+        ddp|fsdp)
+            lightning run --devices 2 --strategy "$run" --precision bf16-mixed recipes/gsm8k_sorsa.py "${args[@]}" \
+                >"$dir/log" 2>&1 ;;
+        multinode)
+            nodes=()
+            for node in 0 1; do
+                CUDA_VISIBLE_DEVICES=$node lightning run --num-nodes 2 --node-rank $node --main-address 127.0.0.1 \
+                    --main-port 29517 --devices 1 --strategy ddp --precision bf16-mixed recipes/gsm8k_sorsa.py \
+                    "${args[@]}" >"$dir/log$node" 2>&1 &
+                nodes+=($!)
+            done
+            wait "${nodes[0]}"; status0=$?; wait "${nodes[1]}"; [ $status0 -eq 0 ] ;;
+        single)
+            CUDA_VISIBLE_DEVICES=0 lightning run --devices 1 --precision bf16-mixed recipes/gsm8k_sorsa.py \
+                "${args[@]}" --data.batch_size $((2 * batch)) >"$dir/log" 2>&1 ;;
+    esac
+    status=$?
+    kill $smi 2>/dev/null
+    seconds=$(python3 -c "import time,sys; print(round(time.time()-float(sys.argv[1])))" "$start")
+    peak=$(python3 -c "
+import sys, collections
+peak = collections.defaultdict(int)
+for line in open(sys.argv[1]):
+    i, mib = line.split(',')
+    peak[int(i)] = max(peak[int(i)], int(mib))
+print(' '.join(f'gpu{i}={m / 1024:.1f}GiB' for i, m in sorted(peak.items())))" "$dir/memory.csv")
+    echo "== $run: exit $status, ${seconds}s wall, peak memory $peak"
+    grep -hE "SVDInit|AdapterFSDP|tokens/s|accuracy|error|Error|written|identical" "$dir"/log* | grep -v Warning | head -20
+    python3 - "$dir" <<'PY'
+import json, pathlib, sys
+for path in pathlib.Path(sys.argv[1]).rglob("summary.json"):
+    s = json.loads(path.read_text())
+    ckpt = pathlib.Path(s["paths"].get("checkpoint") or "")
+    size = sum(f.stat().st_size for f in ([ckpt] if ckpt.is_file() else ckpt.rglob("*") if ckpt.is_dir() else []))
+    keep = {k: s.get(k) for k in ("steps", "train_seconds", "train_tokens", "tokens_per_second", "svd_init_seconds",
+                                  "train_loss")}
+    print(json.dumps(keep | {"eval": s.get("eval"), "checkpoint_mb": round(size / 2**20, 1), "checkpoint": str(ckpt)}))
+PY
+done
