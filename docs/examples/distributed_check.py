@@ -39,13 +39,14 @@ class RandomTokens(Dataset):
 
 
 class CompareAcrossRanks(L.Callback):
-    """All-gathers the adapter checksum after init (fit start) and after training (fit end)."""
+    """All-gathers the adapter checksum after init (fit start) and after training (train end: at fit end
+    DDP's teardown has already moved the module to the CPU, which NCCL cannot all-gather)."""
 
     def __init__(self) -> None:
         self.results: dict[str, bool] = {}
 
     def _compare(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        checksum = adapter_checksum(pl_module).to(pl_module.device)
+        checksum = adapter_checksum(pl_module, device=trainer.strategy.root_device)
         gathered = trainer.strategy.all_gather(checksum).flatten().tolist()
         self.results[stage] = len(set(gathered)) == 1
         if trainer.is_global_zero:
@@ -54,8 +55,8 @@ class CompareAcrossRanks(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._compare(trainer, pl_module, "after SVDInit")
 
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._compare(trainer, pl_module, "after fit")
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._compare(trainer, pl_module, "after training")
 
 
 def main() -> None:
