@@ -93,3 +93,23 @@ def test_export_from_the_sharded_run_equals_a_single_process_export(runs):
     served = peft.PeftModel.from_pretrained(base, runs / "peft_fsdp").eval()
     with torch.no_grad():
         torch.testing.assert_close(served(ids).logits, expected, rtol=0, atol=1e-4)
+
+
+def test_strategy_fsdp_on_the_command_line_means_lit_svd_fsdp2():
+    from lit_svd.cli import launcher_trainer_overrides
+
+    launched = {"LT_CLI_USED": "1", "LT_ACCELERATOR": "cpu", "LT_DEVICES": "2"}
+    assert launcher_trainer_overrides(launched | {"LT_STRATEGY": "fsdp"})["strategy"] == "lit_svd_fsdp"
+    assert launcher_trainer_overrides(launched | {"LT_STRATEGY": "ddp"})["strategy"] == "ddp"
+    with pytest.raises(ValueError, match="fsdp_cpu_offload is Lightning's FSDP1 variant"):
+        launcher_trainer_overrides(launched | {"LT_STRATEGY": "fsdp_cpu_offload"})
+
+
+def test_a_checkpoint_file_is_refused_by_name_under_fsdp(tmp_path):
+    from lit_svd.strategies import AdapterFSDPStrategy
+
+    checkpoint = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {}}, checkpoint)
+    strategy = AdapterFSDPStrategy()
+    with pytest.raises(ValueError, match=f"{checkpoint} is not a sharded lit_svd checkpoint folder"):
+        strategy.load_checkpoint(checkpoint)
