@@ -68,8 +68,10 @@ def test_regularizer_and_monitor_work_on_shards(runs):
     info = json.loads((runs / "info_fsdp.json").read_text())
     # L_orth and its gradient from per-shard Gram matrices equal those of the gathered factors.
     assert info["regularizer_gap"] < 1e-6
-    # ‖W_0‖ came from SVDInit (measured before sharding): the monitor never gathered a base weight.
+    # ‖W_0‖ came from SVDInit (measured before sharding), and on resume from the checkpoint: the monitor
+    # never gathered a base weight.
     assert info["weight_norm_calls"] == 0
+    assert json.loads((runs / "info_resumed.json").read_text())["weight_norm_calls"] == 0
     fsdp, ddp = torch.load(runs / "spectra_fsdp.pt"), torch.load(runs / "spectra_ddp.pt")
     assert fsdp.keys() == ddp.keys() and len(fsdp) == 6
     for key in fsdp:

@@ -109,6 +109,20 @@ class SpectralMonitor(Callback):
         return layer_spectra(dict(adapter_layers(pl_module)), self._weight_norms, self._initial_singular_values)
 
     @override
+    def state_dict(self) -> dict[str, Any]:
+        # The two per-run constants travel with checkpoints, so a resumed run measures drift against the
+        # same S_0 and, under FSDP, never gathers a base weight to re-measure ‖W_0‖ (no SVDInit runs then).
+        return {
+            "weight_norms": dict(self._weight_norms),
+            "initial_singular_values": {k: v.cpu() for k, v in self._initial_singular_values.items()},
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._weight_norms.update(state_dict.get("weight_norms", {}))
+        self._initial_singular_values.update(state_dict.get("initial_singular_values", {}))
+
+    @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # ‖W_0‖_F is the only metric input that reads the m×n weights; SVDInit measured it while each weight
         # was whole (under FSDP, before sharding), so take it from there instead of gathering weights.
