@@ -27,6 +27,7 @@ from lit_svd.linalg import orthonormality_error, orthonormality_error_from_gram,
 __all__ = [
     "adapter_layers",
     "inject_adapters",
+    "is_sharded",
     "initialize_adapters",
     "merge_adapters",
     "orthonormal_regularizer",
@@ -379,6 +380,11 @@ class _SumOverRanks(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         return grad, None
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether FSDP2 has sharded ``model``'s parameters (they are ``DTensor`` shards then)."""
+    return any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def trainable_parameter_count(model: nn.Module) -> int:

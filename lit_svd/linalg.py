@@ -14,6 +14,7 @@ import math
 from typing import Literal
 
 import torch
+from torch.distributed.tensor import DTensor
 
 __all__ = [
     "SVDMethod",
@@ -21,6 +22,7 @@ __all__ = [
     "thin_qr",
     "principal_weight",
     "residual_weight",
+    "full_tensor",
     "orthonormality_error",
     "optimal_residual_norm",
     "low_rank_svd",
@@ -298,6 +300,14 @@ def residual_weight(w: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """
     work_dtype = torch.promote_types(_compute_dtype(w, None), delta.dtype)
     return (w.to(work_dtype) - delta.to(work_dtype)).to(w.dtype)
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """A ``DTensor`` (e.g. an FSDP2 shard) gathered into an ordinary tensor; any other tensor as it is.
+
+    Gathering is a collective: under FSDP every rank must call it for the same tensors in the same order.
+    """
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def orthonormality_error(X: torch.Tensor) -> torch.Tensor:

@@ -40,9 +40,11 @@ from lit_svd.inject import (
     adapter_layers,
     adapter_state_dict,
     inject_adapters,
+    is_sharded,
     load_adapter_state_dict,
     orthonormal_regularizer,
 )
+from lit_svd.linalg import full_tensor
 from lit_svd.losses import IGNORE_INDEX, causal_lm_loss
 from lit_svd.models import EMBEDDED_MODEL, load_causal_lm, load_tokenizer
 
@@ -448,13 +450,13 @@ class LitSVDAdapter(LightningModule):
 
         Under FSDP this all-gathers each adapter tensor (never a base weight), so every rank must call it.
         """
-        return {k: _full_tensor(v) for k, v in adapter_state_dict(self.model).items()}
+        return {k: full_tensor(v) for k, v in adapter_state_dict(self.model).items()}
 
     def _exportable_model(self) -> torch.nn.Module | None:
         """The model to export on rank 0 (``None`` on the other ranks): ``self.model``, or under FSDP a fresh
         copy of the original base with the gathered adapter loaded onto it (residuals rebuilt as on resume)."""
         rank = self._trainer.global_rank if self._trainer is not None else 0
-        if not _is_sharded(self.model):
+        if not is_sharded(self.model):
             return self.model if rank == 0 else None  # every rank holds the same model; one writes it
         state = self.adapter_state()  # collective: every rank
         if rank != 0:
@@ -487,19 +489,6 @@ class LitSVDAdapter(LightningModule):
         if model is None:
             return None
         return export_peft_lora(model, path, base_model_name_or_path=str(self.model_name), overwrite=overwrite)
-
-
-def _full_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """A ``DTensor`` gathered into an ordinary tensor (a collective); any other tensor as it is."""
-    from torch.distributed.tensor import DTensor
-
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-
-
-def _is_sharded(model: torch.nn.Module) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:

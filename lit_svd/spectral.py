@@ -22,11 +22,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-from torch.distributed.tensor import DTensor
 
 from lit_svd.adapters import AdapterLayer
 from lit_svd.linalg import (
     frobenius_norm_from_grams,
+    full_tensor,
     low_rank_difference_norm,
     low_rank_frobenius_norm,
     low_rank_grams,
@@ -72,10 +72,7 @@ def _weight_norm(layer: AdapterLayer) -> torch.Tensor:
     Under FSDP the weight is gathered whole (one matrix, once per run: ``SpectralMonitor`` caches the norm,
     and takes it from ``SVDInit`` when the init measured it before sharding).
     """
-    weight = layer.weight_matrix()
-    if isinstance(weight, DTensor):
-        weight = weight.full_tensor()
-    weight = weight.float()
+    weight = full_tensor(layer.weight_matrix()).float()
     if layer.decomposition is None:  # init left W unchanged: the base weight is W_0
         return torch.linalg.vector_norm(weight)
     P_0, Q_0 = layer.initial_low_rank_factors()

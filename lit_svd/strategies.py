@@ -37,10 +37,9 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 from lightning.pytorch.utilities import rank_zero_info
 from torch.distributed.constants import default_pg_timeout
-from torch.distributed.tensor import DTensor
 from typing_extensions import override
 
-from lit_svd.inject import adapter_layers, adapter_state_dict
+from lit_svd.inject import adapter_layers, adapter_state_dict, is_sharded
 
 __all__ = ["AdapterFSDPStrategy", "shard_model"]
 
@@ -114,7 +113,7 @@ class AdapterFSDPStrategy(ModelParallelStrategy):
 
         self.accelerator.setup(trainer)
         module = self.lightning_module
-        if not any(isinstance(p, DTensor) for p in module.parameters()):
+        if not is_sharded(module):
             pending = [n for n, layer in adapter_layers(module) if not bool(layer.initialized)]
             if pending:
                 svd_init = next((cb for cb in trainer.callbacks if isinstance(cb, SVDInit)), None) or SVDInit()

@@ -29,17 +29,11 @@ from typing import ClassVar, Literal
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 from transformers.pytorch_utils import Conv1D
 
-from lit_svd.linalg import residual_weight
+from lit_svd.linalg import full_tensor, residual_weight
 
 __all__ = ["AdapterLayer", "BaseLinear"]
-
-
-def _full_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    # FSDP2 keeps parameters as DTensor shards between forward passes; metrics and merges need them whole.
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 BaseLinear = nn.Linear | Conv1D
@@ -135,10 +129,10 @@ class AdapterLayer(nn.Module):
 
         Tensors that FSDP shards are gathered whole (a collective: under FSDP every rank must call this).
         """
-        out = {n: _full_tensor(getattr(self, n)).float() for n in self.frozen_names}
+        out = {n: full_tensor(getattr(self, n)).float() for n in self.frozen_names}
         for n in self.trainable_names:
             source = f"init_{n}" if initial and self.decomposition is not None else n
-            out[n] = _full_tensor(getattr(self, source)).float()
+            out[n] = full_tensor(getattr(self, source)).float()
         return out
 
     def initial_low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:

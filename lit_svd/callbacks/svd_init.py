@@ -8,10 +8,9 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
-from torch.distributed.tensor import DTensor
 from typing_extensions import override
 
-from lit_svd.inject import adapter_layers, initialize_adapters
+from lit_svd.inject import adapter_layers, initialize_adapters, is_sharded
 
 __all__ = ["SVDInit", "adapter_checksum"]
 
@@ -38,10 +37,6 @@ def adapter_checksum(module: torch.nn.Module, device: torch.device | str | None 
     if total is None:
         return torch.zeros((), dtype=torch.int64, device=device)
     return total
-
-
-def _is_sharded(module: torch.nn.Module) -> bool:
-    return any(isinstance(p, DTensor) for p in module.parameters())
 
 
 class SVDInit(Callback):
@@ -117,7 +112,7 @@ class SVDInit(Callback):
         # Not on_fit_end: by then the strategy's teardown has moved the module to the CPU, and NCCL
         # cannot all-gather CPU tensors (nor should 7B weights be checksummed on the host).
         if trainer.world_size > 1 and dist.is_available() and dist.is_initialized() and self.verify_across_ranks:
-            if _is_sharded(pl_module):
+            if is_sharded(pl_module):
                 # Under FSDP each rank holds different shards by design (init was verified before sharding).
                 return
             self._verify(trainer, pl_module, "training")
