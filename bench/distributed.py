@@ -11,7 +11,8 @@ same weights) gets SORSA (or ``--method``) adapters of rank ``--rank`` on all 7 
 3. ``adapter_checksum`` (on the GPU) of every rank is all-gathered: the factors and residuals must be
    bit-identical on all ranks. Its time is the cost ``SVDInit`` adds at init and at the end of training.
 
-Times are wall seconds with device synchronisation after a warm-up decomposition (cuSOLVER's first call).
+Times are wall seconds with device synchronisation after a warm-up decomposition (cuSOLVER's first call);
+the N-GPU time starts at a barrier and is the slowest rank's.
 
 Usage:
     torchrun --nproc_per_node 2 bench/distributed.py [--rank 128] [--layers 32]
@@ -41,6 +42,8 @@ def timed_init(args: argparse.Namespace, device: torch.device, process_count: in
     config = AdapterConfig(method=args.method, rank=args.rank, target_modules=list(MODULES))
     inject_adapters(model, config, initialize=False)
     synchronize(device)
+    if process_count > 1:  # all ranks start the clock together: building the stack takes each rank its own time
+        dist.barrier()
     start = time.perf_counter()
     report = initialize_adapters(
         model,
@@ -56,9 +59,15 @@ def timed_init(args: argparse.Namespace, device: torch.device, process_count: in
     checksum_seconds = time.perf_counter() - start
     del model
     free(device)
+    per_rank = [seconds]
+    if process_count > 1:  # the init is done when the slowest rank is
+        gathered = [torch.zeros((), dtype=torch.float64, device=device) for _ in range(process_count)]
+        dist.all_gather(gathered, torch.tensor(seconds, dtype=torch.float64, device=device))
+        per_rank = [float(t) for t in gathered]
     return {
         "processes": process_count,
-        "init_s": round(seconds, 3),
+        "init_s": round(max(per_rank), 3),
+        "init_s_per_rank": [round(t, 3) for t in per_rank],
         "own_decompositions_s": round(report["decompose_seconds"], 3),
         "decomposed_by_rank_0": report["decomposed"],
         "matrices": report["count"],

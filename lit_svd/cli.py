@@ -18,6 +18,7 @@ import logging
 import os
 import shlex
 import sys
+import time
 import traceback
 import warnings
 from collections.abc import Mapping
@@ -335,7 +336,7 @@ class LitSVDCLI(LightningCLI):
             ),
         ]
 
-    def _finish(self, exports: dict[str, str] | None = None) -> None:
+    def _finish(self, exports: dict[str, str] | None = None, seconds: dict[str, float] | None = None) -> None:
         for callback in self._summaries():
             paths = callback.collect(self.trainer)["paths"]
             extra: dict[str, Any] = {}
@@ -343,10 +344,11 @@ class LitSVDCLI(LightningCLI):
             if self.subcommand != "fit" and ckpt_path:
                 extra["checkpoint"] = str(ckpt_path)
             commands = self._next_commands(paths) if self.subcommand == "fit" else []
-            callback.finish(self.trainer, paths=extra, exports=exports, commands=commands)
+            callback.finish(self.trainer, paths=extra, exports=exports, commands=commands, seconds=seconds)
 
     def after_fit(self) -> None:
         exports = {}
+        started = time.perf_counter()
         export = self.config[self.subcommand].get("export") or {}
         # Every rank calls the exports (under FSDP the adapter is gathered from all ranks); rank 0 writes and
         # gets the path, the others None.
@@ -358,7 +360,10 @@ class LitSVDCLI(LightningCLI):
             path = self.model.export_peft_lora(export["peft_dir"], overwrite=True)
             if path is not None:
                 exports["PEFT LoRA adapter"] = str(path)
-        self._finish(exports)
+        self._finish(
+            exports,
+            {"export": time.perf_counter() - started} if export.get("merged_dir") or export.get("peft_dir") else None,
+        )
 
     def _before_evaluation(self) -> None:
         _quiet_checkpoint_restore()

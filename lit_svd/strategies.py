@@ -5,7 +5,8 @@
 1. (resume only) the adapter tensors are read from the checkpoint — every rank reads the whole adapter,
    which is small — and each residual ``W − P_0 Q_0ᵀ`` is rebuilt on the full original weight;
 2. otherwise ``SVDInit`` initialises the adapters on the full weights, the decompositions shared across
-   ranks (each layer visits the GPU, so the host-resident model is never on one GPU whole);
+   ranks. A model that fits in 60 % of a GPU's free memory is moved there whole first (one transfer);
+   a larger one stays in host memory and each layer visits the GPU in turn;
 3. every decoder layer, then the root, is ``fully_shard``-ed over all ranks: each GPU keeps 1/world of
    each frozen base weight (in its dtype, e.g. bf16) and of each adapter tensor;
 4. the optimizer is built over the adapter parameters only, so only they hold optimizer state.
@@ -41,7 +42,20 @@ from typing_extensions import override
 
 from lit_svd.inject import adapter_layers, adapter_state_dict, is_sharded
 
-__all__ = ["AdapterFSDPStrategy", "shard_model"]
+__all__ = ["AdapterFSDPStrategy", "fits_on_device", "shard_model"]
+
+
+def fits_on_device(module: torch.nn.Module, device: torch.device, share: float = 0.6) -> bool:
+    """Whether ``module``'s parameters and buffers fit in ``share`` of ``device``'s free memory (CUDA only).
+
+    The rest is left for the decompositions' work space and for the shards ``fully_shard`` copies out of
+    the full tensors before it frees them.
+    """
+    if torch.device(device).type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    size = sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+    return size <= share * free
 
 
 def shard_model(model: torch.nn.Module, mesh) -> torch.nn.Module:
@@ -114,6 +128,7 @@ class AdapterFSDPStrategy(ModelParallelStrategy):
         self.accelerator.setup(trainer)
         module = self.lightning_module
         if not is_sharded(module):
+            self._move_whole_if_it_fits(module)
             pending = [n for n, layer in adapter_layers(module) if not bool(layer.initialized)]
             if pending:
                 svd_init = next((cb for cb in trainer.callbacks if isinstance(cb, SVDInit)), None) or SVDInit()
@@ -141,6 +156,7 @@ class AdapterFSDPStrategy(ModelParallelStrategy):
     @override
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
         path = Path(self.broadcast(checkpoint_path))
+        self._move_whole_if_it_fits(self.lightning_module)  # the residuals are rebuilt on the weights next
         if not _is_sharded_checkpoint(path):
             raise ValueError(
                 f"{path} is not a sharded lit_svd checkpoint folder (written by AdapterFSDPStrategy); "
@@ -155,6 +171,12 @@ class AdapterFSDPStrategy(ModelParallelStrategy):
         self._checkpoint_to_restore = path
         rank_zero_info(f"AdapterFSDPStrategy: adapter tensors read from {path}")
         return checkpoint
+
+    def _move_whole_if_it_fits(self, module: torch.nn.Module) -> None:
+        """The unsharded model onto this rank's GPU in one transfer when it fits, so that the SVD init (or the
+        residuals' rebuild on resume) and the sharding run on the GPU rather than layer by layer from the host."""
+        if not is_sharded(module) and fits_on_device(module, self.root_device):
+            module.to(self.root_device)
 
     def _load_optimizer_states(self, path: Path) -> None:
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict

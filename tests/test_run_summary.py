@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import pytest
 import torch
 from conftest import make_tiny_model
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning_helpers import RandomTokens, RandomTokensData, quiet_cpu_trainer
@@ -128,6 +130,54 @@ def test_summary_of_a_tiny_fit(tmp_path, capsys):
     assert "75.00 % (6/8; 95 % interval" in printed
     assert str(run_dir / "checkpoints" / "last.ckpt") in printed
     assert f"tensorboard --logdir {run_dir}" in printed.splitlines()[-1]
+
+
+def test_timeline_keeps_checkpoint_writes_and_validation_out_of_the_training_time(tmp_path):
+    # A checkpoint write made slow on purpose (0.4 s at each of 3 saves) and a slow validation (0.3 s per
+    # batch, 2 batches, 3 times): neither may count as training time or enter the steady-state throughput.
+    class SlowWrites(TorchCheckpointIO):
+        def save_checkpoint(self, checkpoint, path, storage_options=None):
+            time.sleep(0.4)
+            super().save_checkpoint(checkpoint, path, storage_options)
+
+    class SlowValidation(FixedAnswers):
+        def validation_step(self, batch, batch_idx):
+            time.sleep(0.3)
+            return super().validation_step(batch, batch_idx)
+
+    summary = RunSummary(filename=None, print_summary=False, warmup_steps=2)
+    trainer = quiet_cpu_trainer(
+        tmp_path,
+        max_steps=6,
+        val_check_interval=2,
+        enable_checkpointing=True,
+        callbacks=[
+            SVDInit(),
+            ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_last=True),
+            summary,
+        ],
+        plugins=[SlowWrites()],
+    )
+    module = SlowValidation(
+        make_tiny_model("llama"), AdapterConfig(method="sorsa", rank=4, target_modules=["q_proj"]), warmup_ratio=0.0
+    )
+    module.metric = GSM8KAccuracy()
+    started = time.time()
+    trainer.fit(module, datamodule=KnownAccuracyData(count=24))
+    wall = time.time() - started
+    written = summary.summary
+    seconds = written["seconds"]
+    assert seconds["checkpoints"] >= 3 * 0.4 and seconds["validation"] >= 3 * 2 * 0.3
+    assert seconds["training"] == pytest.approx(written["train_seconds"], abs=0.01)
+    # the fit's wall time holds all three phases, each measured apart
+    assert seconds["training"] + seconds["checkpoints"] + seconds["validation"] <= wall
+    assert seconds["training"] < wall - 3 * 0.4 - 3 * 2 * 0.3
+    assert seconds["svd_init"] <= seconds["setup"] and seconds["startup"] > 0
+    assert seconds["total"] >= seconds["startup"] + seconds["setup"] + wall - 1.0  # /proc start: ~1 s resolution
+    # steady state: the intervals after the 2 warm-up steps without a validation or checkpoint in them
+    assert written["steady_tokens_per_second"] is not None
+    assert written["train_tokens"] == 6 * 4 * 12
+    assert "time" in render_summary(written) and "checkpoints" in render_summary(written)
 
 
 def test_one_checkpoint_file_per_save(tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shlex
 import time
 from pathlib import Path
@@ -54,6 +55,23 @@ def wilson_interval(correct: int, total: int, z: float = _Z95) -> tuple[float, f
     return low, high
 
 
+def process_start_time() -> float:
+    """Wall-clock time (``time.time()``) at which this process started; the import time of this module where
+    ``/proc`` is unavailable."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = int(fields[19])  # field 22 of proc(5), "starttime": clock ticks after boot
+        boot = next(
+            int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime")
+        )
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return _IMPORTED
+
+
+_IMPORTED = time.time()
+
+
 def _number(value: Any) -> float | None:
     """A logged value (tensor or number) as a float; ``None`` when absent."""
     if value is None:
@@ -89,53 +107,111 @@ class RunSummary(Callback):
         summary: The last summary (``None`` before the first end of a stage).
     """
 
-    def __init__(self, filename: str | None = "summary.json", print_summary: bool = True) -> None:
+    def __init__(
+        self, filename: str | None = "summary.json", print_summary: bool = True, warmup_steps: int = 5
+    ) -> None:
         if filename is not None and (not filename or Path(filename).name != filename):
             raise ValueError(f"filename must be a plain file name (written into the run folder) or None: {filename!r}")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         self.filename = filename
         self.print_summary = print_summary
+        self.warmup_steps = warmup_steps
         self.defer = False
         self.summary: dict[str, Any] | None = None
+        self._process_started = process_start_time()
+        self._marks: dict[str, float] = {}
+        self._reset_fit()
+        self._eval_counts: dict[str, dict[str, tuple[int, int]]] = {}
+
+    def _reset_fit(self) -> None:
         self._tokens: torch.Tensor | int = 0
+        self._steady_tokens: torch.Tensor | int = 0
+        self._batches = 0
+        self._steady_seconds = 0.0
+        self._last_batch_end: float | None = None
         self._train_seconds = 0.0
         self._train_started: float | None = None
         self._validation_started: float | None = None
-        self._eval_counts: dict[str, dict[str, tuple[int, int]]] = {}
+        self._checkpoint_started: float | None = None
+        self._seconds = {"validation": 0.0, "checkpoints": 0.0}
+
+    def _mark(self, name: str) -> None:
+        """Record when ``name`` happened, in seconds after the process started."""
+        self._marks[name] = time.time() - self._process_started
+
+    def _checkpoint_written(self) -> None:
+        # on_save_checkpoint runs before the file is written; the next hook we see runs after it.
+        if self._checkpoint_started is not None:
+            self._seconds["checkpoints"] += time.perf_counter() - self._checkpoint_started
+            self._checkpoint_started = None
 
     # ----- collecting -----------------------------------------------------------------------------------------
     @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._mark("setup")
+
+    @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._tokens, self._train_seconds = 0, 0.0
-        self._train_started = time.perf_counter()
+        self._reset_fit()
+        self._mark("train_start")
+        self._train_started = self._last_batch_end = time.perf_counter()
+
+    @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._checkpoint_written()
 
     @override
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        now = time.perf_counter()
         # Stays a device tensor until the end: a host sync per step would stall the GPU queue.
-        self._tokens = self._tokens + non_padding_tokens(batch)
+        tokens = non_padding_tokens(batch)
+        self._tokens = self._tokens + tokens
+        self._batches += 1
+        # Steady state: batch-to-batch intervals after the warm-up (allocator, kernels' autotuning, graph
+        # captures), leaving out any interval with a validation or a checkpoint write in it.
+        if self._batches > self.warmup_steps * trainer.accumulate_grad_batches and self._last_batch_end is not None:
+            self._steady_seconds += now - self._last_batch_end
+            self._steady_tokens = self._steady_tokens + tokens
+        self._last_batch_end = now
+
+    @override
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        if self._checkpoint_started is None:  # several files in a row (top-k and last) count as one write
+            self._checkpoint_started = time.perf_counter()
+        self._last_batch_end = None
 
     @override
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._checkpoint_written()
         self._validation_started = time.perf_counter()
+        self._last_batch_end = None
 
     @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Validation inside fit is not training time; the SVD init (on_fit_start) is outside it already.
-        if self._train_started is not None and self._validation_started is not None:
-            self._train_seconds -= time.perf_counter() - self._validation_started
+        if self._validation_started is not None:
+            seconds = time.perf_counter() - self._validation_started
+            self._seconds["validation"] += seconds
+            if self._train_started is not None:
+                self._train_seconds -= seconds
         self._validation_started = None
         if trainer.state.fn == TrainerFn.VALIDATING and not self.defer:
             self.finish(trainer)
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._checkpoint_written()
+        self._mark("train_end")
         if self._train_started is not None:
-            self._train_seconds += time.perf_counter() - self._train_started
+            self._train_seconds += time.perf_counter() - self._train_started - self._seconds["checkpoints"]
             self._train_started = None
-        tokens = self._tokens if isinstance(self._tokens, torch.Tensor) else torch.tensor(self._tokens)
         # Every rank calls this (a collective); all ranks' tokens count towards the throughput.
-        self._tokens = int(trainer.strategy.reduce(tokens.to(pl_module.device).float(), reduce_op="sum").item())
+        counts = torch.stack([torch.as_tensor(t).long().cpu() for t in (self._tokens, self._steady_tokens)])
+        total, steady = trainer.strategy.reduce(counts.to(pl_module.device), reduce_op="sum").tolist()
+        self._tokens, self._steady_tokens = int(total), int(steady)
 
     @override
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -161,6 +237,8 @@ class RunSummary(Callback):
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._checkpoint_written()
+        self._mark("fit_end")
         if not self.defer:
             self.finish(trainer)
 
@@ -180,13 +258,19 @@ class RunSummary(Callback):
         if stage == "fit":
             tokens = int(self._tokens) if not isinstance(self._tokens, torch.Tensor) else int(self._tokens.sum())
             seconds = self._train_seconds
+            steady = self._steady_tokens if isinstance(self._steady_tokens, int) else int(self._steady_tokens.sum())
             summary |= {
                 "train_seconds": round(seconds, 3),
                 "train_tokens": tokens,
                 "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else None,
+                "steady_tokens_per_second": round(steady / self._steady_seconds, 1)
+                if self._steady_seconds > 0
+                else None,
+                "warmup_steps": self.warmup_steps,
                 "svd_init_seconds": self._svd_init_seconds(trainer),
                 "train_loss": _number(metrics.get("train/loss")),
             }
+        summary["seconds"] = self._timeline(stage, summary.get("svd_init_seconds"))
         summary["eval"] = self._evaluations(metrics)
         summary["spectral"] = self._spectral(trainer)
         summary["paths"] = self._paths(trainer)
@@ -199,6 +283,7 @@ class RunSummary(Callback):
         paths: dict[str, Any] | None = None,
         exports: dict[str, str] | None = None,
         commands: list[str] | None = None,
+        seconds: dict[str, float] | None = None,
     ) -> dict[str, Any]:
         """Collect, write ``summary.json`` and print it (global rank 0 only).
 
@@ -207,6 +292,7 @@ class RunSummary(Callback):
             paths: More paths to record (e.g. ``{"checkpoint": …}`` of a checkpoint that was evaluated).
             exports: Written exports, label → folder (e.g. ``{"merged model": "out/merged"}``).
             commands: Commands to show after ``tensorboard --logdir …``.
+            seconds: More phases' wall seconds for the timeline (e.g. ``{"export": 12.5}``).
 
         Returns:
             The summary dict (also kept in ``self.summary``).
@@ -216,6 +302,9 @@ class RunSummary(Callback):
         if exports:
             summary["paths"]["exports"] = dict(exports)
         summary["commands"] += list(commands or [])
+        total = summary["seconds"].pop("total")
+        summary["seconds"] |= {name: round(value, 2) for name, value in (seconds or {}).items()}
+        summary["seconds"]["total"] = total
         if self.filename is not None:
             summary["paths"]["summary"] = str(Path(summary["paths"]["run_dir"]) / self.filename)
         self.summary = summary
@@ -227,6 +316,27 @@ class RunSummary(Callback):
             if self.print_summary:
                 print(render_summary(summary), flush=True)
         return summary
+
+    def _timeline(self, stage: str, svd_init_seconds: float | None) -> dict[str, float]:
+        """Where the run's wall time went, in seconds: ``startup`` (process start → trainer setup: imports,
+        configuration, model loading); for ``fit``: ``setup`` (→ first training step: data preparation,
+        device placement, the SVD init, sharding, the sanity check), ``svd_init`` (the part of ``setup`` spent
+        in the SVD init), ``training`` (steps only), ``checkpoints`` (writing them); ``validation``;
+        ``total`` (process start → now). The process start is read from ``/proc``, to about 1 s."""
+        marks = self._marks
+        timeline: dict[str, float] = {}
+        if "setup" in marks:
+            timeline["startup"] = marks["setup"]
+        if stage == "fit" and "train_start" in marks:
+            timeline["setup"] = marks["train_start"] - marks.get("setup", 0.0)
+            if svd_init_seconds is not None:
+                timeline["svd_init"] = svd_init_seconds
+            timeline["training"] = self._train_seconds
+            timeline["checkpoints"] = self._seconds["checkpoints"]
+        if self._seconds["validation"]:
+            timeline["validation"] = self._seconds["validation"]
+        timeline["total"] = time.time() - self._process_started
+        return {name: round(value, 2) for name, value in timeline.items()}
 
     @staticmethod
     def _svd_init_seconds(trainer: Trainer) -> float | None:
@@ -317,12 +427,16 @@ def render_summary(summary: dict[str, Any]) -> str:
     """The text block of a summary dict (what ``RunSummary`` prints)."""
     rows: list[tuple[str, str]] = []
     if summary["stage"] == "fit":
-        rate = summary.get("tokens_per_second")
+        rate, steady = summary.get("tokens_per_second"), summary.get("steady_tokens_per_second")
+        throughput = ""
+        if rate:
+            after = f"; {steady:,.0f} after {summary['warmup_steps']} warm-up steps" if steady else ""
+            throughput = f" ({rate:,.0f} tokens/s{after})"
         rows.append(
             (
                 "steps",
                 f"{summary['steps']} optimizer steps, {summary['train_tokens']:,} tokens in "
-                f"{summary['train_seconds']:.1f} s" + (f" ({rate:,.0f} tokens/s)" if rate else ""),
+                f"{summary['train_seconds']:.1f} s{throughput}",
             )
         )
         init = summary.get("svd_init_seconds")
@@ -343,6 +457,15 @@ def render_summary(summary: dict[str, Any]) -> str:
             rows += [(f"  {task}", _format_accuracy(value)) for task, value in accuracy["tasks"].items()]
         else:
             rows.append((f"{name} accuracy", _format_accuracy(accuracy)))
+    timeline = dict(summary.get("seconds") or {})
+    if "total" in timeline:
+        total = timeline.pop("total")
+        init = timeline.pop("svd_init", None)
+        parts = [
+            f"{name} {value:.1f} s" + (f" (SVD init {init:.1f} s)" if name == "setup" and init is not None else "")
+            for name, value in timeline.items()
+        ]
+        rows.append(("time", f"{total:.0f} s in all: " + ", ".join(parts)))
     spectral = summary.get("spectral") or {}
     if spectral:
         preferred = ("sv_drift_max", "sv_drift_mean", "orth_U_max", "orth_V_max", "weight_change_max")
