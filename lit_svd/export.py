@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from lit_svd.adapters import AdapterLayer
-from lit_svd.inject import adapter_layers
+from lit_svd.inject import _visiting, adapter_layers
 from lit_svd.linalg import low_rank_svd
 
 __all__ = ["atomic_directory", "merged_state_dict", "export_merged", "peft_lora_factors", "export_peft_lora"]
@@ -61,8 +61,16 @@ def _check_exportable(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
 
 
 @torch.no_grad()
-def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict the merged plain model would have, computed layer by layer (model unchanged)."""
+def merged_state_dict(model: nn.Module, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    """The state dict the merged plain model would have, computed layer by layer (model unchanged).
+
+    Args:
+        model: A model with initialised adapters.
+        device: Where to form each merged weight (``None``: where the layer is). A model that waits in
+            host memory (e.g. after ``Trainer.fit``, which moves it back to the CPU) is merged in seconds on
+            the GPU, each layer visiting it, instead of minutes on the host; the merged weights come back
+            to where the layer lives.
+    """
     layers = dict(_check_exportable(model))
     state = {}
     for key, tensor in model.state_dict().items():
@@ -73,20 +81,28 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         if owner.endswith(".base_layer") and layer_name in layers:
             if leaf == "weight":
                 layer = layers[layer_name]
-                merged = layer.weight_matrix().float() + layer.delta_weight()
-                tensor = (merged.T if layer.is_conv1d else merged).to(tensor.dtype).contiguous()
+                with _visiting(layer, device):
+                    merged = layer.weight_matrix().float() + layer.delta_weight()
+                    merged = (merged.T if layer.is_conv1d else merged).to(tensor.dtype).contiguous()
+                tensor = merged.to(tensor.device)
             key = f"{layer_name}.{leaf}"
         state[key] = tensor
     return state
 
 
-def export_merged(model: nn.Module, path: str | os.PathLike, tokenizer=None, overwrite: bool = False) -> Path:
+def export_merged(
+    model: nn.Module,
+    path: str | os.PathLike,
+    tokenizer=None,
+    overwrite: bool = False,
+    device: torch.device | str | None = None,
+) -> Path:
     """Write a plain Hugging Face checkpoint (+ tokenizer) with every adapter folded in.
 
     ``AutoModelForCausalLM.from_pretrained(path)`` then loads it with the same logits. The in-memory
-    model keeps its adapters.
+    model keeps its adapters. ``device``: where to merge (``merged_state_dict``).
     """
-    state = merged_state_dict(model)
+    state = merged_state_dict(model, device)
     with atomic_directory(path, overwrite) as staging:
         model.save_pretrained(staging, state_dict=state)
         if tokenizer is not None:
@@ -95,22 +111,31 @@ def export_merged(model: nn.Module, path: str | os.PathLike, tokenizer=None, ove
 
 
 @torch.no_grad()
-def peft_lora_factors(layer: AdapterLayer) -> tuple[torch.Tensor, torch.Tensor]:
+def peft_lora_factors(
+    layer: AdapterLayer, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """PEFT ``lora_A`` (k, n) and ``lora_B`` (m, k) with ``lora_B @ lora_A = ΔW`` against the original weight.
 
-    ``k = r`` for methods whose init leaves the base weight unchanged (LoRA), else ``2r``.
+    ``k = r`` for methods whose init leaves the base weight unchanged (LoRA), else ``2r``. The float64 thin
+    SVD runs on ``device`` (``None``: where the layer is; only the adapter factors travel), and the factors
+    come back to the layer's device.
     """
     P_t, Q_t = layer.low_rank_factors(layer.factors())
     if layer.decomposition is not None:
         P_0, Q_0 = layer.initial_low_rank_factors()
         P_t, Q_t = torch.cat([P_t, -P_0], dim=1), torch.cat([Q_t, Q_0], dim=1)
-    U, S, V = low_rank_svd(P_t.double(), Q_t.double())
+    home = P_t.device
+    U, S, V = low_rank_svd(P_t.to(device or home, torch.float64), Q_t.to(device or home, torch.float64))
     root = S.sqrt()
-    return (V * root).T.float().contiguous(), (U * root).float().contiguous()
+    return (V * root).T.float().contiguous().to(home), (U * root).float().contiguous().to(home)
 
 
 def export_peft_lora(
-    model: nn.Module, path: str | os.PathLike, base_model_name_or_path: str | None = None, overwrite: bool = False
+    model: nn.Module,
+    path: str | os.PathLike,
+    base_model_name_or_path: str | None = None,
+    overwrite: bool = False,
+    device: torch.device | str | None = None,
 ) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` of an equivalent PEFT LoRA adapter.
 
@@ -120,6 +145,7 @@ def export_peft_lora(
         base_model_name_or_path: Recorded in the config so ``PeftModel.from_pretrained`` users know which
             original base model to load.
         overwrite: Replace an existing non-empty ``path``.
+        device: Where to compute the factors (``peft_lora_factors``); ``None``: where each layer is.
     """
     from safetensors.torch import save_file
 
@@ -133,7 +159,7 @@ def export_peft_lora(
         raise ValueError("cannot export a mix of nn.Linear and Conv1D adapters to one PEFT config (fan_in_fan_out)")
     tensors, ranks = {}, set()
     for name, layer in layers:
-        A, B = peft_lora_factors(layer)
+        A, B = peft_lora_factors(layer, device)
         if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
             raise ValueError(f"adapter '{name}' has non-finite values; nothing exported")
         ranks.add(A.shape[0])

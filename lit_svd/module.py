@@ -478,7 +478,7 @@ class LitSVDAdapter(LightningModule):
         model = self._exportable_model()
         if model is None:
             return None
-        return export_merged(model, path, tokenizer=self.tokenizer, overwrite=overwrite)
+        return export_merged(model, path, tokenizer=self.tokenizer, overwrite=overwrite, device=self._export_device())
 
     def export_peft_lora(self, path: str | Path, overwrite: bool = False) -> Path | None:
         """Standard PEFT LoRA adapter (rank ≤ 2r) against the original base weights of ``self.model_name``.
@@ -488,7 +488,16 @@ class LitSVDAdapter(LightningModule):
         model = self._exportable_model()
         if model is None:
             return None
-        return export_peft_lora(model, path, base_model_name_or_path=str(self.model_name), overwrite=overwrite)
+        return export_peft_lora(
+            model, path, base_model_name_or_path=str(self.model_name), overwrite=overwrite, device=self._export_device()
+        )
+
+    def _export_device(self) -> torch.device | None:
+        """The accelerator to compute exports on: after ``fit`` Lightning has moved the model back to the host,
+        where merging a 7B model's weights (or the float64 SVDs of the PEFT factors) takes minutes, not
+        seconds — and under ``torchrun`` on one CPU thread."""
+        device = self._trainer.strategy.root_device if self._trainer is not None else None
+        return device if device is not None and device.type != "cpu" else None
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:

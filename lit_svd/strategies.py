@@ -156,12 +156,13 @@ class AdapterFSDPStrategy(ModelParallelStrategy):
     @override
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
         path = Path(self.broadcast(checkpoint_path))
-        self._move_whole_if_it_fits(self.lightning_module)  # the residuals are rebuilt on the weights next
         if not _is_sharded_checkpoint(path):
             raise ValueError(
                 f"{path} is not a sharded lit_svd checkpoint folder (written by AdapterFSDPStrategy); "
                 "resume a DDP or single-device checkpoint with the strategy that wrote it"
             )
+        if self.lightning_module is not None:  # the residuals are rebuilt on the full weights next
+            self._move_whole_if_it_fits(self.lightning_module)
         checkpoint = torch.load(path / _METADATA_FILENAME, map_location="cpu", weights_only=weights_only)
         # Every rank reads the whole adapter (megabytes) into full tensors, resharded by the reader; the
         # module's on_load_checkpoint then rebuilds the residuals on the still unsharded weights.
