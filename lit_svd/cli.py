@@ -267,8 +267,16 @@ def check_paths(config: Any, stage: str) -> list[str]:
                 problems.append(f"{error} (--model.{key})")
     ckpt_path = _get(config, "ckpt_path")
     if ckpt_path is not None and str(ckpt_path) not in _CKPT_KEYWORDS and not str(ckpt_path).startswith("registry:"):
-        if not Path(ckpt_path).expanduser().is_file():
+        path = Path(ckpt_path).expanduser()
+        strategy = str(_get(_get(config, "trainer"), "strategy", "") or "")
+        if not path.exists():
             problems.append(f"checkpoint not found: {ckpt_path} (--ckpt_path)")
+        elif path.is_dir() and "fsdp" not in strategy.lower():
+            # AdapterFSDPStrategy writes a folder of shards; every other strategy a single file.
+            problems.append(
+                f"checkpoint {ckpt_path} is a folder (a sharded checkpoint of --strategy fsdp): resume it with "
+                "--strategy fsdp, or pass a .ckpt file (--ckpt_path)"
+            )
     data = _get(config, "data")
     if data is not None and stage != _EXPORT:
         problems += _data_problems(data, stage)
@@ -346,12 +354,13 @@ class LitSVDCLI(LightningCLI):
             commands = self._next_commands(paths) if self.subcommand == "fit" else []
             callback.finish(self.trainer, paths=extra, exports=exports, commands=commands, seconds=seconds)
 
-    def after_fit(self) -> None:
+    def _export(self, export: Mapping[str, Any]) -> dict[str, str]:
+        """Write the exports asked for (``--export.merged_dir``, ``--export.peft_dir``); label → folder.
+
+        Every rank calls it (under FSDP the adapter is gathered from all ranks); rank 0 writes and gets the
+        paths, the others an empty dict.
+        """
         exports = {}
-        started = time.perf_counter()
-        export = self.config[self.subcommand].get("export") or {}
-        # Every rank calls the exports (under FSDP the adapter is gathered from all ranks); rank 0 writes and
-        # gets the path, the others None.
         if export.get("merged_dir"):
             path = self.model.export_merged(export["merged_dir"], overwrite=True)
             if path is not None:
@@ -360,10 +369,17 @@ class LitSVDCLI(LightningCLI):
             path = self.model.export_peft_lora(export["peft_dir"], overwrite=True)
             if path is not None:
                 exports["PEFT LoRA adapter"] = str(path)
-        self._finish(
-            exports,
-            {"export": time.perf_counter() - started} if export.get("merged_dir") or export.get("peft_dir") else None,
+        return exports
+
+    def after_fit(self) -> None:
+        started = time.perf_counter()
+        export = self.config[self.subcommand].get("export") or {}
+        with self.model.export_placement():  # both exports on the accelerator, the model moved there once
+            exports = self._export(export)
+        seconds = (
+            {"export": time.perf_counter() - started} if export.get("merged_dir") or export.get("peft_dir") else None
         )
+        self._finish(exports, seconds)
 
     def _before_evaluation(self) -> None:
         _quiet_checkpoint_restore()
@@ -435,14 +451,17 @@ class _ExportCLI(LitSVDCLI):
         checkpoint = torch.load(self.config.ckpt_path, map_location="cpu", weights_only=True)
         self.model.on_load_checkpoint(checkpoint)
         export = self.config["export"]
-        if export.get("merged_dir"):
-            path = self.model.export_merged(export["merged_dir"], overwrite=True)
-            rank_zero_info(f"merged model written to {path}")
-            rank_zero_info(f"  load it: AutoModelForCausalLM.from_pretrained({str(path)!r})")
-        if export.get("peft_dir"):
-            path = self.model.export_peft_lora(export["peft_dir"], overwrite=True)
-            rank_zero_info(f"PEFT LoRA adapter written to {path}")
-            rank_zero_info(f"  load it: PeftModel.from_pretrained(base_model, {str(path)!r})")
+        import torch
+
+        # No trainer here: the accelerator, when there is one, merges in seconds what the host takes minutes for.
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+        with self.model.export_placement(device):
+            exports = self._export(export)
+        for label, path in exports.items():
+            rank_zero_info(f"{label} written to {path}")
+            loader = "AutoModelForCausalLM.from_pretrained" if label == "merged model" else "PeftModel.from_pretrained"
+            argument = repr(path) if label == "merged model" else f"base_model, {path!r}"
+            rank_zero_info(f"  load it: {loader}({argument})")
 
 
 def _quiet_checkpoint_restore() -> None:

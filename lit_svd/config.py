@@ -33,8 +33,9 @@ class AdapterConfig:
         dropout: Dropout probability on the adapter's input (PEFT's ``lora_dropout``).
         gamma: SORSA orthonormal-regulariser strength γ; the step applies (γ/η_t)·L_orth after clipping.
             ``0`` disables the regulariser.
-        adapter_dtype: Storage dtype of the adapter tensors (e.g. ``"float32"`` to keep factors in fp32
-            under bf16 training); ``None`` uses the base layer's dtype.
+        adapter_dtype: Storage dtype of the adapter tensors; ``None``: float32 beside a bf16/fp16 base (bf16
+            factors lose fine-tuning's small updates; ``lit_svd.adapters.base.default_adapter_dtype``), else
+            the base layer's dtype. ``"bfloat16"`` saves memory at that risk.
         svd_method: How the top-r SVD is computed at init (see ``lit_svd.linalg.top_r_svd``): ``"auto"``,
             ``"subspace"`` (Chebyshev-filtered subspace iteration, the fast exact path for r ≪ min(m, n)),
             ``"gram"`` (full Gram eigendecomposition + float64 Rayleigh–Ritz) or ``"full"`` (``torch.linalg.svd``).

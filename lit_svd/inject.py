@@ -26,6 +26,7 @@ from lit_svd.linalg import orthonormality_error, orthonormality_error_from_gram,
 
 __all__ = [
     "adapter_layers",
+    "fits_on_device",
     "inject_adapters",
     "is_sharded",
     "initialize_adapters",
@@ -294,6 +295,19 @@ def initialize_adapters(
         "max_reconstruction_error": max_error,
         "weight_norms": {name: norm.item() for name, norm in weight_norms.items()},
     }
+
+
+def fits_on_device(module: torch.nn.Module, device: torch.device, share: float = 0.6) -> bool:
+    """Whether ``module``'s parameters and buffers fit in ``share`` of ``device``'s free memory (CUDA only).
+
+    The rest is left for the decompositions' work space and for the shards ``fully_shard`` copies out of
+    the full tensors before it frees them.
+    """
+    if torch.device(device).type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    size = sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+    return size <= share * free
 
 
 @contextlib.contextmanager

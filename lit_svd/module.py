@@ -20,7 +20,7 @@ import dataclasses
 import math
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -39,6 +39,7 @@ from lit_svd.graphs import LayerGraphs
 from lit_svd.inject import (
     adapter_layers,
     adapter_state_dict,
+    fits_on_device,
     inject_adapters,
     is_sharded,
     load_adapter_state_dict,
@@ -438,8 +439,11 @@ class LitSVDAdapter(LightningModule):
         prefix = "model."
         state = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
         # Lightning restores before the strategy moves the model (DDP) or shards it (FSDP): the residuals
-        # are rebuilt with each layer visiting the accelerator, not on the host.
+        # are rebuilt on the accelerator, the whole model moved there first where it fits (DDP moves it
+        # next anyway), else each layer visiting it.
         device = self._trainer.strategy.root_device if self._trainer is not None else None
+        if device is not None and not is_sharded(self.model) and fits_on_device(self.model, device):
+            self.model.to(device)
         load_adapter_state_dict(self.model, state, device=device)
         # Already loaded (with residual rebuilding); Lightning's own load_state_dict gets nothing to do.
         checkpoint["state_dict"] = {}
@@ -451,6 +455,30 @@ class LitSVDAdapter(LightningModule):
         Under FSDP this all-gathers each adapter tensor (never a base weight), so every rank must call it.
         """
         return {k: full_tensor(v) for k, v in adapter_state_dict(self.model).items()}
+
+    @contextlib.contextmanager
+    def export_placement(self, device: torch.device | str | None = None) -> Iterator[None]:
+        """Run exports on the accelerator: after ``fit`` Lightning has moved the model back to the host, where
+        merging a 7B model's weights or the float64 SVDs of its PEFT factors takes minutes (on one CPU thread
+        under ``torchrun``) rather than seconds. A model that fits in 60 % of the free device memory goes
+        there whole for the block and back afterwards; a larger one stays, and each layer visits the device
+        in turn (the exports' ``device``). Nested uses move nothing. ``device``: the accelerator (default: the
+        trainer's, if it is not the CPU)."""
+        device = torch.device(device) if device is not None else self._export_device()
+        home = next(self.model.parameters()).device
+        move = device is not None and home != device and not is_sharded(self.model)
+        move = move and fits_on_device(self.model, device)
+        if move:
+            self.model.to(device)
+        try:
+            yield
+        finally:
+            if move:
+                self.model.to(home)
+
+    def _export_device(self) -> torch.device | None:
+        device = self._trainer.strategy.root_device if self._trainer is not None else None
+        return device if device is not None and device.type != "cpu" else None
 
     def _exportable_model(self) -> torch.nn.Module | None:
         """The model to export on rank 0 (``None`` on the other ranks): ``self.model``, or under FSDP a fresh
@@ -466,38 +494,42 @@ class LitSVDAdapter(LightningModule):
         hp = self.hparams
         fresh = load_causal_lm(self.model_name, gguf_file=hp.get("gguf_file"), dtype=hp.get("model_dtype"))
         fresh = self.inject(fresh)
-        load_adapter_state_dict(fresh, state, device=self.trainer.strategy.root_device)
+        device = self._export_device()
+        if device is not None and fits_on_device(fresh, device):
+            fresh.to(device)
+        load_adapter_state_dict(fresh, state, device=device)
         return fresh
 
     def export_merged(self, path: str | Path, overwrite: bool = False) -> Path | None:
         """Plain Hugging Face checkpoint (+ tokenizer) with the adapters folded in.
 
         Under DDP/FSDP call it on every rank (FSDP gathers the adapter); rank 0 writes and returns the path,
-        the other ranks return ``None``.
+        the other ranks return ``None``. Computed on the accelerator (``export_placement``).
         """
-        model = self._exportable_model()
-        if model is None:
-            return None
-        return export_merged(model, path, tokenizer=self.tokenizer, overwrite=overwrite, device=self._export_device())
+        with self.export_placement():
+            model = self._exportable_model()
+            if model is None:
+                return None
+            return export_merged(
+                model, path, tokenizer=self.tokenizer, overwrite=overwrite, device=self._export_device()
+            )
 
     def export_peft_lora(self, path: str | Path, overwrite: bool = False) -> Path | None:
         """Standard PEFT LoRA adapter (rank ≤ 2r) against the original base weights of ``self.model_name``.
 
         Under FSDP call it on every rank, as ``export_merged``.
         """
-        model = self._exportable_model()
-        if model is None:
-            return None
-        return export_peft_lora(
-            model, path, base_model_name_or_path=str(self.model_name), overwrite=overwrite, device=self._export_device()
-        )
-
-    def _export_device(self) -> torch.device | None:
-        """The accelerator to compute exports on: after ``fit`` Lightning has moved the model back to the host,
-        where merging a 7B model's weights (or the float64 SVDs of the PEFT factors) takes minutes, not
-        seconds — and under ``torchrun`` on one CPU thread."""
-        device = self._trainer.strategy.root_device if self._trainer is not None else None
-        return device if device is not None and device.type != "cpu" else None
+        with self.export_placement():
+            model = self._exportable_model()
+            if model is None:
+                return None
+            return export_peft_lora(
+                model,
+                path,
+                base_model_name_or_path=str(self.model_name),
+                overwrite=overwrite,
+                device=self._export_device(),
+            )
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:

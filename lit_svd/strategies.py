@@ -40,22 +40,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.distributed.constants import default_pg_timeout
 from typing_extensions import override
 
-from lit_svd.inject import adapter_layers, adapter_state_dict, is_sharded
+from lit_svd.inject import adapter_layers, adapter_state_dict, fits_on_device, is_sharded
 
-__all__ = ["AdapterFSDPStrategy", "fits_on_device", "shard_model"]
-
-
-def fits_on_device(module: torch.nn.Module, device: torch.device, share: float = 0.6) -> bool:
-    """Whether ``module``'s parameters and buffers fit in ``share`` of ``device``'s free memory (CUDA only).
-
-    The rest is left for the decompositions' work space and for the shards ``fully_shard`` copies out of
-    the full tensors before it frees them.
-    """
-    if torch.device(device).type != "cuda":
-        return False
-    free, _ = torch.cuda.mem_get_info(device)
-    size = sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
-    return size <= share * free
+__all__ = ["AdapterFSDPStrategy", "shard_model"]
 
 
 def shard_model(model: torch.nn.Module, mesh) -> torch.nn.Module:

@@ -212,3 +212,25 @@ def test_adapter_dtype_keeps_factors_in_float32_on_a_bfloat16_model(input_ids):
     assert layer.U.dtype == torch.float32 and layer.base_layer.weight.dtype == torch.bfloat16
     out = model(input_ids).logits
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize(("asked", "expected"), [(None, torch.float32), ("bfloat16", torch.bfloat16)])
+def test_adapters_beside_a_bfloat16_base_default_to_float32_so_small_updates_survive(asked, expected):
+    # A singular value near 2.5 has a bf16 spacing of 2^-6: an AdamW step of 1e-4 rounds away in bf16 and
+    # S never moves (a 7B-shaped SORSA run on GPUs showed drift exactly 0); in float32 it moves.
+    model = make_tiny_model("llama").to(torch.bfloat16)
+    config = AdapterConfig(method="sorsa", rank=4, target_modules=["q_proj"], adapter_dtype=asked)
+    inject_adapters(model, config)
+    layer = dict(adapter_layers(model))["model.layers.0.self_attn.q_proj"]
+    assert layer.S.dtype == expected and layer.base_layer.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        layer.S.fill_(2.5)
+    before = layer.S.detach().clone()
+    optimizer = torch.optim.AdamW([layer.S], lr=1e-4, weight_decay=0.0)
+    layer.S.grad = torch.ones_like(layer.S)
+    optimizer.step()
+    moved = (layer.S.detach().float() - before.float()).abs().max().item()
+    if expected == torch.float32:
+        assert moved == pytest.approx(1e-4, rel=1e-2)  # float32 spacing at 2.5: 2.4e-7
+    else:
+        assert moved == 0.0  # the reason for the float32 default

@@ -89,6 +89,22 @@ def test_paths_that_exist_pass():
     assert check_paths(_config({"data_dir": None, "train_file": "train.jsonl"}), "fit") == []  # the Hub
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "lit_svd_fsdp"])
+def test_a_checkpoint_folder_is_accepted_only_by_fsdp(tmp_path, strategy):
+    gsm8k = {"data_dir": str(DATA_DIR / "gsm8k"), "train_file": "train.jsonl", "test_file": "test.jsonl"}
+    (tmp_path / "last.ckpt").mkdir()  # AdapterFSDPStrategy's sharded checkpoint is a folder of that name
+    config = _config(gsm8k, ckpt_path=str(tmp_path / "last.ckpt"))
+    config.trainer = Namespace(strategy=strategy)
+    problems = check_paths(config, "fit")
+    if "fsdp" in strategy:
+        assert problems == []
+    else:
+        assert problems == [
+            f"checkpoint {tmp_path / 'last.ckpt'} is a folder (a sharded checkpoint of --strategy fsdp): resume it "
+            "with --strategy fsdp, or pass a .ckpt file (--ckpt_path)"
+        ]
+
+
 def test_missing_files_are_all_named_with_their_flags(tmp_path):
     (tmp_path / "train.jsonl").write_text("{}\n")
     config = _config(
