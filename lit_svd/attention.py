@@ -16,8 +16,8 @@ mask function builds no mask, and back afterwards, so evaluation and generation 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -26,6 +26,7 @@ from transformers import AttentionInterface, AttentionMaskInterface, PreTrainedM
 
 __all__ = [
     "VARLEN_ATTENTION",
+    "checkpoint_context_fn",
     "packed_attention",
     "packed_causal_attention",
     "sequence_boundaries",
@@ -179,10 +180,40 @@ def packed_attention(model: PreTrainedModel) -> Iterator[None]:
             f"{type(model).__name__} does not dispatch attention through transformers' AttentionInterface, so "
             "its batches cannot be packed; set pack_sequences=False"
         )
-    config = model.config
+    with _attention_implementation(model.config, VARLEN_ATTENTION):
+        yield
+
+
+@contextmanager
+def _attention_implementation(config: Any, implementation: str | None) -> Iterator[None]:
     previous = config._attn_implementation
-    config._attn_implementation = VARLEN_ATTENTION
+    config._attn_implementation = implementation
     try:
         yield
     finally:
         config._attn_implementation = previous
+
+
+def checkpoint_context_fn(
+    model: PreTrainedModel,
+) -> Callable[[], tuple[AbstractContextManager, AbstractContextManager]]:
+    """``context_fn`` for non-reentrant ``torch.utils.checkpoint``: recomputation runs the forward's attention.
+
+    Gradient checkpointing recomputes a layer's forward during ``backward()``, after :func:`packed_attention`
+    has already switched the model back to its own attention: the recomputation of a packed batch then ran
+    (mask-free) SDPA over the whole row, saving other tensors than the forward did, and PyTorch stopped
+    with ``CheckpointError: A different number of tensors was saved``. This captures the implementation in
+    use when each checkpointed forward runs and sets it again around that layer's recomputation.
+
+    Example::
+
+        model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": checkpoint_context_fn(model)}
+        )
+    """
+    config = model.config
+
+    def context_fn() -> tuple[AbstractContextManager, AbstractContextManager]:
+        return nullcontext(), _attention_implementation(config, config._attn_implementation)
+
+    return context_fn

@@ -31,7 +31,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import PreTrainedModel
 
-from lit_svd.attention import packed_attention
+from lit_svd.attention import checkpoint_context_fn, packed_attention
 from lit_svd.config import AdapterConfig
 from lit_svd.data import non_padding_tokens
 from lit_svd.export import export_merged, export_peft_lora
@@ -128,6 +128,11 @@ class LitSVDAdapter(LightningModule):
                 )
             if compile_backend != "inductor":
                 problems.append(f"compile_mode is an inductor option; compile_backend is {compile_backend!r}")
+        if cuda_graph_layers and gradient_checkpointing:
+            problems.append(
+                "cuda_graph_layers and gradient_checkpointing cannot be combined (a graphed layer replays a "
+                "captured forward and backward; checkpointing re-runs the forward inside the backward): use one"
+            )
         if cuda_graph_layers and compile:
             problems.append(
                 "cuda_graph_layers and compile are alternatives (both remove per-kernel host work); use one"
@@ -149,7 +154,9 @@ class LitSVDAdapter(LightningModule):
             self.model = load_causal_lm(model, gguf_file=gguf_file, dtype=model_dtype)
             self.tokenizer = load_tokenizer(tokenizer or model, gguf_file=None if tokenizer else gguf_file)
         if gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # context_fn: a packed batch's recomputation (in backward) must run the packed attention again.
+            kwargs = {"use_reentrant": False, "context_fn": checkpoint_context_fn(_transformers_model(self.model))}
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
             self.model.enable_input_require_grads()
         self.model = self.inject(self.model)
         self.metric = None

@@ -20,7 +20,7 @@ from lit_svd.attention import VARLEN_ATTENTION, packed_attention, packed_causal_
 from lit_svd.data import GSM8KDataModule, InstructionCollator, non_padding_tokens
 from lit_svd.inject import adapter_layers, adapter_state_dict, initialize_adapters, inject_adapters
 from lit_svd.losses import causal_lm_loss, linear_cross_entropy
-from lit_svd.module import LitSVDAdapter
+from lit_svd.module import LitSVDAdapter, decoder_layers
 
 
 # ----- fused linear cross-entropy -----------------------------------------------------------------------
@@ -447,4 +447,47 @@ def test_compile_mode_reaches_every_decoder_layer_and_is_validated(monkeypatch):
     with pytest.raises(ValueError, match="compile_mode is an inductor option; compile_backend is 'aot_eager'"):
         LitSVDAdapter(
             make_tiny_model("llama"), compile=True, compile_backend="aot_eager", compile_mode="reduce-overhead"
+        )
+
+
+# ----- gradient checkpointing ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+@pytest.mark.parametrize("method", ["lora", "sorsa"])
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+def test_gradient_checkpointing_gives_the_gradients_of_the_plain_run(arch, method, layout):
+    # Packed batches used to crash in backward (CheckpointError: a different number of tensors saved): the
+    # recomputation ran after packed_attention had switched the model back to its own attention.
+    batch = InstructionCollator(pad_token_id=0, pack=layout == "packed")(EXAMPLES)
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        config = AdapterConfig(method=method, rank=4, target_modules=TINY_TARGETS[arch])
+        module = LitSVDAdapter(make_tiny_model(arch), config, gradient_checkpointing=checkpointing)
+        initialize_adapters(module.model)
+        with torch.no_grad():  # a non-zero LoRA B, so that the adapter's gradients are not trivially zero
+            for _, layer in adapter_layers(module.model):
+                if method == "lora":
+                    layer.B.normal_(std=0.1)
+        module.model.train()  # checkpointing is active in training mode only
+        forwards = []
+        # a hook inside the layer (the layer's own hooks stay outside the checkpoint and run once)
+        inner = next(decoder_layers(module.model)[0].children())
+        inner.register_forward_pre_hook(lambda *args, seen=forwards: seen.append(1))
+        trainable = [p for p in module.parameters() if p.requires_grad]
+        torch.manual_seed(1)  # the same dropout masks in both runs (checkpointing replays the RNG state)
+        loss = module.compute_loss(batch)
+        grads = torch.autograd.grad(loss, trainable)
+        results.append((loss.detach(), grads, len(forwards)))
+    (loss, grads, plain_forwards), (checkpointed_loss, checkpointed_grads, checkpointed_forwards) = results
+    assert (plain_forwards, checkpointed_forwards) == (1, 2)  # the layer really was recomputed in backward
+    assert checkpointed_loss.item() == pytest.approx(loss.item(), rel=1e-6)
+    for got, expected in zip(checkpointed_grads, grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+    assert module.model.config._attn_implementation != VARLEN_ATTENTION  # restored after backward too
+
+
+def test_gradient_checkpointing_and_cuda_graph_layers_are_refused_together():
+    with pytest.raises(ValueError, match="cuda_graph_layers and gradient_checkpointing cannot be combined"):
+        LitSVDAdapter(
+            make_tiny_model("llama"), AdapterConfig(rank=4), gradient_checkpointing=True, cuda_graph_layers=True
         )
