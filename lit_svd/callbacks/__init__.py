@@ -1,10 +1,12 @@
-"""Lightning callbacks: one-time SVD initialisation, spectral monitoring, and the end-of-run summary."""
+"""Lightning callbacks: one-time SVD initialisation, spectral monitoring, checkpointing and the end-of-run summary."""
 
+from lit_svd.callbacks.checkpoint import AdapterCheckpoint
 from lit_svd.callbacks.run_summary import ParameterSummary, RunSummary, wilson_interval
 from lit_svd.callbacks.spectral_monitor import SpectralMonitor, drift_heatmap
 from lit_svd.callbacks.svd_init import SVDInit, adapter_checksum
 
 __all__ = [
+    "AdapterCheckpoint",
     "ParameterSummary",
     "RunSummary",
     "SVDInit",

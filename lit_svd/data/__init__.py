@@ -9,6 +9,7 @@ from lit_svd.data.base import (
     InstructionCollator,
     InstructionDataModule,
     LengthGroupedSampler,
+    ResumableDataLoader,
     non_padding_tokens,
     tokenize_instructions,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "InstructionCollator",
     "InstructionDataModule",
     "LengthGroupedSampler",
+    "ResumableDataLoader",
     "MATHDataModule",
     "MetaMathQADataModule",
     "build_prompt",

@@ -49,6 +49,7 @@ __all__ = [
     "InstructionCollator",
     "InstructionDataModule",
     "LengthGroupedSampler",
+    "ResumableDataLoader",
     "check_columns",
     "load_hub_split",
     "load_json_records",
@@ -373,6 +374,12 @@ class LengthGroupedSampler(DistributedSampler):
         seed: shuffling seed; epoch ``e`` uses ``seed + e``.
         drop_last: drop the tail so every rank gets the same count (else it is padded by repetition).
         mega_batch_factor: batches per rank per sorted mega-batch (50 as in HF ``Trainer``).
+        group_by_length: ``False``: a plain seeded shuffle (no sorting), with the same resumability.
+
+    A run resumed in the middle of an epoch continues with that epoch's remaining indices
+    (:meth:`resume_at`, set from a checkpoint by :class:`ResumableDataLoader`); ``len`` stays the whole
+    epoch's, so that Lightning's batch count of the epoch, which continues from the checkpoint, ends where
+    the uninterrupted run's does.
     """
 
     def __init__(
@@ -384,6 +391,7 @@ class LengthGroupedSampler(DistributedSampler):
         seed: int = 0,
         drop_last: bool = False,
         mega_batch_factor: int = 50,
+        group_by_length: bool = True,
     ) -> None:
         distributed = dist.is_available() and dist.is_initialized()
         if num_replicas is None:
@@ -396,6 +404,14 @@ class LengthGroupedSampler(DistributedSampler):
         )
         self.batch_size = batch_size
         self.mega_batch_size = batch_size * num_replicas * mega_batch_factor
+        self.group_by_length = group_by_length
+        self._resume: tuple[int, int] | None = None  # (epoch, indices of this rank already consumed in it)
+
+    def resume_at(self, epoch: int, consumed: int) -> None:
+        """Start epoch ``epoch`` after this rank's first ``consumed`` indices (a mid-epoch resume)."""
+        if epoch < 0 or consumed < 0:
+            raise ValueError(f"resume position must be non-negative, got epoch {epoch}, consumed {consumed}")
+        self._resume = (epoch, consumed)
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator()
@@ -406,7 +422,7 @@ class LengthGroupedSampler(DistributedSampler):
         ]
         arranged = (
             np.concatenate([mega[np.argsort(-self.lengths[mega], kind="stable")] for mega in mega_batches])
-            if mega_batches
+            if mega_batches and self.group_by_length
             else order
         )
         if self.drop_last:
@@ -414,7 +430,59 @@ class LengthGroupedSampler(DistributedSampler):
         elif len(arranged) < self.total_size:
             repeats = -(-(self.total_size - len(arranged)) // max(len(arranged), 1))
             arranged = np.concatenate([arranged, np.tile(arranged, repeats)])[: self.total_size]
-        return iter(arranged[self.rank : self.total_size : self.num_replicas].tolist())
+        mine = arranged[self.rank : self.total_size : self.num_replicas].tolist()
+        if self._resume is not None and self._resume[0] == self.epoch:
+            mine = mine[self._resume[1] :]
+        return iter(mine)
+
+
+class ResumableDataLoader(DataLoader):
+    """A training ``DataLoader`` whose place in the epoch is saved in Lightning checkpoints.
+
+    Lightning stores the ``state_dict`` of a loader that has one in every checkpoint and hands it back on
+    resume; a run killed in the middle of an epoch then continues with exactly the batches the uninterrupted
+    run would have seen next (same order, none repeated, none skipped), on every rank. Without it, a mid-epoch
+    resume restarts the epoch's data from its first batch.
+
+    The position comes from ``position()`` — ``(epoch, batches trained in it)``, read from the trainer — not
+    from this loader's own iterator, which Lightning reads one batch ahead.
+
+    Args:
+        *args: ``DataLoader``'s positional arguments (the dataset, the batch size, …).
+        position: returns ``(epoch, batches trained in it)``; ``None``: the start of the sampler's epoch.
+        **kwargs: ``DataLoader``'s keyword arguments; ``sampler`` must be a :class:`LengthGroupedSampler`.
+    """
+
+    def __init__(self, *args: Any, position: Any = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.sampler, LengthGroupedSampler):
+            raise TypeError(f"ResumableDataLoader needs a LengthGroupedSampler, got {type(self.sampler).__name__}")
+        self.position = position
+
+    def state_dict(self) -> dict[str, int]:
+        epoch, batches = self.position() if self.position is not None else (self.sampler.epoch, 0)
+        sampler = self.sampler
+        return {
+            "epoch": int(epoch),
+            "batches": int(batches),
+            "batch_size": int(self.batch_size),
+            "num_replicas": sampler.num_replicas,
+            "examples": len(sampler.lengths),
+            "seed": sampler.seed,
+        }
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        sampler = self.sampler
+        now = {"batch_size": self.batch_size, "num_replicas": sampler.num_replicas, "examples": len(sampler.lengths)}
+        now["seed"] = sampler.seed
+        changed = [f"{key} {state.get(key)} -> {value}" for key, value in now.items() if state.get(key) != value]
+        if changed:
+            rank_zero_warn(
+                f"the checkpoint's data order cannot be continued ({', '.join(changed)}): epoch {state['epoch']} "
+                f"restarts from its first batch instead of batch {state['batches'] + 1}"
+            )
+            return
+        sampler.resume_at(state["epoch"], state["batches"] * self.batch_size)
 
 
 # ------------------------------------------------------------------------------------- datamodule
@@ -670,21 +738,23 @@ class InstructionDataModule(LightningDataModule):
         collate = InstructionCollator(
             self.pad_token_id, self.max_length, pack=self.pack_sequences, pack_to_multiple_of=self.pack_to_multiple_of
         )
-        if self.group_by_length:
-            lengths = np.minimum(_column(self.train_dataset, "length"), self.max_length)
-            sampler = LengthGroupedSampler(lengths, self.batch_size, seed=self.seed)
-            return DataLoader(
-                dataset, self.batch_size, sampler=sampler, collate_fn=collate, num_workers=self.num_workers
-            )
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(
+        lengths = np.minimum(_column(self.train_dataset, "length"), self.max_length)
+        sampler = LengthGroupedSampler(lengths, self.batch_size, seed=self.seed, group_by_length=self.group_by_length)
+        return ResumableDataLoader(
             dataset,
             self.batch_size,
-            shuffle=True,
-            generator=generator,
+            sampler=sampler,
             collate_fn=collate,
             num_workers=self.num_workers,
+            position=self._training_position,
         )
+
+    def _training_position(self) -> tuple[int, int]:
+        """``(epoch, training batches done in it)`` of the attached trainer (for checkpoints)."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 0
+        return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     def val_dataloader(self) -> DataLoader:
         """Held-out LM-loss batches (``val_size > 0``) or generation batches from the eval set."""

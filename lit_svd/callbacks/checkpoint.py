@@ -1,0 +1,55 @@
+"""`AdapterCheckpoint`: one ``last.ckpt`` kept current every N steps, after each validation and at the end."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from typing_extensions import override
+
+__all__ = ["AdapterCheckpoint"]
+
+
+class AdapterCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` that keeps a single resumable ``last.ckpt`` up to date.
+
+    Lightning's triggers are exclusive: with ``every_n_train_steps`` it no longer saves after validation, and
+    at the end of training it saves ``last.ckpt`` only if it never saved one — so a 1,100-step run saving
+    every 200 steps would end with step 1,000 in ``last.ckpt``. This one writes ``last.ckpt`` every
+    ``every_n_train_steps`` optimizer steps (a killed run loses at most that many; with ``ResumableDataLoader``
+    it resumes mid-epoch with the same batches next), after every validation, and when training ends, never
+    twice for one step. No other files (``save_top_k=0``).
+
+    The checkpoint holds what ``LitSVDAdapter`` puts in it — the adapter tensors, their init snapshot, the
+    optimizer and scheduler state, the loops' and callbacks' state — never the frozen base model.
+
+    Args:
+        every_n_train_steps: Optimizer steps between saves (``0``: only after validation and at the end).
+        **kwargs: Other ``ModelCheckpoint`` arguments (``dirpath``, ``filename``, …); ``save_top_k`` and
+            ``save_last`` are fixed.
+    """
+
+    def __init__(self, every_n_train_steps: int = 200, **kwargs: Any) -> None:
+        for fixed in ("save_top_k", "save_last", "every_n_epochs", "train_time_interval"):
+            if fixed in kwargs:
+                raise ValueError(f"AdapterCheckpoint sets {fixed} itself; use ModelCheckpoint for other policies")
+        if every_n_train_steps < 0:
+            raise ValueError(f"every_n_train_steps must be >= 0, got {every_n_train_steps}")
+        super().__init__(save_top_k=0, save_last=True, every_n_train_steps=every_n_train_steps or None, **kwargs)
+
+    def _save_last_now(self, trainer: Trainer) -> None:
+        # Lightning's own guard: fitting only, no sanity check, not the step already written by any trigger.
+        if self._should_skip_saving_checkpoint(trainer):
+            return
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    @override
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not trainer.sanity_checking:
+            self._save_last_now(trainer)
+
+    @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._save_last_now(trainer)

@@ -1,0 +1,159 @@
+"""A run killed in the middle of an epoch resumes with exactly the batches an uninterrupted run sees next."""
+
+from __future__ import annotations
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_TARGETS, make_tiny_model
+from datasets import Dataset
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning_helpers import quiet_cpu_trainer
+
+from lit_svd import AdapterConfig, LitSVDAdapter, SVDInit
+from lit_svd.data import InstructionDataModule, LengthGroupedSampler, ResumableDataLoader
+from lit_svd.inject import adapter_state_dict
+
+EXAMPLES, BATCH, STEPS, EVERY = 24, 2, 18, 5  # 12 batches per epoch: the runs cross into a second epoch
+
+
+class NumberedExamples(InstructionDataModule):
+    """24 examples whose first token is their number (1…24), of varied lengths; no tokenizer needed."""
+
+    pad_token_id = 0
+
+    def prepare_data(self) -> None:
+        pass
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_dataset is None:
+            rng = np.random.default_rng(0)
+            rows = []
+            for number in range(1, EXAMPLES + 1):
+                length = int(rng.integers(4, 12))
+                ids = [number, *rng.integers(30, 100, length - 1).tolist()]
+                rows.append({"input_ids": ids, "prompt_length": 2, "length": length})
+            self.train_dataset = Dataset.from_list(rows)
+
+    def make_metric(self):
+        return None
+
+
+class Record(L.Callback):
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batches.append(batch["input_ids"][:, 0].tolist())
+
+
+class Killed(Exception):
+    pass
+
+
+class KillAt(L.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise Killed
+
+
+def _run(root, group_by_length: bool, callbacks, ckpt_path=None) -> LitSVDAdapter:
+    L.seed_everything(3)
+    module = LitSVDAdapter(
+        make_tiny_model("llama"),
+        AdapterConfig(method="sorsa", rank=4, target_modules=TINY_TARGETS["llama"]),
+        learning_rate=1e-2,
+    )
+    data = NumberedExamples(batch_size=BATCH, max_length=16, group_by_length=group_by_length, seed=7)
+    trainer = quiet_cpu_trainer(
+        root, STEPS, limit_val_batches=0, enable_checkpointing=True, callbacks=[SVDInit(), *callbacks]
+    )
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    return module
+
+
+@pytest.mark.parametrize("group_by_length", [True, False])
+@pytest.mark.parametrize(("kill", "saved"), [(7, 5), (17, 15)])  # mid epoch 0; mid epoch 1
+def test_a_mid_epoch_resume_sees_the_batches_of_the_uninterrupted_run(tmp_path, group_by_length, kill, saved):
+    whole = Record()
+    full = _run(tmp_path / "full", group_by_length, [whole])
+    assert len(whole.batches) == STEPS
+    assert sorted(n for batch in whole.batches[:12] for n in batch) == list(range(1, EXAMPLES + 1))  # one epoch
+
+    first = Record()
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=EVERY, save_top_k=-1)
+    with pytest.raises(Killed):
+        _run(tmp_path / "a", group_by_length, [KillAt(kill), first, checkpoints])
+    assert first.batches == whole.batches[:kill]
+    (checkpoint,) = (tmp_path / "ckpt").glob(f"*step={saved}.ckpt")
+
+    rest = Record()
+    resumed = _run(tmp_path / "b", group_by_length, [rest], ckpt_path=checkpoint)
+    assert rest.batches == whole.batches[saved:]  # nothing repeated, nothing skipped, same order
+    for key, value in adapter_state_dict(full.model).items():
+        torch.testing.assert_close(adapter_state_dict(resumed.model)[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_a_changed_batch_size_restarts_the_epoch_with_a_warning():
+    sampler = LengthGroupedSampler([5] * 8, batch_size=2, num_replicas=1, rank=0)
+    loader = ResumableDataLoader(list(range(8)), batch_size=2, sampler=sampler, position=lambda: (0, 3))
+    state = loader.state_dict()
+    assert state == {"epoch": 0, "batches": 3, "batch_size": 2, "num_replicas": 1, "examples": 8, "seed": 0}
+    other = ResumableDataLoader(
+        list(range(8)), batch_size=4, sampler=LengthGroupedSampler([5] * 8, batch_size=4, num_replicas=1, rank=0)
+    )
+    with pytest.warns(UserWarning, match=r"batch_size 2 -> 4\): epoch 0 restarts from its first batch"):
+        other.load_state_dict(state)
+    assert len(list(other)) == 2  # the whole epoch
+    loader.load_state_dict(state)
+    assert len(list(loader)) == 1  # batches 4 of 4: the rest of the epoch
+    assert len(loader) == 4  # Lightning counts the epoch's batches on from the checkpoint's
+
+
+def test_resumable_loader_needs_the_resumable_sampler():
+    with pytest.raises(TypeError, match="needs a LengthGroupedSampler, got SequentialSampler"):
+        ResumableDataLoader(list(range(4)), batch_size=2)
+
+
+class CountSaves(L.Callback):
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        self.steps.append(trainer.global_step)
+
+
+@pytest.mark.parametrize(("max_steps", "expected"), [(7, [3, 5, 6, 7]), (6, [3, 5, 6])])
+def test_adapter_checkpoint_saves_every_n_steps_after_validation_and_at_the_end(tmp_path, max_steps, expected):
+    # Lightning's ModelCheckpoint(every_n_train_steps=3, save_last=True) alone would save at 3 and 6 only:
+    # not after the validation at step 5, and not the final step 7.
+    from lightning_helpers import RandomTokensData
+
+    from lit_svd.callbacks import AdapterCheckpoint
+
+    saves = CountSaves()
+    module = LitSVDAdapter(make_tiny_model("llama"), AdapterConfig(method="lora", rank=2, target_modules=["q_proj"]))
+    trainer = quiet_cpu_trainer(
+        tmp_path,
+        max_steps,
+        val_check_interval=5,
+        limit_val_batches=1,
+        num_sanity_val_steps=1,
+        enable_checkpointing=True,
+        callbacks=[SVDInit(), AdapterCheckpoint(every_n_train_steps=3, dirpath=tmp_path / "ckpt"), saves],
+    )
+    trainer.fit(module, datamodule=RandomTokensData(count=40, batch_size=2))
+    assert saves.steps == expected
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["last.ckpt"]
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == max_steps
+
+
+def test_adapter_checkpoint_refuses_the_settings_it_fixes():
+    from lit_svd.callbacks import AdapterCheckpoint
+
+    with pytest.raises(ValueError, match="AdapterCheckpoint sets save_top_k itself"):
+        AdapterCheckpoint(save_top_k=3)
