@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+
 import lightning as L
 import numpy as np
 import pytest
@@ -157,3 +160,33 @@ def test_adapter_checkpoint_refuses_the_settings_it_fixes():
 
     with pytest.raises(ValueError, match="AdapterCheckpoint sets save_top_k itself"):
         AdapterCheckpoint(save_top_k=3)
+
+
+class TermAt(L.Callback):
+    """Sends this process SIGTERM after step ``step``, as a preempting scheduler would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_saves_a_checkpoint_that_resumes_like_the_uninterrupted_run(tmp_path):
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from lit_svd.callbacks import AdapterCheckpoint
+
+    whole = Record()
+    full = _run(tmp_path / "full", True, [whole])
+    first = Record()
+    with pytest.raises(SIGTERMException):
+        _run(tmp_path / "a", True, [first, TermAt(7), AdapterCheckpoint(every_n_train_steps=0, dirpath=tmp_path / "c")])
+    assert len(first.batches) == 7  # the step under way when the signal came was finished, no further one
+    assert torch.load(tmp_path / "c" / "last.ckpt", weights_only=True)["global_step"] == 7
+    rest = Record()
+    resumed = _run(tmp_path / "b", True, [rest], ckpt_path=tmp_path / "c" / "last.ckpt")
+    assert rest.batches == whole.batches[7:]
+    for key, value in adapter_state_dict(full.model).items():
+        torch.testing.assert_close(adapter_state_dict(resumed.model)[key], value, rtol=0, atol=0, msg=key)

@@ -6,6 +6,8 @@ from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
 __all__ = ["AdapterCheckpoint"]
@@ -20,6 +22,11 @@ class AdapterCheckpoint(ModelCheckpoint):
     ``every_n_train_steps`` optimizer steps (a killed run loses at most that many; with ``ResumableDataLoader``
     it resumes mid-epoch with the same batches next), after every validation, and when training ends, never
     twice for one step. No other files (``save_top_k=0``).
+
+    Preemption: on SIGTERM (a cloud GPU taken back, SLURM's ``scancel`` or ``--signal``, Kubernetes)
+    Lightning finishes the current step and stops with ``SIGTERMException``; this callback then writes
+    ``last.ckpt`` of that step, so a requeued job started with ``--ckpt_path …/last.ckpt`` continues where
+    the signal came. A crash by any other exception writes nothing: its state may be half-updated.
 
     The checkpoint holds what ``LitSVDAdapter`` puts in it — the adapter tensors, their init snapshot, the
     optimizer and scheduler state, the loops' and callbacks' state — never the frozen base model.
@@ -53,3 +60,11 @@ class AdapterCheckpoint(ModelCheckpoint):
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._save_last_now(trainer)
+
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        # Lightning raises SIGTERMException between steps (after the optimizer step, before the next batch).
+        if isinstance(exception, SIGTERMException):
+            self._save_last_now(trainer)
+            step = trainer.global_step
+            rank_zero_info(f"SIGTERM: saved {self.last_model_path} at step {step}; resume with --ckpt_path")
