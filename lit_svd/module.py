@@ -88,6 +88,12 @@ class LitSVDAdapter(LightningModule):
             captured with ``torch.cuda.make_graphed_callables`` (``lit_svd.graphs``): no compilation, one
             capture per packed-row shape — pair it with ``pack_sequences`` and ``pack_to_multiple_of``. CUDA
             only; not with ``compile`` or gradient accumulation.
+        on_nonfinite: what a step whose gradients hold a NaN or Inf (e.g. from a non-finite loss) does:
+            ``"error"`` stops the run with ``FloatingPointError`` naming the step, the loss and the first
+            parameter affected, before the optimizer step, so the adapters and the last checkpoint stay
+            good; ``"skip"`` drops that step's update (the learning-rate schedule moves on) and counts it
+            in ``train/skipped_steps``. Either way a checkpoint is never written with non-finite adapter
+            tensors. The check costs one host sync per optimizer step.
     """
 
     layer_graph_capture: Callable[..., Any] | None = None
@@ -112,9 +118,12 @@ class LitSVDAdapter(LightningModule):
         compile_backend: str = "inductor",
         compile_mode: CompileMode | None = None,
         cuda_graph_layers: bool = False,
+        on_nonfinite: Literal["error", "skip"] = "error",
     ) -> None:
         super().__init__()
         problems = []
+        if on_nonfinite not in ("error", "skip"):
+            problems.append(f"on_nonfinite must be 'error' or 'skip', got {on_nonfinite!r}")
         if learning_rate <= 0:
             problems.append(f"learning_rate must be > 0, got {learning_rate}")
         if singular_value_lr is not None and singular_value_lr <= 0:
@@ -162,6 +171,8 @@ class LitSVDAdapter(LightningModule):
         self.metric = None
         self._tokens_seen = 0
         self._step_started: float | None = None
+        self._last_loss: torch.Tensor | None = None
+        self.skipped_steps = 0
         self._layer_graphs: LayerGraphs | None = None
         # The base model is frozen and not saved; Lightning must not insist on its keys when loading.
         self.strict_loading = False
@@ -293,6 +304,7 @@ class LitSVDAdapter(LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.compute_loss(batch)
+        self._last_loss = loss.detach()
         batch_size = batch["input_ids"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         # A device tensor, not int(mask.sum()): a host sync every step would stall the queue of kernels.
@@ -304,6 +316,8 @@ class LitSVDAdapter(LightningModule):
             self._step_started = time.perf_counter()
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.skipped_steps:
+            self.log("train/skipped_steps", float(self.skipped_steps))
         if (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0 and self._step_started is not None:
             elapsed = time.perf_counter() - self._step_started
             if elapsed > 0:
@@ -321,8 +335,46 @@ class LitSVDAdapter(LightningModule):
         Lightning calls this once per optimizer step (after gradient accumulation, after
         ``on_before_optimizer_step``), right before ``optimizer.step()``.
         """
+        if not self._gradients_are_finite(optimizer):
+            return
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
         self.apply_regularizer_gradient(optimizer)
+
+    def _gradients_are_finite(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Apply ``on_nonfinite`` to this step's gradients; ``True`` when the step may go ahead.
+
+        Under DDP the gradients are already all-reduced (a NaN on one rank is a NaN on all), so every rank
+        decides alike; FSDP's shards are checked on each rank and the verdict summed across ranks.
+        """
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return True  # float16 loss scaling: the GradScaler skips overflowing steps and lowers the scale
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not grads:
+            return True
+        # One fused norm over all gradients: a NaN or Inf anywhere makes it non-finite.
+        bad = (~torch.isfinite(torch.nn.utils.get_total_norm([_local(g) for g in grads]))).float()
+        if is_sharded(self.model):
+            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
+        if not bool(bad):
+            return True
+        step = self.trainer.global_step
+        loss = float(self._last_loss) if self._last_loss is not None else float("nan")
+        if self.hparams.get("on_nonfinite", "error") == "skip":
+            optimizer.zero_grad(set_to_none=True)  # AdamW leaves parameters without a gradient untouched
+            self.skipped_steps += 1
+            rank_zero_warn(f"step {step}: non-finite gradient (loss {loss:.6g}); the update is skipped")
+            return False
+        names = {id(p): n for n, p in self.named_parameters()}
+        first = "(a parameter sharded to another rank)"
+        for p in (p for group in optimizer.param_groups for p in group["params"] if p.grad is not None):
+            if not bool(torch.isfinite(_local(p.grad)).all()):
+                first = names.get(id(p), "?")
+                break
+        raise FloatingPointError(
+            f"step {step}: non-finite gradient (loss {loss:.6g}; first parameter affected: {first}); the run "
+            "stopped before the optimizer step, so the adapters and the last checkpoint are unchanged. "
+            "Lower the learning rate, check the data, or pass --model.on_nonfinite skip"
+        )
 
     def apply_regularizer_gradient(self, optimizer: torch.optim.Optimizer) -> None:
         """Add ``∇ (γ/η_t)·L_orth`` to the factors' gradients; η_t is the current LR of their param group."""
@@ -428,8 +480,19 @@ class LitSVDAdapter(LightningModule):
         return {"method": config.method, "rank": config.rank, "model": str(self.model_name), "version": 1}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["state_dict"] = {f"model.{k}": v for k, v in adapter_state_dict(self.model).items()}
-        checkpoint[_CHECKPOINT_KEY] = self._checkpoint_metadata()
+        state = adapter_state_dict(self.model)
+        # Refused before anything is written, so the previous checkpoint stays the last good one. Each rank
+        # checks what it holds (FSDP: its shards) and all ranks learn whether any found a NaN or Inf.
+        bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(_local(v)).all())]
+        count = torch.tensor(float(len(bad)), device=self.device)
+        if is_sharded(self.model):
+            count = self.trainer.strategy.reduce(count, reduce_op="sum")
+        if bool(count):
+            step = self.trainer.global_step if self._trainer is not None else "?"
+            listed = ", ".join(bad[:5]) + (" …" if len(bad) > 5 else "") if bad else "(on another rank)"
+            raise ValueError(f"not writing a checkpoint at step {step}: non-finite adapter tensor(s) {listed}")
+        checkpoint["state_dict"] = {f"model.{k}": v for k, v in state.items()}
+        checkpoint[_CHECKPOINT_KEY] = self._checkpoint_metadata() | {"skipped_steps": self.skipped_steps}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get(_CHECKPOINT_KEY)
@@ -443,6 +506,7 @@ class LitSVDAdapter(LightningModule):
         ]
         if mismatches:
             raise ValueError("checkpoint does not match this LitSVDAdapter: " + "; ".join(mismatches))
+        self.skipped_steps = int(saved.get("skipped_steps", 0))
         prefix = "model."
         state = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
         # Lightning restores before the strategy moves the model (DDP) or shards it (FSDP): the residuals
@@ -537,6 +601,11 @@ class LitSVDAdapter(LightningModule):
                 overwrite=overwrite,
                 device=self._export_device(),
             )
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor (an FSDP ``DTensor``'s local shard), or the tensor itself."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:

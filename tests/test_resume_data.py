@@ -190,3 +190,87 @@ def test_sigterm_saves_a_checkpoint_that_resumes_like_the_uninterrupted_run(tmp_
     assert rest.batches == whole.batches[7:]
     for key, value in adapter_state_dict(full.model).items():
         torch.testing.assert_close(adapter_state_dict(resumed.model)[key], value, rtol=0, atol=0, msg=key)
+
+
+# ----- non-finite values ----------------------------------------------------------------------------------------------
+class NaNLossAt(LitSVDAdapter):
+    """The loss of optimizer step ``bad_step`` is NaN (as after an overflow or a corrupt batch)."""
+
+    bad_step = 3
+
+    def compute_loss(self, batch):
+        loss = super().compute_loss(batch)
+        return loss * float("nan") if self.trainer.global_step == self.bad_step else loss
+
+
+def _nan_run(root, on_nonfinite: str):
+    L.seed_everything(3)
+    module = NaNLossAt(
+        make_tiny_model("llama"),
+        AdapterConfig(method="sorsa", rank=4, target_modules=TINY_TARGETS["llama"]),
+        learning_rate=1e-2,
+        on_nonfinite=on_nonfinite,
+    )
+    trainer = quiet_cpu_trainer(
+        root,
+        6,
+        limit_val_batches=0,
+        enable_checkpointing=True,
+        gradient_clip_val=1.0,
+        callbacks=[
+            SVDInit(),
+            ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=1, save_top_k=0, save_last=True),
+        ],
+    )
+    data = NumberedExamples(batch_size=BATCH, max_length=16, seed=7)
+    return module, trainer, data
+
+
+def test_a_nan_loss_stops_the_run_naming_step_loss_and_parameter_and_keeps_the_last_checkpoint(tmp_path):
+    module, trainer, data = _nan_run(tmp_path, "error")
+    with pytest.raises(
+        FloatingPointError,
+        match=r"step 3: non-finite gradient \(loss nan; first parameter affected: "
+        r"model\.model\.layers\.0\.self_attn\.q_proj\.(U|S|V)\)",
+    ):
+        trainer.fit(module, datamodule=data)
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == 3  # the last good step
+    assert all(torch.isfinite(v).all() for v in saved["state_dict"].values())
+    assert all(torch.isfinite(v).all() for v in adapter_state_dict(module.model).values())  # no step taken
+
+
+def test_a_nan_step_can_be_skipped_and_counted(tmp_path):
+    module, trainer, data = _nan_run(tmp_path, "skip")
+    before = {}
+
+    class Snapshot(L.Callback):
+        def on_train_batch_start(self, run, pl_module, batch, batch_idx):
+            if run.global_step in (3, 4):
+                before[run.global_step] = {k: v.clone() for k, v in adapter_state_dict(pl_module.model).items()}
+
+    trainer.callbacks.append(Snapshot())
+    with pytest.warns(UserWarning, match=r"step 3: non-finite gradient \(loss nan\); the update is skipped"):
+        trainer.fit(module, datamodule=data)
+    assert trainer.global_step == 6 and module.skipped_steps == 1
+    assert float(trainer.callback_metrics["train/skipped_steps"]) == 1.0
+    for key, value in before[3].items():  # the skipped step changed nothing
+        torch.testing.assert_close(before[4][key], value, rtol=0, atol=0, msg=key)
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert saved["lit_svd"]["skipped_steps"] == 1
+    assert all(torch.isfinite(v).all() for v in saved["state_dict"].values())
+
+
+def test_a_checkpoint_with_non_finite_adapter_tensors_is_refused(tmp_path):
+    module = LitSVDAdapter(make_tiny_model("llama"), AdapterConfig(method="lora", rank=2, target_modules=["q_proj"]))
+    trainer = quiet_cpu_trainer(tmp_path, 1, limit_val_batches=0)
+    trainer.fit(module, datamodule=NumberedExamples(batch_size=BATCH, max_length=16))
+    with torch.no_grad():
+        next(p for n, p in module.named_parameters() if n.endswith(".B")).fill_(float("inf"))
+    with pytest.raises(
+        ValueError,
+        match=r"not writing a checkpoint at step 1: non-finite adapter tensor\(s\) "
+        r"model\.layers\.0\.self_attn\.q_proj\.B",
+    ):
+        trainer.save_checkpoint(tmp_path / "bad.ckpt")
+    assert not (tmp_path / "bad.ckpt").exists()
