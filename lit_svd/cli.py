@@ -277,10 +277,36 @@ def check_paths(config: Any, stage: str) -> list[str]:
                 f"checkpoint {ckpt_path} is a folder (a sharded checkpoint of --strategy fsdp): resume it with "
                 "--strategy fsdp, or pass a .ckpt file (--ckpt_path)"
             )
+        elif path.is_file():
+            problems += checkpoint_problems(path)
     data = _get(config, "data")
     if data is not None and stage != _EXPORT:
         problems += _data_problems(data, stage)
     return problems
+
+
+def checkpoint_problems(path: Path) -> list[str]:
+    """Why the checkpoint file at ``path`` cannot be resumed from or evaluated (empty: it can).
+
+    Read as Lightning will (``weights_only=True``: tensors and plain values only, so a file that would run
+    code when unpickled is refused), memory-mapped, so that even a large checkpoint costs little: a
+    truncated or foreign file is named before any model is loaded or any training starts.
+    """
+    import pickle
+
+    import torch
+
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as error:
+        reason = str(error).strip().splitlines()[0][:200]
+        return [f"checkpoint {path} holds more than tensors and plain values; refused unread ({reason}) (--ckpt_path)"]
+    except Exception as error:  # noqa: BLE001 - torch raises RuntimeError/EOFError/… for damaged files
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        return [f"checkpoint {path} cannot be read: truncated or not a torch checkpoint ({reason}) (--ckpt_path)"]
+    if not isinstance(checkpoint, dict) or "lit_svd" not in checkpoint:
+        return [f"checkpoint {path} was not written by lit_svd (no 'lit_svd' metadata) (--ckpt_path)"]
+    return []
 
 
 # ----- the CLI -----------------------------------------------------------------------------------------------

@@ -1,0 +1,58 @@
+"""Damaged, foreign and hostile checkpoint files are named and refused before any model loads or training starts."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from jsonargparse import Namespace
+
+from lit_svd.cli import check_paths, checkpoint_problems
+
+
+class RunsCode:
+    """Unpickling this runs a shell command: what a hostile checkpoint would carry."""
+
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _good(path) -> None:
+    torch.save({"lit_svd": {"method": "sorsa", "rank": 4}, "state_dict": {"model.x": torch.ones(3)}}, path)
+
+
+def test_a_good_checkpoint_passes(tmp_path):
+    _good(tmp_path / "last.ckpt")
+    assert checkpoint_problems(tmp_path / "last.ckpt") == []
+
+
+def test_a_truncated_checkpoint_is_named(tmp_path):
+    path = tmp_path / "last.ckpt"
+    _good(path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # a copy that stopped half-way
+    (problem,) = checkpoint_problems(path)
+    assert problem.startswith(f"checkpoint {path} cannot be read: truncated or not a torch checkpoint (")
+
+
+def test_a_checkpoint_of_something_else_is_named(tmp_path):
+    torch.save({"state_dict": {"weight": torch.ones(2)}}, tmp_path / "other.ckpt")
+    assert checkpoint_problems(tmp_path / "other.ckpt") == [
+        f"checkpoint {tmp_path / 'other.ckpt'} was not written by lit_svd (no 'lit_svd' metadata) (--ckpt_path)"
+    ]
+    (tmp_path / "notes.ckpt").write_text("not a checkpoint\n")
+    (problem,) = checkpoint_problems(tmp_path / "notes.ckpt")
+    assert "cannot be read: truncated or not a torch checkpoint" in problem
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_unread(tmp_path):
+    marker = tmp_path / "ran"
+    torch.save({"lit_svd": {}, "payload": RunsCode(marker)}, tmp_path / "evil.ckpt")
+    (problem,) = checkpoint_problems(tmp_path / "evil.ckpt")
+    assert problem.startswith(f"checkpoint {tmp_path / 'evil.ckpt'} holds more than tensors and plain values")
+    assert not marker.exists()  # nothing was executed
+    config = Namespace(model=Namespace(model=None), data=None, ckpt_path=str(tmp_path / "evil.ckpt"))
+    assert check_paths(config, "fit") == [problem]  # what `lightning run … --ckpt_path` reports, then exits 1
+    assert not marker.exists()
