@@ -155,11 +155,11 @@ def test_adapter_checkpoint_saves_every_n_steps_after_validation_and_at_the_end(
     assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == max_steps
 
 
-def test_adapter_checkpoint_refuses_the_settings_it_fixes():
+def test_adapter_checkpoint_refuses_a_negative_interval():
     from lit_svd.callbacks import AdapterCheckpoint
 
-    with pytest.raises(ValueError, match="AdapterCheckpoint sets save_top_k itself"):
-        AdapterCheckpoint(save_top_k=3)
+    with pytest.raises(ValueError, match="every_n_train_steps must be >= 0, got -1"):
+        AdapterCheckpoint(every_n_train_steps=-1)
 
 
 class TermAt(L.Callback):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -31,19 +31,26 @@ class AdapterCheckpoint(ModelCheckpoint):
     The checkpoint holds what ``LitSVDAdapter`` puts in it — the adapter tensors, their init snapshot, the
     optimizer and scheduler state, the loops' and callbacks' state — never the frozen base model.
 
+    For other policies (top-k by a metric, one file per epoch) use Lightning's ``ModelCheckpoint``.
+
     Args:
         every_n_train_steps: Optimizer steps between saves (``0``: only after validation and at the end).
-        **kwargs: Other ``ModelCheckpoint`` arguments (``dirpath``, ``filename``, …); ``save_top_k`` and
-            ``save_last`` are fixed.
+        dirpath: Folder of ``last.ckpt`` (default: the logger's run folder + ``/checkpoints``).
+        verbose: Log each save.
     """
 
-    def __init__(self, every_n_train_steps: int = 200, **kwargs: Any) -> None:
-        for fixed in ("save_top_k", "save_last", "every_n_epochs", "train_time_interval"):
-            if fixed in kwargs:
-                raise ValueError(f"AdapterCheckpoint sets {fixed} itself; use ModelCheckpoint for other policies")
+    def __init__(
+        self, every_n_train_steps: int = 200, dirpath: str | Path | None = None, verbose: bool = False
+    ) -> None:
         if every_n_train_steps < 0:
             raise ValueError(f"every_n_train_steps must be >= 0, got {every_n_train_steps}")
-        super().__init__(save_top_k=0, save_last=True, every_n_train_steps=every_n_train_steps or None, **kwargs)
+        super().__init__(
+            dirpath=dirpath,
+            save_top_k=0,
+            save_last=True,
+            every_n_train_steps=every_n_train_steps or None,
+            verbose=verbose,
+        )
 
     def _save_last_now(self, trainer: Trainer) -> None:
         # Lightning's own guard: fitting only, no sanity check, not the step already written by any trigger.
