@@ -154,6 +154,7 @@ def train(root: Path, method: str, kill: tuple[str, int] | None = None, record_f
         root,
         STEPS,
         val_check_interval=VALIDATE_EVERY,
+        check_val_every_n_epoch=None,  # every VALIDATE_EVERY batches counted across epochs, as in the recipes
         limit_val_batches=2,
         num_sanity_val_steps=0,
         enable_checkpointing=True,
@@ -184,6 +185,7 @@ def main() -> None:
         if phase not in PHASES:
             raise SystemExit(f"unknown phase {phase!r}; one of {', '.join(PHASES)}")
         kill = (phase, int(step))
+    args.root.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)  # the same reductions in every process, and in the in-process reference
     module, trainer, _ = train(args.root, args.method, kill, args.root / "batches.txt")
     torch.save(final_state(module, trainer), args.root / "final.pt")

@@ -56,3 +56,19 @@ def test_a_checkpoint_that_would_run_code_is_refused_unread(tmp_path):
     config = Namespace(model=Namespace(model=None), data=None, ckpt_path=str(tmp_path / "evil.ckpt"))
     assert check_paths(config, "fit") == [problem]  # what `lightning run … --ckpt_path` reports, then exits 1
     assert not marker.exists()
+
+
+def test_a_checkpoint_of_another_method_rank_or_model_is_named():
+    import pytest
+    from conftest import make_tiny_model
+
+    from lit_svd import AdapterConfig, LitSVDAdapter
+
+    module = LitSVDAdapter(make_tiny_model("llama"), AdapterConfig(method="sorsa", rank=4, target_modules=["q_proj"]))
+    saved = {"lit_svd": {"method": "lora", "rank": 8, "model": module.model_name, "version": 1}, "state_dict": {}}
+    with pytest.raises(
+        ValueError,
+        match=r"checkpoint does not match this LitSVDAdapter: method: checkpoint 'lora' vs this module 'sorsa'; "
+        r"rank: checkpoint 8 vs this module 4$",
+    ):
+        module.on_load_checkpoint(saved)

@@ -30,19 +30,18 @@ VALIDATIONS = list(range(VALIDATE_EVERY, STEPS + 1, VALIDATE_EVERY))
 
 
 def kill_plan(seed: int = 2026) -> dict[str, list[tuple[str, int]]]:
-    """4 (phase, step) kills per method at increasing steps, phases drawn at random."""
+    """4 kills per method at increasing random steps, each in a phase that can happen at that step (phases not
+    yet used by the method first)."""
     rng = random.Random(seed)
     plan = {}
     for method in METHODS:
-        kills, step = [], 0
-        for _ in range(KILLS_PER_METHOD):
-            phase = rng.choice(PHASES)
-            allowed = {"checkpoint-write": SAVES, "checkpoint-commit": SAVES, "validation": VALIDATIONS}
-            choices = [s for s in allowed.get(phase, range(1, STEPS + 1)) if step < s < STEPS]
-            if not choices:
-                phase, choices = "forward", list(range(step + 1, STEPS))
-            step = rng.choice(choices[: 4])  # keep steps increasing but leave room for the next kills
-            kills.append((phase, step))
+        kills: list[tuple[str, int]] = []
+        for step in sorted(rng.sample(range(2, STEPS), KILLS_PER_METHOD)):
+            possible = ["forward", "optimizer"]
+            possible += ["checkpoint-write", "checkpoint-commit"] if step in SAVES else []
+            possible += ["validation"] if step in VALIDATIONS else []
+            fresh = [p for p in possible if p not in {phase for phase, _ in kills}]
+            kills.append((rng.choice(fresh or possible), step))
         plan[method] = kills
     return plan
 
