@@ -39,10 +39,20 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        yield staging
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
+        try:
+            yield staging
+        except OSError as error:  # a full disk, an I/O error: say what was and was not touched
+            kept = f"{target} is unchanged" if target.exists() else f"nothing was written to {target}"
+            raise OSError(
+                error.errno, f"writing the export to {target} failed ({error.strerror or error}); {kept}"
+            ) from error
+        if target.exists():  # moved aside, not deleted, until the new export is in place
+            previous = Path(tempfile.mkdtemp(prefix=f".{target.name}.previous.", dir=target.parent))
+            os.replace(target, previous / target.name)
+            os.replace(staging, target)
+            shutil.rmtree(previous, ignore_errors=True)
+        else:
+            os.replace(staging, target)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)

@@ -72,3 +72,79 @@ def test_a_checkpoint_of_another_method_rank_or_model_is_named():
         r"rank: checkpoint 8 vs this module 4$",
     ):
         module.on_load_checkpoint(saved)
+
+
+# ----- write failures ----------------------------------------------------------------------------------------------
+def test_a_full_disk_during_a_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    import pytest
+    from conftest import make_tiny_model
+    from fsspec.implementations.local import LocalFileOpener
+    from lightning_helpers import RandomTokensData, quiet_cpu_trainer
+
+    from lit_svd import AdapterConfig, LitSVDAdapter, SVDInit
+    from lit_svd.callbacks import AdapterCheckpoint
+
+    write = LocalFileOpener.write
+    saves = []
+
+    def fills_the_disk(opener, data):  # the second checkpoint's write fails half-way
+        if len(saves) == 2:
+            write(opener, data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write(opener, data)
+
+    class CountSaves(AdapterCheckpoint):
+        def _save_checkpoint(self, trainer, filepath):
+            saves.append(trainer.global_step)
+            super()._save_checkpoint(trainer, filepath)
+
+    monkeypatch.setattr(LocalFileOpener, "write", fills_the_disk)
+    module = LitSVDAdapter(make_tiny_model("llama"), AdapterConfig(method="sorsa", rank=2, target_modules=["q_proj"]))
+    checkpoint = tmp_path / "ckpt" / "last.ckpt"
+    trainer = quiet_cpu_trainer(
+        tmp_path,
+        6,
+        limit_val_batches=0,
+        enable_checkpointing=True,
+        callbacks=[SVDInit(), CountSaves(every_n_train_steps=2, dirpath=tmp_path / "ckpt")],
+    )
+    with pytest.raises(
+        OSError,
+        match=rf"writing the checkpoint of step 4 to {checkpoint} failed \(No space left on device\); "
+        rf"the previous {checkpoint} is intact",
+    ) as raised:
+        trainer.fit(module, datamodule=RandomTokensData(count=16, batch_size=2))
+    assert raised.value.errno == errno.ENOSPC
+    monkeypatch.undo()
+    assert torch.load(checkpoint, weights_only=True)["global_step"] == 2  # the last good one, whole
+    assert sorted(p.name for p in checkpoint.parent.iterdir()) == ["last.ckpt"]  # no half-written file left
+
+
+def test_a_failed_export_leaves_the_previous_export_as_it_was(tmp_path, monkeypatch):
+    import errno
+
+    import pytest
+    from conftest import make_tiny_model
+
+    from lit_svd import AdapterConfig, initialize_adapters, inject_adapters
+    from lit_svd.export import export_peft_lora
+
+    model = make_tiny_model("llama")
+    inject_adapters(model, AdapterConfig(method="sorsa", rank=2, target_modules=["q_proj"]))
+    initialize_adapters(model)
+    target = tmp_path / "peft"
+    export_peft_lora(model, target)
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("safetensors.torch.save_file", disk_full)
+    with pytest.raises(
+        OSError, match=rf"writing the export to {target} failed \(No space left on device\); {target} is unchanged"
+    ):
+        export_peft_lora(model, target, overwrite=True)
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["peft"]  # no staging folder left behind

@@ -52,6 +52,18 @@ class AdapterCheckpoint(ModelCheckpoint):
             verbose=verbose,
         )
 
+    @override
+    def _save_checkpoint(self, trainer: Trainer, filepath: str) -> None:
+        # Lightning writes through an fsspec transaction (a temporary file moved into place), so a failed
+        # write leaves the previous file as it was; the error says so, and where.
+        try:
+            super()._save_checkpoint(trainer, filepath)
+        except OSError as error:
+            kept = f"the previous {filepath} is intact" if Path(filepath).exists() else "there is no earlier checkpoint"
+            step, reason = trainer.global_step, error.strerror or error
+            message = f"writing the checkpoint of step {step} to {filepath} failed ({reason}); {kept}"
+            raise OSError(error.errno, message) from error
+
     def _save_last_now(self, trainer: Trainer) -> None:
         # Lightning's own guard: fitting only, no sanity check, not the step already written by any trigger.
         if self._should_skip_saving_checkpoint(trainer):
