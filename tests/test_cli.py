@@ -200,7 +200,7 @@ def test_bad_input_through_lightning_run_ends_with_one_clear_line_before_the_mod
 
 def test_export_without_a_target_says_what_to_pass(tmp_path):
     ckpt = tmp_path / "last.ckpt"
-    torch.save({"hyper_parameters": {}}, ckpt)
+    torch.save({"hyper_parameters": {}, "lit_svd": {}}, ckpt)  # readable, so the missing target is the error
     done, _ = run_lightning(["run", "recipes/gsm8k_sorsa.py", "export", "--ckpt_path", str(ckpt)], timeout=120)
     assert done.returncode == 1
     assert last_line(done) == "error: export needs --export.merged_dir DIR and/or --export.peft_dir DIR"

@@ -23,16 +23,17 @@ label mask. Concrete datamodules only say where their records come from (``_load
 from __future__ import annotations
 
 import hashlib
+import json
 import os
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from datasets import Dataset, load_dataset
+from datasets import Dataset, ReadInstruction, load_dataset
 from datasets.fingerprint import Hasher
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -49,10 +50,12 @@ __all__ = [
     "InstructionCollator",
     "InstructionDataModule",
     "LengthGroupedSampler",
+    "RecordProblems",
     "ResumableDataLoader",
     "check_columns",
     "load_hub_split",
     "load_json_records",
+    "scan_json_lines",
     "tokenize_instructions",
 ]
 
@@ -83,30 +86,180 @@ def check_columns(dataset: Dataset, required: Sequence[str], source: str) -> Non
         )
 
 
+BadRecords = Literal["error", "skip"]
+"""What a data file's bad records do: ``"error"`` stops with the file and line, ``"skip"`` leaves them out."""
+
+
+@dataclass
+class RecordProblems:
+    """The bad records of one data file: reason → 1-based line numbers (record numbers in a JSON array)."""
+
+    source: str
+    lines: dict[str, list[int]] = field(default_factory=dict)
+    unit: str = "line"
+
+    def add(self, reason: str, line: int) -> None:
+        self.lines.setdefault(reason, []).append(line)
+
+    @property
+    def total(self) -> int:
+        return sum(len(lines) for lines in self.lines.values())
+
+    def counts(self) -> dict[str, int]:
+        return {reason: len(lines) for reason, lines in self.lines.items()}
+
+    def summary(self) -> str:
+        """E.g. ``train.jsonl: 3 bad records: not valid JSON: 1 (line 4); missing field 'answer': 2 (lines 7, 9)``."""
+        parts = []
+        for reason, lines in self.lines.items():
+            shown = ", ".join(map(str, lines[:5])) + (" …" if len(lines) > 5 else "")
+            parts.append(f"{reason}: {len(lines)} ({self.unit}{'s' if len(lines) > 1 else ''} {shown})")
+        return f"{self.source}: {self.total} bad record{'s' if self.total != 1 else ''}: " + "; ".join(parts)
+
+
+def _record_reason(
+    record: Any, required: Sequence[str], check: Callable[[dict], str | None] | None, may_be_empty: Sequence[str] = ()
+) -> str | None:
+    """Why a parsed record is bad (``None``: it is good)."""
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    for name in required:
+        value = record.get(name)
+        if value is None:
+            return f"missing field {name!r}"
+        if not isinstance(value, str):
+            return f"field {name!r} is not text"
+        if not value.strip() and name not in may_be_empty:
+            return f"empty field {name!r}"
+    return check(record) if check is not None else None
+
+
+def scan_json_lines(
+    path: str | os.PathLike,
+    required: Sequence[str],
+    check: Callable[[dict], str | None] | None = None,
+    may_be_empty: Sequence[str] = (),
+) -> tuple[list[dict], RecordProblems]:
+    """Read a JSON Lines file line by line: the good records, and the bad ones by reason and line.
+
+    A record is bad when its line is not UTF-8, not valid JSON or not a JSON object, when a ``required``
+    field is missing, not a string or empty (unless listed in ``may_be_empty``), or when ``check(record)``
+    returns a reason. Blank lines are ignored.
+    """
+    problems = RecordProblems(str(path))
+    records = []
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                problems.add("not UTF-8", number)
+                continue
+            except json.JSONDecodeError:
+                problems.add("not valid JSON", number)
+                continue
+            reason = _record_reason(record, required, check, may_be_empty)
+            if reason is not None:
+                problems.add(reason, number)
+                continue
+            records.append(record)
+    return records, problems
+
+
+def _looks_clean(
+    dataset: Dataset, required: Sequence[str], check: Callable[[dict], str | None] | None, may_be_empty: Sequence[str]
+) -> bool:
+    """Whether every required field is a (non-empty) string and ``check`` finds nothing (no line scan needed)."""
+    for name in required:
+        values = dataset[name]
+        if any(not isinstance(value, str) for value in values):
+            return False
+        if name not in may_be_empty and any(not value.strip() for value in values):
+            return False
+    if check is not None:
+        columns = [dataset[name] for name in required]
+        return all(check(dict(zip(required, values, strict=True))) is None for values in zip(*columns, strict=True))
+    return True
+
+
 def load_json_records(
-    path: str | os.PathLike, required: Sequence[str], cache_dir: str | None = None, split: str = "train"
+    path: str | os.PathLike,
+    required: Sequence[str],
+    cache_dir: str | None = None,
+    split: str = "train",
+    bad_records: BadRecords = "error",
+    check: Callable[[dict], str | None] | None = None,
+    report: list[RecordProblems] | None = None,
+    may_be_empty: Sequence[str] = (),
 ) -> Dataset:
-    """Load a JSON (list of objects) or JSON Lines file through ``datasets`` and check its columns.
+    """Load a JSON (list of objects) or JSON Lines file through ``datasets`` and check its columns and records.
+
+    A clean file takes the ``datasets`` path (Arrow, cached). When a JSON Lines file has bad records (see
+    :func:`scan_json_lines`) they are never dropped silently: ``bad_records="error"`` raises naming the file,
+    the first bad line and the counts per reason; ``"skip"`` warns with the same counts and loads the rest.
 
     Args:
         path: the file.
-        required: columns that must be present.
+        required: columns that must be present, each a non-empty string in every record.
         cache_dir: ``datasets`` cache folder (default: the user's HF cache).
         split: a ``datasets`` split expression over the file's single split, e.g. ``"train[:1000]"``.
+        bad_records: ``"error"`` or ``"skip"``.
+        check: a dataset's own record check (e.g. GSM8K's ``#### N`` answer line): a reason, or ``None``.
+        report: a list to which the file's :class:`RecordProblems` are appended (when it has any).
+        may_be_empty: required fields that may hold an empty string (e.g. an optional ``input``).
 
     Returns:
-        The records as an Arrow-backed ``Dataset`` (so later ``map`` calls are cached on disk).
+        The records as a ``Dataset``.
 
     Raises:
         FileNotFoundError: when ``path`` does not exist.
-        ValueError: when a required column is missing (the message names the column and the file).
+        ValueError: when a required column is missing, or (``"error"``) a record is bad.
     """
+    if bad_records not in ("error", "skip"):
+        raise ValueError(f"bad_records must be 'error' or 'skip', got {bad_records!r}")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
-    dataset = load_dataset("json", data_files=str(path), split=split, cache_dir=cache_dir)
+    try:
+        dataset = load_dataset("json", data_files=str(path), split=split, cache_dir=cache_dir)
+    except Exception as error:  # noqa: BLE001 - Arrow's JSON reader raises several kinds on a bad line
+        dataset, failure = None, error
+    if dataset is not None:
+        check_columns(dataset, required, str(path))
+        if _looks_clean(dataset, required, check, may_be_empty):
+            return dataset
+    with open(path, "rb") as f:
+        json_lines = f.read(4096).lstrip()[:1] != b"["
+    if not json_lines:  # a JSON array has no lines to name: say which file
+        if dataset is None:
+            raise ValueError(f"{path}: not a readable JSON file ({str(failure).splitlines()[0][:200]})") from failure
+        problems, records = RecordProblems(str(path), unit="record"), []
+        for index, record in enumerate(dataset):  # already the requested split
+            reason = _record_reason(record, required, check, may_be_empty)
+            if reason is None:
+                records.append(record)
+            else:
+                problems.add(reason, index + 1)
+    else:
+        records, problems = scan_json_lines(path, required, check, may_be_empty)
+    if report is not None and problems.total and all(p.source != problems.source for p in report):
+        report.append(problems)  # once per file, also when prepare_data and setup both read it
+    if problems.total and bad_records == "error":
+        first = min(lines[0] for lines in problems.lines.values())
+        raise ValueError(
+            f"{problems.summary()}. First at {problems.unit} {first}. Fix the file, or pass bad_records='skip' "
+            "(--data.bad_records skip) to train without them"
+        )
+    if problems.total:
+        rank_zero_warn(f"skipping {problems.summary()}")
+    dataset = Dataset.from_list(records)
     check_columns(dataset, required, str(path))
-    return dataset
+    if not json_lines:
+        return dataset
+    (instruction,) = ReadInstruction.from_spec(split).to_absolute({"train": len(dataset)})
+    return dataset.select(range(instruction.from_, instruction.to))
 
 
 def load_hub_split(
@@ -531,6 +684,10 @@ class InstructionDataModule(LightningDataModule):
         cache_dir: ``datasets`` cache folder for downloads, Arrow files and tokenisation (default: the HF
             cache, ``~/.cache/huggingface/datasets``).
         num_proc: processes for tokenisation with ``datasets.map`` (``None``: in-process).
+        bad_records: what a local data file's bad records (not UTF-8, not JSON, a missing or empty field, a
+            dataset's own check such as GSM8K's ``#### N``) do: ``"error"`` stops naming the file, the line
+            and the counts per reason; ``"skip"`` leaves them out, warns with the counts, keeps them in
+            ``bad_record_report`` and writes them to TensorBoard (``data/bad_records``).
     """
 
     def __init__(
@@ -553,9 +710,12 @@ class InstructionDataModule(LightningDataModule):
         pack_to_multiple_of: int | None = None,
         cache_dir: str | None = None,
         num_proc: int | None = None,
+        bad_records: BadRecords = "error",
     ) -> None:
         super().__init__()
         problems = []
+        if bad_records not in ("error", "skip"):
+            problems.append(f"bad_records must be 'error' or 'skip', got {bad_records!r}")
         try:
             validate_template(prompt_template)
         except ValueError as error:
@@ -600,6 +760,8 @@ class InstructionDataModule(LightningDataModule):
         self.pack_to_multiple_of = pack_to_multiple_of
         self.cache_dir = cache_dir
         self.num_proc = num_proc
+        self.bad_records = bad_records
+        self.bad_record_report: list[RecordProblems] = []  # every data file's bad records (when skipped)
         self.tokenizer: Any = None
         self.length_stats: dict[str, dict[str, int]] = {}
         self.train_dataset: Dataset | None = None
@@ -693,6 +855,15 @@ class InstructionDataModule(LightningDataModule):
             self.eval_dataset = tokenize_instructions(records, tokenizer, self.prompt_template, self.num_proc)
             over = int((_column(self.eval_dataset, "length") > self.max_length).sum())
             self.length_stats["eval"] = {"total": len(self.eval_dataset), "over_max_length": over}
+        if self.bad_record_report:
+            self._log_bad_records()
+
+    def _log_bad_records(self) -> None:
+        """The skipped records' counts, per file and reason, as text in TensorBoard (``data/bad_records``)."""
+        logger = getattr(self.trainer, "logger", None) if self.trainer is not None else None
+        add_text = getattr(getattr(logger, "experiment", None), "add_text", None)
+        if callable(add_text):
+            add_text("data/bad_records", "\n\n".join(problems.summary() for problems in self.bad_record_report))
 
     def _train_records(self) -> Dataset:
         records = self._load_train_records()

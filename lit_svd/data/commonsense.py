@@ -21,7 +21,14 @@ from pathlib import Path
 
 from datasets import Dataset, concatenate_datasets
 
-from lit_svd.data.base import InstructionDataModule, load_hub_split, load_json_records, resolve_file
+from lit_svd.data.base import (
+    BadRecords,
+    InstructionDataModule,
+    RecordProblems,
+    load_hub_split,
+    load_json_records,
+    resolve_file,
+)
 from lit_svd.eval.answers import CHOICE_VOCABULARY, COMMONSENSE_TASKS
 from lit_svd.eval.metrics import ChoiceAccuracy
 
@@ -83,7 +90,13 @@ def _to_records(raw: Dataset, task: str, source: str) -> Dataset:
     )
 
 
-def load_commonsense_file(path: str | Path, task: str = "", cache_dir: str | None = None) -> Dataset:
+def load_commonsense_file(
+    path: str | Path,
+    task: str = "",
+    cache_dir: str | None = None,
+    bad_records: BadRecords = "error",
+    report: list[RecordProblems] | None = None,
+) -> Dataset:
     """One commonsense JSON file as canonical records.
 
     Args:
@@ -91,13 +104,18 @@ def load_commonsense_file(path: str | Path, task: str = "", cache_dir: str | Non
         task: the task the records belong to (checks every ``answer`` against its vocabulary); ``""`` for
             mixed files such as Commonsense170K.
         cache_dir: ``datasets`` cache folder.
+        bad_records: ``"error"`` or ``"skip"`` for bad records (see :func:`~lit_svd.data.base.load_json_records`).
+        report: collects the file's bad records.
 
     Returns:
         Records with ``reference`` = the ``answer`` word and ``task`` = ``task``.
     """
     if task:
         check_commonsense_tasks([task])
-    return _to_records(load_json_records(path, COMMONSENSE_COLUMNS, cache_dir), task, str(path))
+    raw = load_json_records(
+        path, COMMONSENSE_COLUMNS, cache_dir, bad_records=bad_records, report=report, may_be_empty=("input",)
+    )
+    return _to_records(raw, task, str(path))
 
 
 class CommonsenseDataModule(InstructionDataModule):
@@ -147,7 +165,7 @@ class CommonsenseDataModule(InstructionDataModule):
         for file in files:
             path = resolve_file(self.data_dir, file)
             task = path.parent.name if path.parent.name in COMMONSENSE_TASKS else ""
-            parts.append(load_commonsense_file(path, task, self.cache_dir))
+            parts.append(load_commonsense_file(path, task, self.cache_dir, self.bad_records, self.bad_record_report))
         return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
 
     def _load_eval_records(self) -> Dataset:
@@ -159,7 +177,8 @@ class CommonsenseDataModule(InstructionDataModule):
             )
         parts = []
         for task in self.tasks:
-            records = load_commonsense_file(Path(self.data_dir) / task / self.test_file, task, self.cache_dir)
+            path = Path(self.data_dir) / task / self.test_file
+            records = load_commonsense_file(path, task, self.cache_dir, self.bad_records, self.bad_record_report)
             if self.max_eval_examples is not None and self.max_eval_examples < len(records):
                 records = records.select(range(self.max_eval_examples))
             parts.append(records)

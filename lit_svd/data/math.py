@@ -23,7 +23,9 @@ from typing import Literal
 from datasets import Dataset, concatenate_datasets
 
 from lit_svd.data.base import (
+    BadRecords,
     InstructionDataModule,
+    RecordProblems,
     load_hub_split,
     load_json_records,
     resolve_file,
@@ -79,6 +81,15 @@ def clean_gsm8k_solution(solution: str) -> str:
     """
     body, _, answer = solution.rpartition("####")
     return f"{_CALCULATOR_ANNOTATION.sub('', body).rstrip()}\nThe answer is: {answer.strip()}"
+
+
+def _gsm8k_answer_problem(record: dict) -> str | None:
+    """Why a raw GSM8K record cannot be trained or scored on (no ``#### N`` number), or ``None``."""
+    try:
+        gsm8k_reference(record["answer"])
+    except ValueError:
+        return "no '#### N' numeric answer"
+    return None
 
 
 def _gsm8k_records(batch: dict[str, list], source: str, clean_solutions: bool) -> dict[str, list]:
@@ -141,6 +152,8 @@ def load_gsm8k(
     hub_id: str = GSM8K_HUB_ID,
     cache_dir: str | None = None,
     clean_solutions: bool = True,
+    bad_records: BadRecords = "error",
+    report: list[RecordProblems] | None = None,
 ) -> Dataset:
     """GSM8K as canonical records (``query``, ``input``, ``response``, ``reference``, ``task="gsm8k"``).
 
@@ -152,13 +165,18 @@ def load_gsm8k(
         cache_dir: ``datasets`` cache folder.
         clean_solutions: train on MetaMath-style responses (see :func:`clean_gsm8k_solution`) instead of the
             raw solutions with calculator annotations and ``#### N``.
+        bad_records: a local file's bad records, incl. a solution without a ``#### N`` number:
+            ``"error"`` or ``"skip"`` (see :func:`~lit_svd.data.base.load_json_records`).
+        report: collects the file's bad records.
 
     Returns:
         The records; ``reference`` is the normalised final number.
     """
     if data_dir is not None or file is not None:
         path = resolve_file(data_dir, file or f"{split}.jsonl")
-        raw = load_json_records(path, GSM8K_COLUMNS, cache_dir)
+        raw = load_json_records(
+            path, GSM8K_COLUMNS, cache_dir, bad_records=bad_records, check=_gsm8k_answer_problem, report=report
+        )
         source = str(path)
     else:
         hint = "pass data_dir='path/to/gsm8k' (a folder with train.jsonl and test.jsonl)"
@@ -180,6 +198,8 @@ def load_math(
     hub_id: str = MATH_HUB_ID,
     test_hub_id: str | None = MATH500_HUB_ID,
     cache_dir: str | None = None,
+    bad_records: BadRecords = "error",
+    report: list[RecordProblems] | None = None,
 ) -> Dataset:
     """MATH as canonical records (``task="math"``); the test split defaults to MATH-500.
 
@@ -198,7 +218,7 @@ def load_math(
     """
     if data_dir is not None or file is not None:
         path = resolve_file(data_dir, file or f"{split}.jsonl")
-        raw = load_json_records(path, MATH_COLUMNS, cache_dir)
+        raw = load_json_records(path, MATH_COLUMNS, cache_dir, bad_records=bad_records, report=report)
         source = str(path)
     else:
         hint = "pass data_dir='path/to/math' (a folder with train.jsonl / test.jsonl, e.g. MATH-500's)"
@@ -224,6 +244,8 @@ def load_metamathqa(
     hub_id: str = METAMATHQA_HUB_ID,
     split: str = "train",
     cache_dir: str | None = None,
+    bad_records: BadRecords = "error",
+    report: list[RecordProblems] | None = None,
 ) -> Dataset:
     """MetaMathQA as canonical records (``task`` is ``"gsm8k"`` / ``"math"`` from the ``type`` field).
 
@@ -238,7 +260,9 @@ def load_metamathqa(
         The records in file order.
     """
     if data_dir is not None or resolve_file(None, file).is_absolute():
-        raw = load_json_records(resolve_file(data_dir, file), METAMATHQA_COLUMNS, cache_dir, split=split)
+        raw = load_json_records(
+            resolve_file(data_dir, file), METAMATHQA_COLUMNS, cache_dir, split, bad_records=bad_records, report=report
+        )
     else:
         hint = f"pass data_dir='path/to/metamathqa' (a folder with {file})"
         raw = load_hub_split(hub_id, None, split, METAMATHQA_COLUMNS, cache_dir, hint)
@@ -286,6 +310,8 @@ class GSM8KDataModule(InstructionDataModule):
             self.hub_id,
             self.cache_dir,
             self.clean_solutions,
+            bad_records=self.bad_records,
+            report=self.bad_record_report,
         )
 
     def _load_train_records(self) -> Dataset:
@@ -333,7 +359,16 @@ class MATHDataModule(InstructionDataModule):
 
     def _load(self, split: Literal["train", "test"], file: str) -> Dataset:
         local_file = file if self.data_dir is not None else None
-        return load_math(split, self.data_dir, local_file, self.hub_id, self.test_hub_id, self.cache_dir)
+        return load_math(
+            split,
+            self.data_dir,
+            local_file,
+            self.hub_id,
+            self.test_hub_id,
+            self.cache_dir,
+            bad_records=self.bad_records,
+            report=self.bad_record_report,
+        )
 
     def _load_train_records(self) -> Dataset:
         return self._load("train", self.train_file)
@@ -400,7 +435,15 @@ class MetaMathQADataModule(InstructionDataModule):
         self.math_test_hub_id = math_test_hub_id
 
     def _load_train_records(self) -> Dataset:
-        records = load_metamathqa(self.data_dir, self.train_file, self.hub_id, self.split, self.cache_dir)
+        records = load_metamathqa(
+            self.data_dir,
+            self.train_file,
+            self.hub_id,
+            self.split,
+            self.cache_dir,
+            bad_records=self.bad_records,
+            report=self.bad_record_report,
+        )
         return _head(records, self.subset_size)
 
     def _load_eval_records(self) -> Dataset:
