@@ -6,41 +6,18 @@ import os
 import signal
 
 import lightning as L
-import numpy as np
 import pytest
 import torch
 from conftest import TINY_TARGETS, make_tiny_model
-from datasets import Dataset
+from faults import NumberedExamples  # 24 numbered training examples (and 4 held out)
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_helpers import quiet_cpu_trainer
 
 from lit_svd import AdapterConfig, LitSVDAdapter, SVDInit
-from lit_svd.data import InstructionDataModule, LengthGroupedSampler, ResumableDataLoader
+from lit_svd.data import LengthGroupedSampler, ResumableDataLoader
 from lit_svd.inject import adapter_state_dict
 
 EXAMPLES, BATCH, STEPS, EVERY = 24, 2, 18, 5  # 12 batches per epoch: the runs cross into a second epoch
-
-
-class NumberedExamples(InstructionDataModule):
-    """24 examples whose first token is their number (1…24), of varied lengths; no tokenizer needed."""
-
-    pad_token_id = 0
-
-    def prepare_data(self) -> None:
-        pass
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_dataset is None:
-            rng = np.random.default_rng(0)
-            rows = []
-            for number in range(1, EXAMPLES + 1):
-                length = int(rng.integers(4, 12))
-                ids = [number, *rng.integers(30, 100, length - 1).tolist()]
-                rows.append({"input_ids": ids, "prompt_length": 2, "length": length})
-            self.train_dataset = Dataset.from_list(rows)
-
-    def make_metric(self):
-        return None
 
 
 class Record(L.Callback):
