@@ -443,11 +443,16 @@ def load_adapter_state_dict(
     if unexpected:
         problems.append(f"unexpected {len(unexpected)} tensor(s), e.g. {', '.join(unexpected[:3])}")
     for key in sorted(set(expected) & set(state_dict)):
-        if tuple(state_dict[key].shape) != tuple(expected[key].shape):
+        saved, target = state_dict[key], expected[key]
+        if tuple(saved.shape) != tuple(target.shape):
             problems.append(
-                f"shape mismatch for '{key}': checkpoint {tuple(state_dict[key].shape)} vs model "
-                f"{tuple(expected[key].shape)} (different rank or model?)"
+                f"shape mismatch for '{key}': checkpoint {tuple(saved.shape)} vs model "
+                f"{tuple(target.shape)} (different rank or model?)"
             )
+        elif saved.is_floating_point() != target.is_floating_point():
+            problems.append(f"dtype mismatch for '{key}': checkpoint {saved.dtype} vs model {target.dtype}")
+        elif saved.is_floating_point() and not bool(torch.isfinite(saved).all()):
+            problems.append(f"non-finite values in '{key}'")
     if problems:
         methods = {layer.method for layer in layers.values()}
         raise ValueError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import torch
@@ -78,7 +79,21 @@ def load_causal_lm(
         kwargs["gguf_file"] = gguf
     if dtype is not None:
         kwargs["dtype"] = dtype
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    folder = Path(path) if gguf is None and Path(path).is_dir() else None
+    if folder is not None and not (folder / "config.json").is_file():
+        raise ValueError(
+            f"{folder} has no config.json: not a Hugging Face model folder (for a GGUF file pass its path)"
+        )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except ValueError as error:
+        if folder is None or "Unrecognized configuration class" not in str(error):
+            raise
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type", "unknown")
+        raise ValueError(
+            f"{folder} holds a {model_type!r} model, which is not a causal language model "
+            "(AutoModelForCausalLM cannot load it)"
+        ) from None
     if gguf is not None:
         _drop_gguf_quantization(model)
     return model

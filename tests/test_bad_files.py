@@ -148,3 +148,43 @@ def test_a_failed_export_leaves_the_previous_export_as_it_was(tmp_path, monkeypa
         export_peft_lora(model, target, overwrite=True)
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["peft"]  # no staging folder left behind
+
+
+# ----- adapter state dicts and model folders -------------------------------------------------------------------
+def test_adapter_tensors_of_the_wrong_kind_or_with_nans_are_named_before_anything_loads():
+    import pytest
+    from conftest import make_tiny_model
+
+    from lit_svd import AdapterConfig, inject_adapters
+    from lit_svd.inject import adapter_state_dict, initialize_adapters, load_adapter_state_dict
+
+    source = make_tiny_model("llama")
+    inject_adapters(source, AdapterConfig(method="lora", rank=2, target_modules=["q_proj"]))
+    initialize_adapters(source)
+    state = adapter_state_dict(source)
+    key_a, key_b = sorted(k for k in state if k.endswith((".A", ".B")))[:2]
+    bad = dict(state) | {key_a: state[key_a].long(), key_b: torch.full_like(state[key_b], float("nan"))}
+    target = make_tiny_model("llama")
+    inject_adapters(target, AdapterConfig(method="lora", rank=2, target_modules=["q_proj"]), initialize=False)
+    before = {k: v.clone() for k, v in adapter_state_dict(target).items()}
+    with pytest.raises(ValueError) as raised:
+        load_adapter_state_dict(target, bad)
+    message = str(raised.value)
+    assert f"dtype mismatch for '{key_a}': checkpoint torch.int64 vs model torch.float32" in message
+    assert f"non-finite values in '{key_b}'" in message
+    for key, value in adapter_state_dict(target).items():  # nothing was written
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0)
+
+
+def test_a_model_folder_that_is_not_a_causal_lm_is_named(tmp_path):
+    import pytest
+    from transformers import DistilBertConfig, DistilBertModel
+
+    from lit_svd.models import load_causal_lm
+
+    with pytest.raises(ValueError, match=rf"{tmp_path} has no config.json: not a Hugging Face model folder"):
+        load_causal_lm(str(tmp_path))
+    config = DistilBertConfig(dim=8, n_layers=1, n_heads=2, hidden_dim=8)  # an encoder, with no causal-LM head
+    DistilBertModel(config).save_pretrained(tmp_path / "encoder")
+    with pytest.raises(ValueError, match=r"holds a 'distilbert' model, which is not a causal language model"):
+        load_causal_lm(str(tmp_path / "encoder"))
