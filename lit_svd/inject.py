@@ -22,7 +22,7 @@ from transformers.pytorch_utils import Conv1D
 
 from lit_svd.adapters import AdapterLayer, get_adapter_class
 from lit_svd.config import AdapterConfig
-from lit_svd.linalg import orthonormality_error, orthonormality_error_from_gram, thin_qr, top_r_svd
+from lit_svd.linalg import bottom_r_svd, orthonormality_error, orthonormality_error_from_gram, thin_qr, top_r_svd
 
 __all__ = [
     "adapter_layers",
@@ -162,17 +162,20 @@ def _share(items: list, process_index: int, process_count: int) -> tuple[int, in
 def _decompose(
     decomposition: str, layers: list[AdapterLayer], rank: int, svd_method: str, dtype: torch.dtype, device
 ) -> tuple[torch.Tensor, ...]:
-    """Batched top-r SVD ``(U, S, V)`` or thin QR ``(Q_r, R_r)`` of the layers' weights, on ``device``."""
+    """Batched top-r (or, for ``"minor_svd"``, bottom-r) SVD ``(U, S, V)`` or thin QR ``(Q_r, R_r)`` of the
+    layers' weights, on ``device``."""
     # The SVD keeps the storage dtype (bf16 weights take a tensor-core Gram product and are read in float64
     # after that); QR works in the compute dtype.
     stacked = torch.stack(
         [
-            (layer.weight_matrix() if decomposition == "svd" else layer.weight_matrix().to(dtype)).to(device)
+            (layer.weight_matrix() if decomposition != "qr" else layer.weight_matrix().to(dtype)).to(device)
             for layer in layers
         ]
     )
     if decomposition == "svd":
         factors = top_r_svd(stacked, rank, method=svd_method, dtype=dtype)
+    elif decomposition == "minor_svd":
+        factors = bottom_r_svd(stacked, rank, dtype=dtype)
     else:
         factors = thin_qr(stacked, rank, dtype=dtype)
     return tuple(t.contiguous() for t in factors)
@@ -180,7 +183,7 @@ def _decompose(
 
 def _factor_shapes(decomposition: str, count: int, shape: tuple[int, int], rank: int) -> list[tuple[int, ...]]:
     m, n = shape
-    if decomposition == "svd":
+    if decomposition in ("svd", "minor_svd"):
         return [(count, m, rank), (count, rank), (count, n, rank)]
     return [(count, m, rank), (count, rank, n)]
 

@@ -19,6 +19,7 @@ from torch.distributed.tensor import DTensor
 __all__ = [
     "SVDMethod",
     "top_r_svd",
+    "bottom_r_svd",
     "thin_qr",
     "principal_weight",
     "residual_weight",
@@ -201,6 +202,31 @@ def _filtered_subspace_iteration(
         U[redo], sigma[redo], V[redo] = U_e, S_e, V_e
         U, sigma, V = U.reshape(*batch_shape, m, r), sigma.reshape(*batch_shape, r), V.reshape(*batch_shape, n, r)
     return U, sigma, V
+
+
+def bottom_r_svd(
+    w: torch.Tensor, r: int, dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``r`` *smallest* singular triplets of ``w`` (MiLoRA's minor components), from a full float64 SVD.
+
+    The bottom of the spectrum is where fast eigensolvers lose accuracy: a Gram-matrix eigensolver squares
+    the condition number and iterative ones converge to the top first, so this takes ``torch.linalg.svd``
+    of the whole matrix in float64 (a few seconds for a 4096×11008 matrix on a GPU).
+
+    Args:
+        w: Weights of shape ``(..., m, n)``.
+        r: How many triplets, ``1 <= r <= min(m, n)``.
+        dtype: Precision of the returned factors; default float32 (float64 if ``w`` is float64).
+
+    Returns:
+        ``U`` ``(..., m, r)``, ``S`` ``(..., r)`` descending (the r smallest), ``V`` ``(..., n, r)``.
+    """
+    m, n = w.shape[-2:]
+    if not 1 <= r <= min(m, n):
+        raise ValueError(f"rank r={r} must be between 1 and min(m, n)={min(m, n)} for a {m}×{n} matrix")
+    out = dtype or (torch.float64 if w.dtype == torch.float64 else torch.float32)
+    U, S, Vh = torch.linalg.svd(w.to(torch.float64), full_matrices=False)
+    return U[..., -r:].to(out), S[..., -r:].to(out), Vh[..., -r:, :].mT.to(out)
 
 
 def top_r_svd(

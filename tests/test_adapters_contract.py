@@ -25,9 +25,8 @@ METHODS = available_adapters()
 
 def expected_trainable(method: str, m: int, n: int, r: int) -> int:
     """SPEC §3's per-layer formulas."""
-    return {"lora": r * (m + n), "pissa": r * (m + n), "olora": r * (m + n), "sorsa": r * (m + n + 1), "osora": r + m}[
-        method
-    ]
+    per_layer = {"lora": r * (m + n), "pissa": r * (m + n), "milora": r * (m + n), "olora": r * (m + n)}
+    return (per_layer | {"sorsa": r * (m + n + 1), "osora": r + m})[method]
 
 
 def adapted(arch: str, method: str, rank: int = 4, **kwargs):
@@ -50,8 +49,8 @@ def perturb(model, scale: float = 0.05, seed: int = 3):
                 t.add_(scale * torch.randn(t.shape, generator=g, dtype=t.dtype))
 
 
-def test_registry_lists_the_five_methods():
-    assert METHODS == ("lora", "olora", "osora", "pissa", "sorsa")
+def test_registry_lists_the_six_methods():
+    assert METHODS == ("lora", "milora", "olora", "osora", "pissa", "sorsa")
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)

@@ -111,9 +111,7 @@ def test_gsm8k_label_mask_covers_exactly_the_prompt(tokenizer, cache_dir, clean_
             expected = clean_gsm8k_solution(record["answer"]) if clean_solutions else record["answer"]
             # Loss tokens decode to exactly " " + answer text + EOS; loss-free tokens to exactly the prompt.
             assert unmasked_text(tokenizer, batch, row) == " " + expected.strip() + eos
-            assert masked_prompt_text(tokenizer, batch, row) == ALPACA_TEMPLATE.format(
-                query=record["question"]
-            )
+            assert masked_prompt_text(tokenizer, batch, row) == ALPACA_TEMPLATE.format(query=record["question"])
             checked += 1
     assert checked == 1319
 
@@ -495,9 +493,7 @@ def test_commonsense_170k_file_name_default(tokenizer, cache_dir, tmp_path):
     for task in ("boolq", "openbookqa"):
         (tmp_path / task).mkdir()
         (tmp_path / task / "test.json").write_text((COMMONSENSE_DIR / task / "test.json").read_text())
-    datamodule = CommonsenseDataModule(
-        data_dir=str(tmp_path), tasks=["boolq", "openbookqa"], cache_dir=cache_dir
-    )
+    datamodule = CommonsenseDataModule(data_dir=str(tmp_path), tasks=["boolq", "openbookqa"], cache_dir=cache_dir)
     datamodule.set_tokenizer(tokenizer)
     datamodule.setup("fit")
     assert len(datamodule.train_dataset) == 40
@@ -607,6 +603,4 @@ def test_datamodules_are_constructible_from_lightning_cli(monkeypatch):
     assert cli.datamodule.tasks == ["boolq", "piqa"]
     assert cli.datamodule.max_length == 256 and cli.datamodule.overlength == "drop"
     with pytest.raises(SystemExit):
-        LightningCLI(
-            Model, GSM8KDataModule, run=False, args=["--data.overlength=cut", "--trainer.logger=false"]
-        )
+        LightningCLI(Model, GSM8KDataModule, run=False, args=["--data.overlength=cut", "--trainer.logger=false"])

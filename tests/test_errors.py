@@ -16,7 +16,9 @@ def untouched(model, reference) -> bool:
 
 
 def test_unknown_method_lists_choices():
-    with pytest.raises(ValueError, match="unknown adapter 'sorsaa'; choose one of: lora, olora, osora, pissa, sorsa"):
+    with pytest.raises(
+        ValueError, match="unknown adapter 'sorsaa'; choose one of: lora, milora, olora, osora, pissa, sorsa"
+    ):
         AdapterConfig(method="sorsaa")
 
 

@@ -75,7 +75,7 @@ class AdapterLayer(nn.Module):
     #: Factors whose orthonormality SORSA's regulariser penalises.
     orthonormal_names: ClassVar[tuple[str, ...]] = ()
     #: Which decomposition of ``W`` ``init_from_base`` consumes; ``None``: init ignores ``W``.
-    decomposition: ClassVar[Literal["svd", "qr"] | None] = None
+    decomposition: ClassVar[Literal["svd", "minor_svd", "qr"] | None] = None
 
     def __init__(
         self,
