@@ -137,11 +137,27 @@ class KillableModule(LitSVDAdapter):
         return super().training_step(batch, batch_idx)
 
 
-def train(root: Path, method: str, kill: tuple[str, int] | None = None, record_file: Path | None = None):
+def base_model(name: str):
+    """``"tiny"``: a random tiny Llama; ``"smollm2"``: the real SmolLM2-135M-Instruct (float32)."""
+    if name == "smollm2":
+        from lit_svd.models import EMBEDDED_MODEL, load_causal_lm
+
+        return load_causal_lm(EMBEDDED_MODEL, dtype=torch.float32)
+    return make_tiny_model("llama")
+
+
+def train(
+    root: Path,
+    method: str,
+    kill: tuple[str, int] | None = None,
+    record_file: Path | None = None,
+    model: str = "tiny",
+):
     """One run (resumed from ``root/ckpt/last.ckpt`` if present); returns ``(module, trainer, record)``."""
     L.seed_everything(5)
     config = AdapterConfig(method=method, rank=4, target_modules=TINY_TARGETS["llama"], dropout=0.0)
-    module = KillableModule(make_tiny_model("llama"), config, learning_rate=1e-2, warmup_ratio=0.1)
+    learning_rate = 1e-2 if model == "tiny" else 1e-4
+    module = KillableModule(base_model(model), config, learning_rate=learning_rate, warmup_ratio=0.1)
     record = Record(record_file)
     callbacks = [SVDInit(), AdapterCheckpoint(every_n_train_steps=SAVE_EVERY, dirpath=root / "ckpt"), record]
     if kill is not None:
@@ -178,6 +194,7 @@ def main() -> None:
     parser.add_argument("root", type=Path)
     parser.add_argument("--method", required=True, choices=METHODS)
     parser.add_argument("--kill", help="PHASE:STEP")
+    parser.add_argument("--model", default="tiny", choices=("tiny", "smollm2"))
     args = parser.parse_args()
     kill = None
     if args.kill:
@@ -187,7 +204,7 @@ def main() -> None:
         kill = (phase, int(step))
     args.root.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)  # the same reductions in every process, and in the in-process reference
-    module, trainer, _ = train(args.root, args.method, kill, args.root / "batches.txt")
+    module, trainer, _ = train(args.root, args.method, kill, args.root / "batches.txt", args.model)
     torch.save(final_state(module, trainer), args.root / "final.pt")
 
 
