@@ -22,11 +22,19 @@ from transformers.pytorch_utils import Conv1D
 
 from lit_svd.adapters import AdapterLayer, get_adapter_class
 from lit_svd.config import AdapterConfig
-from lit_svd.linalg import bottom_r_svd, orthonormality_error, orthonormality_error_from_gram, thin_qr, top_r_svd
+from lit_svd.linalg import (
+    bottom_r_svd,
+    local_tensor,
+    orthonormality_error,
+    orthonormality_error_from_gram,
+    thin_qr,
+    top_r_svd,
+)
 
 __all__ = [
     "adapter_layers",
     "fits_on_device",
+    "move_if_it_fits",
     "inject_adapters",
     "is_sharded",
     "initialize_adapters",
@@ -313,6 +321,16 @@ def fits_on_device(module: torch.nn.Module, device: torch.device, share: float =
     return size <= share * free
 
 
+def move_if_it_fits(module: torch.nn.Module, device: torch.device | str | None) -> bool:
+    """Move an unsharded ``module`` onto ``device`` in one transfer when it fits (``fits_on_device``); say whether
+    it moved. Work on the whole model then runs there (SVD init, residual rebuilds, exports) instead of each
+    layer visiting the device from host memory."""
+    if device is None or is_sharded(module) or not fits_on_device(module, torch.device(device)):
+        return False
+    module.to(device)
+    return True
+
+
 @contextlib.contextmanager
 def _visiting(layer: AdapterLayer, device: torch.device | None) -> Iterator[None]:
     """Move ``layer`` (base weight and adapter tensors) to ``device`` for the block, then back home."""
@@ -372,7 +390,7 @@ def orthonormal_regularizer(model: nn.Module) -> torch.Tensor:
     for factors in by_shape.values():
         if isinstance(factors[0], DTensor):
             # FSDP shards each factor by rows: XᵀX is the sum of the shards' local Gram matrices.
-            local = torch.stack([f.to_local() for f in factors]).float()
+            local = torch.stack([local_tensor(f) for f in factors]).float()
             gram = _SumOverRanks.apply(local.mT @ local, factors[0].device_mesh.get_group())
             errors.append(orthonormality_error_from_gram(gram))
         else:

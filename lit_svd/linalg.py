@@ -24,6 +24,7 @@ __all__ = [
     "principal_weight",
     "residual_weight",
     "full_tensor",
+    "local_tensor",
     "orthonormality_error",
     "optimal_residual_norm",
     "low_rank_svd",
@@ -334,6 +335,11 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     Gathering is a collective: under FSDP every rank must call it for the same tensors in the same order.
     """
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a ``DTensor`` (an FSDP2 shard; no communication); any other tensor as it is."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def orthonormality_error(X: torch.Tensor) -> torch.Tensor:

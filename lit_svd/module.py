@@ -39,13 +39,13 @@ from lit_svd.graphs import LayerGraphs
 from lit_svd.inject import (
     adapter_layers,
     adapter_state_dict,
-    fits_on_device,
     inject_adapters,
     is_sharded,
     load_adapter_state_dict,
+    move_if_it_fits,
     orthonormal_regularizer,
 )
-from lit_svd.linalg import full_tensor
+from lit_svd.linalg import full_tensor, local_tensor
 from lit_svd.losses import IGNORE_INDEX, causal_lm_loss
 from lit_svd.models import EMBEDDED_MODEL, load_causal_lm, load_tokenizer
 
@@ -352,7 +352,7 @@ class LitSVDAdapter(LightningModule):
         if not grads:
             return True
         # One fused norm over all gradients: a NaN or Inf anywhere makes it non-finite.
-        bad = (~torch.isfinite(torch.nn.utils.get_total_norm([_local(g) for g in grads]))).float()
+        bad = (~torch.isfinite(torch.nn.utils.get_total_norm([local_tensor(g) for g in grads]))).float()
         if is_sharded(self.model):
             bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
         if not bool(bad):
@@ -367,7 +367,7 @@ class LitSVDAdapter(LightningModule):
         names = {id(p): n for n, p in self.named_parameters()}
         first = "(a parameter sharded to another rank)"
         for p in (p for group in optimizer.param_groups for p in group["params"] if p.grad is not None):
-            if not bool(torch.isfinite(_local(p.grad)).all()):
+            if not bool(torch.isfinite(local_tensor(p.grad)).all()):
                 first = names.get(id(p), "?")
                 break
         raise FloatingPointError(
@@ -483,11 +483,13 @@ class LitSVDAdapter(LightningModule):
         state = adapter_state_dict(self.model)
         # Refused before anything is written, so the previous checkpoint stays the last good one. Each rank
         # checks what it holds (FSDP: its shards) and all ranks learn whether any found a NaN or Inf.
-        bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(_local(v)).all())]
-        count = torch.tensor(float(len(bad)), device=self.device)
+        floats = {k: local_tensor(v) for k, v in state.items() if v.is_floating_point()}
+        # One fused norm (one host sync): a NaN or Inf anywhere makes it non-finite.
+        count = (~torch.isfinite(torch.nn.utils.get_total_norm(list(floats.values())))).float()
         if is_sharded(self.model):
             count = self.trainer.strategy.reduce(count, reduce_op="sum")
         if bool(count):
+            bad = [k for k, v in floats.items() if not bool(torch.isfinite(v).all())]  # names: failure path only
             step = self.trainer.global_step if self._trainer is not None else "?"
             listed = ", ".join(bad[:5]) + (" …" if len(bad) > 5 else "") if bad else "(on another rank)"
             raise ValueError(f"not writing a checkpoint at step {step}: non-finite adapter tensor(s) {listed}")
@@ -513,8 +515,7 @@ class LitSVDAdapter(LightningModule):
         # are rebuilt on the accelerator, the whole model moved there first where it fits (DDP moves it
         # next anyway), else each layer visiting it.
         device = self._trainer.strategy.root_device if self._trainer is not None else None
-        if device is not None and not is_sharded(self.model) and fits_on_device(self.model, device):
-            self.model.to(device)
+        move_if_it_fits(self.model, device)
         load_adapter_state_dict(self.model, state, device=device)
         # Already loaded (with residual rebuilding); Lightning's own load_state_dict gets nothing to do.
         checkpoint["state_dict"] = {}
@@ -537,10 +538,7 @@ class LitSVDAdapter(LightningModule):
         trainer's, if it is not the CPU)."""
         device = torch.device(device) if device is not None else self._export_device()
         home = next(self.model.parameters()).device
-        move = device is not None and home != device and not is_sharded(self.model)
-        move = move and fits_on_device(self.model, device)
-        if move:
-            self.model.to(device)
+        move = home != device and move_if_it_fits(self.model, device)
         try:
             yield
         finally:
@@ -566,8 +564,7 @@ class LitSVDAdapter(LightningModule):
         fresh = load_causal_lm(self.model_name, gguf_file=hp.get("gguf_file"), dtype=hp.get("model_dtype"))
         fresh = self.inject(fresh)
         device = self._export_device()
-        if device is not None and fits_on_device(fresh, device):
-            fresh.to(device)
+        move_if_it_fits(fresh, device)
         load_adapter_state_dict(fresh, state, device=device)
         return fresh
 
@@ -601,11 +598,6 @@ class LitSVDAdapter(LightningModule):
                 overwrite=overwrite,
                 device=self._export_device(),
             )
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a tensor (an FSDP ``DTensor``'s local shard), or the tensor itself."""
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:

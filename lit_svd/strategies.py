@@ -40,7 +40,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.distributed.constants import default_pg_timeout
 from typing_extensions import override
 
-from lit_svd.inject import adapter_layers, adapter_state_dict, fits_on_device, is_sharded
+from lit_svd.inject import adapter_layers, adapter_state_dict, is_sharded, move_if_it_fits
 
 __all__ = ["AdapterFSDPStrategy", "shard_model"]
 
@@ -115,7 +115,7 @@ class AdapterFSDPStrategy(ModelParallelStrategy):
         self.accelerator.setup(trainer)
         module = self.lightning_module
         if not is_sharded(module):
-            self._move_whole_if_it_fits(module)
+            move_if_it_fits(module, self.root_device)
             pending = [n for n, layer in adapter_layers(module) if not bool(layer.initialized)]
             if pending:
                 svd_init = next((cb for cb in trainer.callbacks if isinstance(cb, SVDInit)), None) or SVDInit()
@@ -148,8 +148,6 @@ class AdapterFSDPStrategy(ModelParallelStrategy):
                 f"{path} is not a sharded lit_svd checkpoint folder (written by AdapterFSDPStrategy); "
                 "resume a DDP or single-device checkpoint with the strategy that wrote it"
             )
-        if self.lightning_module is not None:  # the residuals are rebuilt on the full weights next
-            self._move_whole_if_it_fits(self.lightning_module)
         checkpoint = torch.load(path / _METADATA_FILENAME, map_location="cpu", weights_only=weights_only)
         # Every rank reads the whole adapter (megabytes) into full tensors, resharded by the reader; the
         # module's on_load_checkpoint then rebuilds the residuals on the still unsharded weights.
@@ -159,12 +157,6 @@ class AdapterFSDPStrategy(ModelParallelStrategy):
         self._checkpoint_to_restore = path
         rank_zero_info(f"AdapterFSDPStrategy: adapter tensors read from {path}")
         return checkpoint
-
-    def _move_whole_if_it_fits(self, module: torch.nn.Module) -> None:
-        """The unsharded model onto this rank's GPU in one transfer when it fits, so that the SVD init (or the
-        residuals' rebuild on resume) and the sharding run on the GPU rather than layer by layer from the host."""
-        if not is_sharded(module) and fits_on_device(module, self.root_device):
-            module.to(self.root_device)
 
     def _load_optimizer_states(self, path: Path) -> None:
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
