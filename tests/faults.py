@@ -78,6 +78,11 @@ class Record(L.Callback):
         self.path = path
         self.batches: list[tuple[int, list[int]]] = []
 
+    @property
+    def numbers(self) -> list[list[int]]:
+        """The example numbers of each batch, in order."""
+        return [numbers for _, numbers in self.batches]
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         entry = (trainer.global_step, batch["input_ids"][:, 0].tolist())
         self.batches.append(entry)

@@ -9,7 +9,7 @@ import lightning as L
 import pytest
 import torch
 from conftest import TINY_TARGETS, make_tiny_model
-from faults import NumberedExamples  # 24 numbered training examples (and 4 held out)
+from faults import NumberedExamples, Record  # 24 numbered training examples (and 4 held out)
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_helpers import quiet_cpu_trainer
 
@@ -18,14 +18,6 @@ from lit_svd.data import LengthGroupedSampler, ResumableDataLoader
 from lit_svd.inject import adapter_state_dict
 
 EXAMPLES, BATCH, STEPS, EVERY = 24, 2, 18, 5  # 12 batches per epoch: the runs cross into a second epoch
-
-
-class Record(L.Callback):
-    def __init__(self) -> None:
-        self.batches: list[list[int]] = []
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.batches.append(batch["input_ids"][:, 0].tolist())
 
 
 class Killed(Exception):
@@ -59,21 +51,21 @@ def _run(root, group_by_length: bool, callbacks, ckpt_path=None) -> LitSVDAdapte
 @pytest.mark.parametrize("group_by_length", [True, False])
 @pytest.mark.parametrize(("kill", "saved"), [(7, 5), (17, 15)])  # mid epoch 0; mid epoch 1
 def test_a_mid_epoch_resume_sees_the_batches_of_the_uninterrupted_run(tmp_path, group_by_length, kill, saved):
-    whole = Record()
+    whole = Record(None)
     full = _run(tmp_path / "full", group_by_length, [whole])
-    assert len(whole.batches) == STEPS
-    assert sorted(n for batch in whole.batches[:12] for n in batch) == list(range(1, EXAMPLES + 1))  # one epoch
+    assert len(whole.numbers) == STEPS
+    assert sorted(n for batch in whole.numbers[:12] for n in batch) == list(range(1, EXAMPLES + 1))  # one epoch
 
-    first = Record()
+    first = Record(None)
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=EVERY, save_top_k=-1)
     with pytest.raises(Killed):
         _run(tmp_path / "a", group_by_length, [KillAt(kill), first, checkpoints])
-    assert first.batches == whole.batches[:kill]
+    assert first.numbers == whole.numbers[:kill]
     (checkpoint,) = (tmp_path / "ckpt").glob(f"*step={saved}.ckpt")
 
-    rest = Record()
+    rest = Record(None)
     resumed = _run(tmp_path / "b", group_by_length, [rest], ckpt_path=checkpoint)
-    assert rest.batches == whole.batches[saved:]  # nothing repeated, nothing skipped, same order
+    assert rest.numbers == whole.numbers[saved:]  # nothing repeated, nothing skipped, same order
     for key, value in adapter_state_dict(full.model).items():
         torch.testing.assert_close(adapter_state_dict(resumed.model)[key], value, rtol=0, atol=0, msg=key)
 
@@ -155,16 +147,16 @@ def test_sigterm_saves_a_checkpoint_that_resumes_like_the_uninterrupted_run(tmp_
 
     from lit_svd.callbacks import AdapterCheckpoint
 
-    whole = Record()
+    whole = Record(None)
     full = _run(tmp_path / "full", True, [whole])
-    first = Record()
+    first = Record(None)
     with pytest.raises(SIGTERMException):
         _run(tmp_path / "a", True, [first, TermAt(7), AdapterCheckpoint(every_n_train_steps=0, dirpath=tmp_path / "c")])
-    assert len(first.batches) == 7  # the step under way when the signal came was finished, no further one
+    assert len(first.numbers) == 7  # the step under way when the signal came was finished, no further one
     assert torch.load(tmp_path / "c" / "last.ckpt", weights_only=True)["global_step"] == 7
-    rest = Record()
+    rest = Record(None)
     resumed = _run(tmp_path / "b", True, [rest], ckpt_path=tmp_path / "c" / "last.ckpt")
-    assert rest.batches == whole.batches[7:]
+    assert rest.numbers == whole.numbers[7:]
     for key, value in adapter_state_dict(full.model).items():
         torch.testing.assert_close(adapter_state_dict(resumed.model)[key], value, rtol=0, atol=0, msg=key)
 
