@@ -171,17 +171,13 @@ def scan_json_lines(
 def _looks_clean(
     dataset: Dataset, required: Sequence[str], check: Callable[[dict], str | None] | None, may_be_empty: Sequence[str]
 ) -> bool:
-    """Whether every required field is a (non-empty) string and ``check`` finds nothing (no line scan needed)."""
-    for name in required:
-        values = dataset[name]
-        if any(not isinstance(value, str) for value in values):
-            return False
-        if name not in may_be_empty and any(not value.strip() for value in values):
-            return False
-    if check is not None:
-        columns = [dataset[name] for name in required]
-        return all(check(dict(zip(required, values, strict=True))) is None for values in zip(*columns, strict=True))
-    return True
+    """Whether no record has a problem (``_record_reason``): then no line-by-line scan is needed. Reads the
+    required columns only."""
+    columns = [dataset[name] for name in required]
+    return all(
+        _record_reason(dict(zip(required, values, strict=True)), required, check, may_be_empty) is None
+        for values in zip(*columns, strict=True)
+    )
 
 
 def load_json_records(
