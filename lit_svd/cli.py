@@ -31,7 +31,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lit_svd.callbacks.run_summary import RunSummary
 from lit_svd.module import LitSVDAdapter
-from lit_svd.strategies import AdapterFSDPStrategy  # noqa: F401  (registers 'lit_svd_fsdp')
+from lit_svd.strategies import AdapterFSDPStrategy  # noqa: F401  (registers 'lit_svd_ddp', 'lit_svd_fsdp')
 
 __all__ = [
     "LitSVDCLI",
@@ -145,6 +145,23 @@ def _fail(error: BaseException) -> NoReturn:
 
 
 # ----- launcher settings -------------------------------------------------------------------------------------
+# What the plain names mean for a recipe (lit_svd.strategies): DDP without the per-step broadcast of the
+# adapters' buffers, and FSDP2 sharding after the adapters are initialised on full weights.
+RECIPE_STRATEGIES = {"ddp": "lit_svd_ddp", "fsdp": "lit_svd_fsdp"}
+
+
+def recipe_strategy(strategy: Any) -> Any:
+    """``strategy`` as a recipe runs it: ``"ddp"``/``"fsdp"`` become lit_svd's strategies, the rest stays."""
+    if not isinstance(strategy, str):
+        return strategy
+    if strategy.startswith("fsdp") and strategy != "fsdp":
+        raise ValueError(
+            f"--strategy {strategy} is Lightning's FSDP1 variant, which lit_svd does not support; "
+            "--strategy fsdp gives lit_svd's FSDP2 (docs/distributed.md)"
+        )
+    return RECIPE_STRATEGIES.get(strategy, strategy)
+
+
 def launcher_trainer_overrides(environ: Mapping[str, str] | None = None) -> dict[str, object]:
     """Trainer settings chosen on the ``lightning run`` / ``fabric run`` command line (``LT_*`` variables)."""
     env = os.environ if environ is None else environ
@@ -154,14 +171,7 @@ def launcher_trainer_overrides(environ: Mapping[str, str] | None = None) -> dict
     if "LT_ACCELERATOR" in env:
         overrides["accelerator"] = env["LT_ACCELERATOR"]
     if "LT_STRATEGY" in env:
-        strategy = env["LT_STRATEGY"]
-        if strategy.startswith("fsdp") and strategy != "fsdp":
-            raise ValueError(
-                f"--strategy {strategy} is Lightning's FSDP1 variant, which lit_svd does not support; "
-                "--strategy fsdp gives lit_svd's FSDP2 (docs/distributed.md)"
-            )
-        # FSDP2 sharding after the adapters are initialised on full weights (lit_svd.strategies).
-        overrides["strategy"] = "lit_svd_fsdp" if strategy == "fsdp" else strategy
+        overrides["strategy"] = recipe_strategy(env["LT_STRATEGY"])
     if "LT_DEVICES" in env:
         devices = env["LT_DEVICES"]
         overrides["devices"] = int(devices) if devices.isdigit() else devices
@@ -339,6 +349,8 @@ class LitSVDCLI(LightningCLI):
         overrides = launcher_trainer_overrides()
         for key, value in overrides.items():
             config.trainer[key] = value
+        if "strategy" in config.trainer:  # `--trainer.strategy ddp` as well as `lightning run --strategy ddp`
+            config.trainer["strategy"] = recipe_strategy(config.trainer["strategy"])
         problems = check_paths(config, self.subcommand or _EXPORT)
         if problems:
             raise FileNotFoundError("; ".join(problems))

@@ -1,6 +1,14 @@
-"""Sharded training of adapters: FSDP2 (``fully_shard``) through Lightning's ``ModelParallelStrategy``.
+"""Strategies for several processes: DDP without per-step buffer broadcasts, and FSDP2 for adapters.
 
-``AdapterFSDPStrategy`` is what ``--strategy fsdp`` means for the recipes. The order of a fit is:
+``AdapterDDPStrategy`` is what ``--strategy ddp`` means for the recipes: Lightning's ``DDPStrategy`` with
+``broadcast_buffers=False``. DDP's default re-sends every buffer from rank 0 before each forward; an adapted
+model's buffers are the init snapshots of the adapters (``init_*``, as large as the adapters: 1.3 GB in
+float32 for a 7B model at r = 128), OSoRA's frozen factors and flags, all identical on every rank by
+construction (``SVDInit`` checks it with a checksum) and never changed by training, so the broadcast only
+costs time.
+
+``AdapterFSDPStrategy`` is what ``--strategy fsdp`` means for the recipes: FSDP2 (``fully_shard``) through
+Lightning's ``ModelParallelStrategy``. The order of a fit is:
 
 1. (resume only) the adapter tensors are read from the checkpoint — every rank reads the whole adapter,
    which is small — and each residual ``W − P_0 Q_0ᵀ`` is rebuilt on the full original weight;
@@ -8,7 +16,10 @@
    ranks. A model that fits in 60 % of a GPU's free memory is moved there whole first (one transfer);
    a larger one stays in host memory and each layer visits the GPU in turn;
 3. every decoder layer, then the root, is ``fully_shard``-ed over all ranks: each GPU keeps 1/world of
-   each frozen base weight (in its dtype, e.g. bf16) and of each adapter tensor;
+   each frozen base weight (in its dtype, e.g. bf16) and of each adapter tensor. Under ``bf16-mixed``
+   (``16-mixed``) with float32 adapters, FSDP's ``MixedPrecisionPolicy`` all-gathers the adapter shards in
+   bf16 (fp16) for the forward, as autocast would compute with them anyway, and reduces their gradients in
+   float32 into the float32 shards the optimizer updates;
 4. the optimizer is built over the adapter parameters only, so only they hold optimizer state.
 
 Checkpoints hold the adapter tensors and the optimizer state only (sharded, one file per rank with
@@ -35,17 +46,81 @@ from lightning.fabric.strategies.model_parallel import (
     _is_sharded_checkpoint,
 )
 from lightning.fabric.utilities.types import _PATH
-from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, StrategyRegistry
 from lightning.pytorch.utilities import rank_zero_info
 from torch.distributed.constants import default_pg_timeout
 from typing_extensions import override
 
 from lit_svd.inject import adapter_layers, adapter_state_dict, is_sharded, move_if_it_fits
 
-__all__ = ["AdapterFSDPStrategy", "shard_model"]
+__all__ = ["AdapterDDPStrategy", "AdapterFSDPStrategy", "fsdp_mixed_precision", "shard_model"]
+
+_GRADIENT_HOOKS = {"float32": None, "bfloat16": "bf16_compress_hook", "float16": "fp16_compress_hook"}
 
 
-def shard_model(model: torch.nn.Module, mesh) -> torch.nn.Module:
+class AdapterDDPStrategy(DDPStrategy):
+    """DDP for ``LitSVDAdapter``: no buffer broadcast before each forward; optional half-precision all-reduce.
+
+    Example::
+
+        trainer = Trainer(accelerator="gpu", devices=2, strategy=AdapterDDPStrategy(), precision="bf16-mixed")
+
+    Args:
+        gradient_dtype: dtype of the gradient all-reduce. ``"float32"`` (default) reduces the float32 adapter
+            gradients as they are; ``"bfloat16"``/``"float16"`` halve the traffic with PyTorch's compression
+            hooks (each gradient is rounded before the average; the optimizer still updates float32 tensors).
+        find_unused_parameters: as in ``DistributedDataParallel``.
+        process_group_backend: ``None``: NCCL on GPUs, gloo on CPUs.
+        timeout: Collective timeout.
+    """
+
+    strategy_name = "lit_svd_ddp"
+
+    def __init__(
+        self,
+        gradient_dtype: str = "float32",
+        find_unused_parameters: bool = False,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+    ) -> None:
+        if gradient_dtype not in _GRADIENT_HOOKS:
+            raise ValueError(f"gradient_dtype {gradient_dtype!r} is not one of {sorted(_GRADIENT_HOOKS)}")
+        hook = None
+        if _GRADIENT_HOOKS[gradient_dtype] is not None:
+            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+            hook = getattr(default_hooks, _GRADIENT_HOOKS[gradient_dtype])
+        super().__init__(
+            ddp_comm_hook=hook,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+            broadcast_buffers=False,
+            find_unused_parameters=find_unused_parameters,
+        )
+        self.gradient_dtype = gradient_dtype
+
+
+def fsdp_mixed_precision(model: torch.nn.Module, precision: str):
+    """FSDP2's ``MixedPrecisionPolicy`` for ``model`` under Lightning ``precision``, or ``None`` for none.
+
+    Under ``bf16-mixed``/``16-mixed`` with adapter tensors in a wider dtype than the compute dtype (float32
+    adapters beside a bf16 base, the default), the adapter shards are all-gathered in the compute dtype
+    and their gradients reduced in float32: half the gather traffic, and the same products autocast would
+    compute. Otherwise (``32-true``, or adapters already in the compute dtype) no policy: every tensor is
+    gathered in its own dtype.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    compute = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(str(precision))
+    if compute is None:
+        return None
+    trained = {p.dtype for p in model.parameters() if p.requires_grad}
+    if not trained or trained == {compute}:
+        return None
+    return MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
+
+
+def shard_model(model: torch.nn.Module, mesh, mp_policy=None) -> torch.nn.Module:
     """``fully_shard`` every decoder layer of a transformers model, then its body (``base_model``), over ``mesh``.
 
     Per-layer units keep the all-gathered (unsharded) weights to one decoder layer at a time. The root unit
@@ -57,10 +132,11 @@ def shard_model(model: torch.nn.Module, mesh) -> torch.nn.Module:
 
     from lit_svd.module import decoder_layers
 
+    options = {} if mp_policy is None else {"mp_policy": mp_policy}
     for layer in decoder_layers(model):
-        fully_shard(layer, mesh=mesh)
+        fully_shard(layer, mesh=mesh, **options)
     body = getattr(model, "base_model", model)
-    fully_shard(body, mesh=mesh)
+    fully_shard(body, mesh=mesh, **options)
     return model
 
 
@@ -120,7 +196,8 @@ class AdapterFSDPStrategy(ModelParallelStrategy):
             if pending:
                 svd_init = next((cb for cb in trainer.callbacks if isinstance(cb, SVDInit)), None) or SVDInit()
                 svd_init.initialize(trainer, module, device=self.root_device)
-            shard_model(module.model, self.device_mesh["data_parallel"])
+            policy = fsdp_mixed_precision(module.model, self.precision_plugin.precision)
+            shard_model(module.model, self.device_mesh["data_parallel"], policy)
         # What ModelParallelStrategy.setup does after the user's configure_model has parallelised the model.
         _materialize_distributed_module(self.model, self.root_device)
         self.model = self.precision_plugin.convert_module(self.model)
@@ -168,6 +245,10 @@ class AdapterFSDPStrategy(ModelParallelStrategy):
             set_optimizer_state_dict(self.model, optimizer, optim_state_dict=state[key])
 
 
+if "lit_svd_ddp" not in StrategyRegistry:
+    StrategyRegistry.register(
+        "lit_svd_ddp", AdapterDDPStrategy, description="DDP for lit_svd adapters (no per-step buffer broadcast)"
+    )
 if "lit_svd_fsdp" not in StrategyRegistry:
     StrategyRegistry.register(
         "lit_svd_fsdp", AdapterFSDPStrategy, description="FSDP2 for lit_svd adapters (init on full weights, then shard)"

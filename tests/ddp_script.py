@@ -24,6 +24,7 @@ from lightning_helpers import RandomTokensData  # noqa: E402
 from lit_svd import AdapterConfig  # noqa: E402
 from lit_svd.callbacks import SVDInit, adapter_checksum  # noqa: E402
 from lit_svd.module import LitSVDAdapter  # noqa: E402
+from lit_svd.strategies import AdapterDDPStrategy  # noqa: E402
 
 COLLECTIVES = ("broadcast", "all_gather", "all_gather_into_tensor", "all_reduce", "reduce_scatter_tensor", "gather")
 
@@ -65,9 +66,31 @@ class CollectiveGuard(L.Callback):
         return call
 
 
+class CountStepBroadcasts(L.Callback):
+    """Count DDP's coalesced broadcasts (its buffer sync) made inside training steps."""
+
+    def __init__(self) -> None:
+        self.in_step, self.count = False, 0
+
+    def setup(self, trainer, pl_module, stage):
+        broadcast = dist._broadcast_coalesced
+
+        def counted(*args, **kwargs):
+            self.count += self.in_step
+            return broadcast(*args, **kwargs)
+
+        dist._broadcast_coalesced = counted
+
+    def on_train_batch_start(self, *args):
+        self.in_step = True
+
+    def on_train_batch_end(self, *args):
+        self.in_step = False
+
+
 class RecordChecksums(L.Callback):
-    def __init__(self, out_dir: Path, svd_init: SVDInit, guard: CollectiveGuard) -> None:
-        self.out_dir, self.svd_init, self.guard, self.values = out_dir, svd_init, guard, {}
+    def __init__(self, out_dir: Path, svd_init: SVDInit, guard: CollectiveGuard, steps: CountStepBroadcasts) -> None:
+        self.out_dir, self.svd_init, self.guard, self.steps, self.values = out_dir, svd_init, guard, steps, {}
 
     def on_fit_start(self, trainer, pl_module):
         self.values["after_init"] = int(adapter_checksum(pl_module))
@@ -77,31 +100,32 @@ class RecordChecksums(L.Callback):
     def on_fit_end(self, trainer, pl_module):
         self.values["after_fit"] = int(adapter_checksum(pl_module))
         self.values["collectives"] = self.guard.calls
+        self.values["step_broadcasts"] = self.steps.count
         (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.values))
 
 
-def main(out_dir: Path, method: str) -> None:
+def main(out_dir: Path, method: str, strategy: str) -> None:
     L.seed_everything(0)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     config = AdapterConfig(
         method=method, rank=4, target_modules=["q_proj", "down_proj"], svd_method=["full", "gram"][local_rank]
     )
     module = LitSVDAdapter(make_tiny_model("llama"), config, learning_rate=1e-2)
-    svd_init, guard = SVDInit(), CollectiveGuard()
+    svd_init, guard, steps = SVDInit(), CollectiveGuard(), CountStepBroadcasts()
     trainer = L.Trainer(
         accelerator="cpu",
         devices=2,
-        strategy="ddp",
+        strategy=AdapterDDPStrategy() if strategy == "lit_svd_ddp" else strategy,
         max_steps=3,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         limit_val_batches=0,
-        callbacks=[guard, svd_init, RecordChecksums(out_dir, svd_init, guard)],
+        callbacks=[guard, svd_init, steps, RecordChecksums(out_dir, svd_init, guard, steps)],
     )
     trainer.fit(module, datamodule=RandomTokensData(count=24, batch_size=2))
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2])
+    main(Path(sys.argv[1]), sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else "lit_svd_ddp")

@@ -1,4 +1,4 @@
-"""Under DDP (2 CPU processes, gloo) every rank ends with bit-identical adapters."""
+"""Under DDP (2 CPU processes, gloo) every rank ends with bit-identical adapters, and no step re-sends buffers."""
 
 from __future__ import annotations
 
@@ -26,3 +26,18 @@ def test_ddp_ranks_hold_identical_adapters(method, tmp_path):
     assert [r["decomposed"] for r in ranks] == [2, 2] and ranks[0]["count"] == 4
     # Factors were broadcast, and checksums all-gathered after init and after training, under the guard.
     assert ranks[0]["collectives"]["broadcast"] >= 2 and ranks[0]["collectives"]["all_gather"] >= 2
+    # AdapterDDPStrategy sends no buffers in training steps (Lightning's default DDP sends them all, the init
+    # snapshots included, before every forward: 3 coalesced broadcasts in these 3 steps).
+    assert [r["step_broadcasts"] for r in ranks] == [0, 0]
+
+
+def test_ddp_gradient_dtype_is_checked_and_chooses_the_compression_hook():
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    from lit_svd.strategies import AdapterDDPStrategy
+
+    assert AdapterDDPStrategy()._ddp_comm_hook is None
+    assert AdapterDDPStrategy(gradient_dtype="bfloat16")._ddp_comm_hook is default_hooks.bf16_compress_hook
+    assert AdapterDDPStrategy()._ddp_kwargs["broadcast_buffers"] is False
+    with pytest.raises(ValueError, match="gradient_dtype 'bf16' is not one of"):
+        AdapterDDPStrategy(gradient_dtype="bf16")

@@ -97,14 +97,34 @@ def test_export_from_the_sharded_run_equals_a_single_process_export(runs):
         torch.testing.assert_close(served(ids).logits, expected, rtol=0, atol=1e-4)
 
 
-def test_strategy_fsdp_on_the_command_line_means_lit_svd_fsdp2():
-    from lit_svd.cli import launcher_trainer_overrides
+def test_strategy_names_on_the_command_line_mean_lit_svd_strategies():
+    from lit_svd.cli import launcher_trainer_overrides, recipe_strategy
 
     launched = {"LT_CLI_USED": "1", "LT_ACCELERATOR": "cpu", "LT_DEVICES": "2"}
     assert launcher_trainer_overrides(launched | {"LT_STRATEGY": "fsdp"})["strategy"] == "lit_svd_fsdp"
-    assert launcher_trainer_overrides(launched | {"LT_STRATEGY": "ddp"})["strategy"] == "ddp"
+    assert launcher_trainer_overrides(launched | {"LT_STRATEGY": "ddp"})["strategy"] == "lit_svd_ddp"
     with pytest.raises(ValueError, match="fsdp_cpu_offload is Lightning's FSDP1 variant"):
         launcher_trainer_overrides(launched | {"LT_STRATEGY": "fsdp_cpu_offload"})
+    # `--trainer.strategy` without the launcher goes through the same table; other strategies stay as given.
+    assert [recipe_strategy(s) for s in ("ddp", "fsdp", "ddp_spawn", None)] == [
+        "lit_svd_ddp",
+        "lit_svd_fsdp",
+        "ddp_spawn",
+        None,
+    ]
+
+
+def test_fsdp_gathers_float32_adapters_in_the_autocast_dtype_and_reduces_in_float32():
+    from lit_svd.strategies import fsdp_mixed_precision
+
+    model = make_tiny_model("llama").to(torch.bfloat16)
+    inject_adapters(model, AdapterConfig(method="sorsa", rank=2, target_modules=TARGETS))
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    policy = fsdp_mixed_precision(model, "bf16-mixed")
+    assert (policy.param_dtype, policy.reduce_dtype) == (torch.bfloat16, torch.float32)
+    assert fsdp_mixed_precision(model, "32-true") is None  # no autocast: each tensor gathered as it is
+    model.to(torch.bfloat16)  # adapters already in the compute dtype: nothing to cast
+    assert fsdp_mixed_precision(model, "bf16-mixed") is None
 
 
 def test_a_checkpoint_file_is_refused_by_name_under_fsdp(tmp_path):
