@@ -13,14 +13,17 @@ reproduces our trained model.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from lit_svd.adapters import AdapterLayer
@@ -28,6 +31,19 @@ from lit_svd.inject import _visiting, adapter_layers
 from lit_svd.linalg import low_rank_svd
 
 __all__ = ["atomic_directory", "merged_state_dict", "export_merged", "peft_lora_factors", "export_peft_lora"]
+
+
+def _write_failure(error: BaseException) -> tuple[int, str]:
+    """``(errno, reason)`` of a failed write: an ``OSError``'s own, or parsed from safetensors' message.
+
+    safetensors reports the operating system's error inside its own exception type, e.g. "Error while
+    serializing: I/O error: File too large (os error 27)" for a write past the file-size limit.
+    """
+    if isinstance(error, OSError):
+        return error.errno or errno.EIO, str(error.strerror or error)
+    found = re.search(r"os error (\d+)", str(error))
+    number = int(found.group(1)) if found else errno.EIO
+    return number, os.strerror(number) if found else str(error)
 
 
 @contextlib.contextmanager
@@ -41,11 +57,10 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
     try:
         try:
             yield staging
-        except OSError as error:  # a full disk, an I/O error: say what was and was not touched
+        except (OSError, SafetensorError) as error:  # a full disk, an I/O error: say what was and was not touched
             kept = f"{target} is unchanged" if target.exists() else f"nothing was written to {target}"
-            raise OSError(
-                error.errno, f"writing the export to {target} failed ({error.strerror or error}); {kept}"
-            ) from error
+            number, reason = _write_failure(error)
+            raise OSError(number, f"writing the export to {target} failed ({reason}); {kept}") from error
         if target.exists():  # moved aside, not deleted, until the new export is in place
             previous = Path(tempfile.mkdtemp(prefix=f".{target.name}.previous.", dir=target.parent))
             os.replace(target, previous / target.name)

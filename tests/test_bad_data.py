@@ -94,3 +94,46 @@ def test_an_optional_empty_input_is_not_a_bad_record(tmp_path):
         load_commonsense_file(tmp_path / "test.json", "boolq")
     (tmp_path / "ok.json").write_text(json.dumps([record, record]))
     assert len(load_commonsense_file(tmp_path / "ok.json", "boolq")) == 2  # the empty input is fine
+
+
+def test_a_hub_split_is_checked_record_by_record_like_a_file(monkeypatch):
+    from datasets import Dataset
+
+    rows = [GOOD, {"question": "  ", "answer": "#### 2"}, {"question": "q", "answer": "I do not know"}, GOOD]
+    monkeypatch.setattr("lit_svd.data.base.load_dataset", lambda *args, **kwargs: Dataset.from_list(rows))
+    with pytest.raises(ValueError) as raised:
+        load_gsm8k("train")  # no data_dir: the Hub (here a stand-in returning these rows)
+    assert str(raised.value) == (
+        "Hub dataset 'openai/gsm8k' (config 'main'), split 'train': 2 bad records: empty field 'question': 1 "
+        "(record 2); no '#### N' numeric answer: 1 (record 3). First at record 2. Pass bad_records='skip' "
+        "(--data.bad_records skip) to train without them"
+    )
+    report: list[RecordProblems] = []
+    with pytest.warns(UserWarning, match=r"skipping Hub dataset 'openai/gsm8k' .*: 2 bad records"):
+        records = load_gsm8k("train", bad_records="skip", report=report)
+    assert [r["reference"] for r in records] == ["5", "5"]
+    assert report[0].counts() == {"empty field 'question'": 1, "no '#### N' numeric answer": 1}
+
+
+def test_skipped_records_are_written_to_tensorboard_as_text(tmp_path):
+    from _data_fixtures import smollm2_tokenizer
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lit_svd.data import GSM8KDataModule
+
+    _bad_file(tmp_path / "train.jsonl")
+    _write(tmp_path / "test.jsonl", [json.dumps(GOOD).encode()])
+    logger = TensorBoardLogger(tmp_path / "runs", name="bad")
+    datamodule = GSM8KDataModule(data_dir=str(tmp_path), bad_records="skip", cache_dir=str(tmp_path / "cache"))
+    datamodule.set_tokenizer(smollm2_tokenizer())
+    datamodule.trainer = Trainer(logger=logger, accelerator="cpu", enable_progress_bar=False)
+    with pytest.warns(UserWarning, match="skipping"):
+        datamodule.setup("fit")
+    logger.experiment.flush()
+    events = EventAccumulator(logger.log_dir, size_guidance={"tensors": 0})
+    events.Reload()
+    (event,) = events.Tensors("data/bad_records/text_summary")
+    text = event.tensor_proto.string_val[0].decode()
+    assert text.startswith(f"{tmp_path / 'train.jsonl'}: 7 bad records: ") and "not UTF-8: 1 (line 3)" in text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -148,6 +149,75 @@ def test_a_failed_export_leaves_the_previous_export_as_it_was(tmp_path, monkeypa
         export_peft_lora(model, target, overwrite=True)
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["peft"]  # no staging folder left behind
+
+
+@contextlib.contextmanager
+def _file_size_limit():
+    """Yield ``limit(n)``: from then on the kernel refuses to grow any file of this process past n bytes.
+
+    A real write failure without a small file system (mounting one needs root): past ``RLIMIT_FSIZE`` a
+    write(2) fails with EFBIG once SIGXFSZ, whose default action would kill the process, is ignored. The
+    soft limit is restored afterwards (an unprivileged process may raise it back up to the hard limit).
+    """
+    import resource
+    import signal
+
+    before = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        yield lambda size: resource.setrlimit(resource.RLIMIT_FSIZE, (size, before[1]))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, before)
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def test_a_write_the_kernel_refuses_keeps_the_previous_checkpoint_and_export(tmp_path):
+    import errno
+
+    import pytest
+    from conftest import make_tiny_model
+    from lightning_helpers import RandomTokensData, quiet_cpu_trainer
+
+    from lit_svd import AdapterConfig, LitSVDAdapter, SVDInit
+    from lit_svd.callbacks import AdapterCheckpoint
+
+    checkpoint = tmp_path / "ckpt" / "last.ckpt"
+    module = LitSVDAdapter(make_tiny_model("llama"), AdapterConfig(method="sorsa", rank=2, target_modules=["q_proj"]))
+    with _file_size_limit() as limit:
+
+        class LimitAfterFirstSave(AdapterCheckpoint):
+            def _save_checkpoint(self, trainer, filepath):
+                super()._save_checkpoint(trainer, filepath)
+                limit(checkpoint.stat().st_size // 2)  # the next checkpoint stops half-way
+
+        trainer = quiet_cpu_trainer(
+            tmp_path,
+            6,
+            limit_val_batches=0,
+            enable_checkpointing=True,
+            callbacks=[SVDInit(), LimitAfterFirstSave(every_n_train_steps=2, dirpath=tmp_path / "ckpt")],
+        )
+        with pytest.raises(
+            OSError,
+            match=rf"writing the checkpoint of step 4 to {checkpoint} failed \(File too large\); "
+            rf"the previous {checkpoint} is intact",
+        ) as raised:
+            trainer.fit(module, datamodule=RandomTokensData(count=16, batch_size=2))
+        assert raised.value.errno == errno.EFBIG
+
+        target = tmp_path / "peft"
+        limit(2**30)
+        module.export_peft_lora(target)
+        before = {p.name: p.read_bytes() for p in target.iterdir()}
+        limit(max(len(data) for data in before.values()) // 2)
+        with pytest.raises(
+            OSError, match=rf"writing the export to {target} failed \(File too large\); {target} is unchanged"
+        ):
+            module.export_peft_lora(target, overwrite=True)
+    assert torch.load(checkpoint, weights_only=True)["global_step"] == 2  # the last good one, whole
+    assert sorted(p.name for p in checkpoint.parent.iterdir()) == ["last.ckpt"]  # no half-written file left
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "peft"]  # no staging folder left behind
 
 
 # ----- adapter state dicts and model folders -------------------------------------------------------------------

@@ -53,6 +53,7 @@ __all__ = [
     "RecordProblems",
     "ResumableDataLoader",
     "check_columns",
+    "check_records",
     "load_hub_split",
     "load_json_records",
     "scan_json_lines",
@@ -228,34 +229,72 @@ def load_json_records(
             return dataset
     with open(path, "rb") as f:
         json_lines = f.read(4096).lstrip()[:1] != b"["
-    if not json_lines:  # a JSON array has no lines to name: say which file
+    if not json_lines:  # a JSON array has no lines to name: its records are numbered
         if dataset is None:
             raise ValueError(f"{path}: not a readable JSON file ({str(failure).splitlines()[0][:200]})") from failure
-        problems, records = RecordProblems(str(path), unit="record"), []
-        for index, record in enumerate(dataset):  # already the requested split
-            reason = _record_reason(record, required, check, may_be_empty)
-            if reason is None:
-                records.append(record)
-            else:
-                problems.add(reason, index + 1)
-    else:
-        records, problems = scan_json_lines(path, required, check, may_be_empty)
-    if report is not None and problems.total and all(p.source != problems.source for p in report):
-        report.append(problems)  # once per file, also when prepare_data and setup both read it
-    if problems.total and bad_records == "error":
-        first = min(lines[0] for lines in problems.lines.values())
-        raise ValueError(
-            f"{problems.summary()}. First at {problems.unit} {first}. Fix the file, or pass bad_records='skip' "
-            "(--data.bad_records skip) to train without them"
-        )
-    if problems.total:
-        rank_zero_warn(f"skipping {problems.summary()}")
+        return check_records(
+            dataset, str(path), required, bad_records, check, report, may_be_empty, clean=False
+        )  # already the requested split
+    records, problems = scan_json_lines(path, required, check, may_be_empty)
+    _act_on_bad_records(problems, bad_records, report, "Fix the file, or pass")
     dataset = Dataset.from_list(records)
     check_columns(dataset, required, str(path))
-    if not json_lines:
-        return dataset
     (instruction,) = ReadInstruction.from_spec(split).to_absolute({"train": len(dataset)})
     return dataset.select(range(instruction.from_, instruction.to))
+
+
+def _act_on_bad_records(
+    problems: RecordProblems, bad_records: BadRecords, report: list[RecordProblems] | None, fix: str
+) -> None:
+    """Report ``problems`` once per source; raise (``"error"``) or warn (``"skip"``) when there are any."""
+    if not problems.total:
+        return
+    if report is not None and all(p.source != problems.source for p in report):
+        report.append(problems)  # once per source, also when prepare_data and setup both read it
+    if bad_records == "error":
+        first = min(lines[0] for lines in problems.lines.values())
+        raise ValueError(
+            f"{problems.summary()}. First at {problems.unit} {first}. {fix} bad_records='skip' "
+            "(--data.bad_records skip) to train without them"
+        )
+    rank_zero_warn(f"skipping {problems.summary()}")
+
+
+def check_records(
+    dataset: Dataset,
+    source: str,
+    required: Sequence[str],
+    bad_records: BadRecords = "error",
+    check: Callable[[dict], str | None] | None = None,
+    report: list[RecordProblems] | None = None,
+    may_be_empty: Sequence[str] = (),
+    clean: bool | None = None,
+) -> Dataset:
+    """Check a loaded dataset (a JSON array's records, a Hub split) record by record, as a file's lines are.
+
+    Records are numbered from 1 in ``dataset``'s order. Bad ones (see :func:`scan_json_lines`) are never
+    dropped silently: ``bad_records="error"`` raises naming ``source``, the first bad record and the counts
+    per reason; ``"skip"`` warns with the same counts and returns the rest (and ``report`` collects them).
+
+    Args:
+        clean: whether the caller already knows that no record is bad (``None``: find out, reading the
+            ``required`` columns only).
+    """
+    if bad_records not in ("error", "skip"):
+        raise ValueError(f"bad_records must be 'error' or 'skip', got {bad_records!r}")
+    if clean is None:
+        clean = _looks_clean(dataset, required, check, may_be_empty)
+    if clean:
+        return dataset
+    problems, keep = RecordProblems(source, unit="record"), []
+    for index, record in enumerate(dataset):
+        reason = _record_reason(record, required, check, may_be_empty)
+        if reason is None:
+            keep.append(index)
+        else:
+            problems.add(reason, index + 1)
+    _act_on_bad_records(problems, bad_records, report, "Fix the file, or pass" if Path(source).is_file() else "Pass")
+    return dataset.select(keep)
 
 
 def load_hub_split(
@@ -265,8 +304,13 @@ def load_hub_split(
     required: Sequence[str],
     cache_dir: str | None = None,
     local_hint: str = "",
+    bad_records: BadRecords = "error",
+    check: Callable[[dict], str | None] | None = None,
+    report: list[RecordProblems] | None = None,
+    may_be_empty: Sequence[str] = (),
 ) -> Dataset:
-    """Load one split of a Hub dataset, turning connection failures into an actionable error.
+    """Load one split of a Hub dataset, turning connection failures into an actionable error, and check its
+    records one by one (:func:`check_records`) as a local file's are.
 
     Args:
         hub_id: e.g. ``"openai/gsm8k"``.
@@ -275,13 +319,14 @@ def load_hub_split(
         required: columns that must be present.
         cache_dir: ``datasets`` cache folder.
         local_hint: how to pass local files instead, appended to the error message.
+        bad_records, check, report, may_be_empty: as for :func:`load_json_records`.
 
     Returns:
-        The split as a ``Dataset``.
+        The split as a ``Dataset`` (without its bad records under ``bad_records="skip"``).
 
     Raises:
         DataSourceError: when the Hub (or its cached copy) cannot be reached; names the id and the fix.
-        ValueError: when a required column is missing.
+        ValueError: when a required column is missing, or (``"error"``) a record is bad.
     """
     described = f"'{hub_id}'" + (f" (config '{config}')" if config else "") + f", split '{split}'"
     try:
@@ -293,7 +338,7 @@ def load_hub_split(
             f"{local_hint}"
         ) from error
     check_columns(dataset, required, f"Hub dataset {described}")
-    return dataset
+    return check_records(dataset, f"Hub dataset {described}", required, bad_records, check, report, may_be_empty)
 
 
 def resolve_file(data_dir: str | os.PathLike | None, file: str | os.PathLike) -> Path:
@@ -680,10 +725,11 @@ class InstructionDataModule(LightningDataModule):
         cache_dir: ``datasets`` cache folder for downloads, Arrow files and tokenisation (default: the HF
             cache, ``~/.cache/huggingface/datasets``).
         num_proc: processes for tokenisation with ``datasets.map`` (``None``: in-process).
-        bad_records: what a local data file's bad records (not UTF-8, not JSON, a missing or empty field, a
-            dataset's own check such as GSM8K's ``#### N``) do: ``"error"`` stops naming the file, the line
-            and the counts per reason; ``"skip"`` leaves them out, warns with the counts, keeps them in
-            ``bad_record_report`` and writes them to TensorBoard (``data/bad_records``).
+        bad_records: what the bad records of a local data file or a Hub split (not UTF-8, not JSON, a missing
+            or empty field, a dataset's own check such as GSM8K's ``#### N``) do: ``"error"`` stops naming
+            the file or Hub split, the line or record and the counts per reason; ``"skip"`` leaves them out,
+            warns with the counts, keeps them in ``bad_record_report`` and writes them to TensorBoard
+            (``data/bad_records``).
     """
 
     def __init__(

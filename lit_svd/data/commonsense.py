@@ -158,7 +158,10 @@ class CommonsenseDataModule(InstructionDataModule):
     def _load_train_records(self) -> Dataset:
         if self.train_files is None and self.data_dir is None:
             hint = "pass data_dir='path/to/commonsense' holding commonsense_170k.json, or train_files=[...]"
-            raw = load_hub_split(self.train_hub_id, None, "train", COMMONSENSE_COLUMNS, self.cache_dir, hint)
+            raw = load_hub_split(
+                self.train_hub_id, None, "train", COMMONSENSE_COLUMNS, self.cache_dir, hint, self.bad_records,
+                report=self.bad_record_report, may_be_empty=("input",),
+            )  # fmt: skip
             return _to_records(raw, "", self.train_hub_id)
         files = self.train_files if self.train_files is not None else ["commonsense_170k.json"]
         parts = []

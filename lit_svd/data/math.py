@@ -180,7 +180,9 @@ def load_gsm8k(
         source = str(path)
     else:
         hint = "pass data_dir='path/to/gsm8k' (a folder with train.jsonl and test.jsonl)"
-        raw = load_hub_split(hub_id, "main", split, GSM8K_COLUMNS, cache_dir, hint)
+        raw = load_hub_split(
+            hub_id, "main", split, GSM8K_COLUMNS, cache_dir, hint, bad_records, _gsm8k_answer_problem, report
+        )
         source = f"{hub_id} ({split})"
     return raw.map(
         _gsm8k_records,
@@ -223,10 +225,13 @@ def load_math(
     else:
         hint = "pass data_dir='path/to/math' (a folder with train.jsonl / test.jsonl, e.g. MATH-500's)"
         if split == "test" and test_hub_id is not None:
-            raw = load_hub_split(test_hub_id, None, "test", MATH_COLUMNS, cache_dir, hint)
+            raw = load_hub_split(test_hub_id, None, "test", MATH_COLUMNS, cache_dir, hint, bad_records, report=report)
             source = f"{test_hub_id} (test)"
         else:
-            parts = [load_hub_split(hub_id, subject, split, MATH_COLUMNS, cache_dir, hint) for subject in MATH_SUBJECTS]
+            parts = [
+                load_hub_split(hub_id, subject, split, MATH_COLUMNS, cache_dir, hint, bad_records, report=report)
+                for subject in MATH_SUBJECTS
+            ]
             raw = concatenate_datasets([part.select_columns(list(MATH_COLUMNS)) for part in parts])
             source = f"{hub_id} ({split})"
     return raw.map(
@@ -265,7 +270,7 @@ def load_metamathqa(
         )
     else:
         hint = f"pass data_dir='path/to/metamathqa' (a folder with {file})"
-        raw = load_hub_split(hub_id, None, split, METAMATHQA_COLUMNS, cache_dir, hint)
+        raw = load_hub_split(hub_id, None, split, METAMATHQA_COLUMNS, cache_dir, hint, bad_records, report=report)
     return raw.map(_metamathqa_records, batched=True, remove_columns=raw.column_names, desc="MetaMathQA records")
 
 
