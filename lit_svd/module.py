@@ -495,6 +495,10 @@ class LitSVDAdapter(LightningModule):
             raise ValueError(f"not writing a checkpoint at step {step}: non-finite adapter tensor(s) {listed}")
         checkpoint["state_dict"] = {f"model.{k}": v for k, v in state.items()}
         checkpoint[_CHECKPOINT_KEY] = self._checkpoint_metadata() | {"skipped_steps": self.skipped_steps}
+        if self._trainer is not None:
+            from lit_svd.callbacks.checkpoint import reopen_cut_epoch
+
+            reopen_cut_epoch(self._trainer, checkpoint)  # a run stopped by max_steps resumes mid-epoch
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get(_CHECKPOINT_KEY)

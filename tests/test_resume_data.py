@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_helpers import quiet_cpu_trainer
 
 from lit_svd import AdapterConfig, LitSVDAdapter, SVDInit
+from lit_svd.callbacks import AdapterCheckpoint
 from lit_svd.data import LengthGroupedSampler, ResumableDataLoader
 from lit_svd.inject import adapter_state_dict
 
@@ -33,16 +34,17 @@ class KillAt(L.Callback):
             raise Killed
 
 
-def _run(root, group_by_length: bool, callbacks, ckpt_path=None) -> LitSVDAdapter:
+def _run(root, group_by_length: bool, callbacks, ckpt_path=None, steps=STEPS, **module_args) -> LitSVDAdapter:
     L.seed_everything(3)
     module = LitSVDAdapter(
         make_tiny_model("llama"),
         AdapterConfig(method="sorsa", rank=4, target_modules=TINY_TARGETS["llama"]),
         learning_rate=1e-2,
+        **module_args,
     )
     data = NumberedExamples(batch_size=BATCH, max_length=16, group_by_length=group_by_length, seed=7)
     trainer = quiet_cpu_trainer(
-        root, STEPS, limit_val_batches=0, enable_checkpointing=True, callbacks=[SVDInit(), *callbacks]
+        root, steps, limit_val_batches=0, enable_checkpointing=True, callbacks=[SVDInit(), *callbacks]
     )
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     return module
@@ -66,6 +68,20 @@ def test_a_mid_epoch_resume_sees_the_batches_of_the_uninterrupted_run(tmp_path, 
     rest = Record(None)
     resumed = _run(tmp_path / "b", group_by_length, [rest], ckpt_path=checkpoint)
     assert rest.numbers == whole.numbers[saved:]  # nothing repeated, nothing skipped, same order
+    for key, value in adapter_state_dict(full.model).items():
+        torch.testing.assert_close(adapter_state_dict(resumed.model)[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_a_run_that_ended_at_max_steps_mid_epoch_resumes_there_with_a_larger_max_steps(tmp_path):
+    # Lightning counts an epoch that max_steps cut short as finished; without reopen_cut_epoch the resumed
+    # run started epoch 1 and never saw the rest of epoch 0 (here batches 8-12 of 12).
+    constant = {"scheduler": "constant", "warmup_ratio": 0.0}  # the same learning rates whatever max_steps is
+    whole = Record(None)
+    full = _run(tmp_path / "full", True, [whole], **constant)
+    first, rest = Record(None), Record(None)
+    _run(tmp_path / "a", True, [first, AdapterCheckpoint(dirpath=tmp_path / "ckpt")], steps=7, **constant)
+    resumed = _run(tmp_path / "b", True, [rest], ckpt_path=tmp_path / "ckpt" / "last.ckpt", **constant)
+    assert first.numbers + rest.numbers == whole.numbers
     for key, value in adapter_state_dict(full.model).items():
         torch.testing.assert_close(adapter_state_dict(resumed.model)[key], value, rtol=0, atol=0, msg=key)
 

@@ -10,7 +10,34 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
-__all__ = ["AdapterCheckpoint"]
+__all__ = ["AdapterCheckpoint", "reopen_cut_epoch"]
+
+
+def reopen_cut_epoch(trainer: Trainer, checkpoint: dict) -> bool:
+    """Record an epoch that ``max_steps`` (or a stop request) cut short as unfinished in ``checkpoint``.
+
+    When a fit stops before its training loader is exhausted, Lightning still counts the epoch as completed;
+    a checkpoint written then makes a run resumed with a larger ``max_steps`` start the next epoch, and the
+    rest of this epoch's batches are never seen. Rewritten here as the mid-epoch checkpoint it is (epoch
+    started, not completed; the data loader's place: this epoch, the batches done), the resumed run continues
+    with exactly the batches an uninterrupted run would see. Returns whether the checkpoint was changed.
+    """
+    fit = checkpoint.get("loops", {}).get("fit_loop")
+    if fit is None or "epoch_progress" not in fit:
+        return False
+    batches = trainer.fit_loop.epoch_loop.batch_progress
+    epoch = fit["epoch_progress"]["current"]
+    finished_epoch = epoch["completed"] == epoch["started"] and epoch["completed"] > 0
+    total = trainer.num_training_batches
+    if not finished_epoch or batches.is_last_batch or not 0 < batches.current.processed < total:
+        return False
+    for part in ("total", "current"):
+        fit["epoch_progress"][part]["processed"] -= 1
+        fit["epoch_progress"][part]["completed"] -= 1
+    for state in fit.get("state_dict", {}).get("combined_loader", None) or []:
+        if isinstance(state, dict) and {"epoch", "batches"} <= state.keys():  # ResumableDataLoader's place
+            state["epoch"] -= 1
+    return True
 
 
 class AdapterCheckpoint(ModelCheckpoint):
