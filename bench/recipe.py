@@ -20,6 +20,19 @@ layouts so the table shows where the time goes:
               (``LitSVDAdapter(cuda_graph_layers=True)``): nothing compiled, one capture per row shape
     layergraphs2k  the same with rows rounded up to a multiple of 2048 tokens (less padding, more shapes)
 
+A second anchor is what users pick instead of writing a loop: TRL's ``SFTTrainer`` with PEFT LoRA and its
+fastest documented settings, in the same process, on the same tokenised examples (prompt tokens masked):
+
+    trl:packed            packing (best-fit decreasing) with ``padding_free=True``, bf16, no gradient checkpointing
+    trl:packed-liger      the same with Liger kernels (``use_liger_kernel=True``: fused linear cross-entropy,
+                          RMSNorm, RoPE, SwiGLU; Triton, so GPUs only)
+    trl:packed-gc         packing with gradient checkpointing (TRL's default is on)
+    trl:packed-liger-gc   both
+
+TRL packs rows of ``--max-length`` tokens; its per-device batch is the number of such rows that holds as many
+tokens as ours (``--batch-size`` examples of the mean length), so a step covers the same tokens and the
+learning-rate schedule (cosine, 3 % warm-up, ``--lr``, clipping at 1.0) the same span of data.
+
 Every run: SmolLM2-135M-Instruct (bf16 weights on GPUs; float32 on CPUs, for ``--smoke``), r=16 on all 7
 projections, batch 32, one epoch of GSM8K train (or ``--max-steps``), the same tokenised examples.
 Throughput = non-padding tokens ÷ seconds of the training loop (first batch to last optimizer step, device
@@ -290,6 +303,103 @@ def ours_fit(args: argparse.Namespace, method: str, layout: str, base_model, tok
     return result
 
 
+TRL_VARIANTS = ("packed", "packed-liger", "packed-gc", "packed-liger-gc")
+
+
+def trl_sft(args: argparse.Namespace, variant: str, base_model, tokenizer, train_dataset, device) -> dict[str, Any]:
+    """The second anchor: TRL ``SFTTrainer`` + PEFT LoRA on the recipe's tokenised examples (see the module doc)."""
+    import inspect
+    import tempfile
+
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    lengths = [len(ids) for ids in train_dataset["input_ids"]]
+    rows = max(1, round(args.batch_size * (sum(lengths) / len(lengths)) / args.max_length))
+
+    def labelled(example: dict) -> dict:
+        prompt = example["prompt_length"]
+        return {"labels": [-100] * prompt + example["input_ids"][prompt:]}  # loss on the response only
+
+    dataset = train_dataset.map(labelled, remove_columns=["prompt_length"])
+
+    class Clock(TrainerCallback):  # the loop's own time, and the steady part after STEADY_FROM steps
+        def __init__(self) -> None:
+            self.start = self.steady_start = self.end = None
+            self.steady_tokens_from = 0
+            self.trainer = None  # set once built: its running count of trained tokens
+
+        def on_train_begin(self, *_, **__):
+            synchronize(device)
+            self.start = time.perf_counter()
+
+        def on_step_end(self, _args, state, *_, **__):
+            if state.global_step == STEADY_FROM:
+                synchronize(device)
+                self.steady_start, self.steady_tokens_from = time.perf_counter(), self.trainer._total_train_tokens
+
+        def on_train_end(self, *_, **__):
+            synchronize(device)
+            self.end = time.perf_counter()
+
+    clock = Clock()
+    # transformers 5 folds warmup_ratio into warmup_steps (a float below 1 is a ratio); older ones have both.
+    fields = inspect.signature(SFTConfig).parameters
+    warmup = {"warmup_ratio": 0.03} if "warmup_ratio" in fields else {"warmup_steps": 0.03}
+    with tempfile.TemporaryDirectory() as output_dir:
+        config = SFTConfig(
+            output_dir=output_dir,
+            per_device_train_batch_size=rows,
+            max_length=args.max_length,
+            packing=True,
+            padding_free=True,
+            use_liger_kernel="liger" in variant,
+            gradient_checkpointing=variant.endswith("-gc"),
+            bf16=device.type == "cuda",
+            use_cpu=device.type == "cpu",
+            learning_rate=args.lr,
+            lr_scheduler_type="cosine",
+            **warmup,
+            max_grad_norm=1.0,
+            num_train_epochs=1,
+            max_steps=args.max_steps if args.max_steps is not None else -1,
+            seed=args.seed,
+            logging_steps=50,
+            save_strategy="no",
+            report_to=[],
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+        )
+        trainer = SFTTrainer(
+            model=copy.deepcopy(base_model),
+            args=config,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=LoraConfig(r=args.rank, lora_alpha=args.rank, lora_dropout=0.0, target_modules=TARGETS),
+            callbacks=[clock],
+        )
+        clock.trainer = trainer
+        output = trainer.train()
+    tokens = int(trainer._total_train_tokens)
+    seconds = clock.end - clock.start
+    result = {
+        "run": f"trl:{variant}",
+        "layout": f"packed rows of {args.max_length}, {rows} per step",
+        "steps": output.global_step,
+        "tokens": tokens,
+        "loop_s": round(seconds, 2),
+        "tokens_per_s": round(tokens / seconds),
+        "steady_tokens_per_s": round((tokens - clock.steady_tokens_from) / (clock.end - clock.steady_start))
+        if clock.steady_start is not None
+        else None,
+        "final_loss": round(float(output.training_loss), 4),
+        "profile": None,
+    }
+    del trainer
+    return result
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", required=True, help="folder with GSM8K train/test JSON(L)")
@@ -305,7 +415,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "ours:lora:grouped",
             "ours:lora:padded",
         ],
-        help=f"peft-loop and/or ours:<method>:<{'|'.join(LAYOUTS)}>",
+        help=f"peft-loop, ours:<method>:<{'|'.join(LAYOUTS)}> and/or trl:<{'|'.join(TRL_VARIANTS)}>",
     )
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -324,8 +434,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     for run in args.runs:
         parts = run.split(":")
-        if run != "peft-loop" and not (len(parts) == 3 and parts[0] == "ours" and parts[2] in LAYOUTS):
-            parser.error(f"unknown run {run!r}: use peft-loop or ours:<method>:<{'|'.join(LAYOUTS)}>")
+        ours = len(parts) == 3 and parts[0] == "ours" and parts[2] in LAYOUTS
+        trl = len(parts) == 2 and parts[0] == "trl" and parts[1] in TRL_VARIANTS
+        if run != "peft-loop" and not (ours or trl):
+            parser.error(
+                f"unknown run {run!r}: use peft-loop, ours:<method>:<{'|'.join(LAYOUTS)}> "
+                f"or trl:<{'|'.join(TRL_VARIANTS)}>"
+            )
     if args.smoke:
         args.max_steps, args.max_train_examples, args.batch_size = 2, 64, 4
     args.profile_steps = (20, 29) if args.max_steps is None or args.max_steps > 30 else (0, 1)
@@ -359,6 +474,8 @@ def main(argv: list[str] | None = None) -> None:
         try:
             if run == "peft-loop":
                 result = peft_loop(args, base_model, train_dataset, data.pad_token_id, device)
+            elif run.startswith("trl:"):
+                result = trl_sft(args, run.split(":")[1], base_model, tokenizer, train_dataset, device)
             else:
                 _, method, layout = run.split(":")
                 result = ours_fit(args, method, layout, base_model, tokenizer, device)
