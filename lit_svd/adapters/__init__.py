@@ -1,6 +1,8 @@
 """Adapter layers, one module per method, and the registry that maps names to them."""
 
 from lit_svd.adapters.base import AdapterLayer
+from lit_svd.adapters.corda import CorDALayer
+from lit_svd.adapters.eva import EVALayer
 
 # Importing a method's module registers it: adding an adapter is one file plus one line here.
 from lit_svd.adapters.lora import LoRALayer  # noqa: I001
@@ -13,6 +15,8 @@ from lit_svd.adapters.sorsa import SORSALayer
 
 __all__ = [
     "AdapterLayer",
+    "CorDALayer",
+    "EVALayer",
     "LoRALayer",
     "MiLoRALayer",
     "OLoRALayer",
