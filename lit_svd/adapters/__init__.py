@@ -1,11 +1,11 @@
 """Adapter layers, one module per method, and the registry that maps names to them."""
 
 from lit_svd.adapters.base import AdapterLayer
-from lit_svd.adapters.corda import CorDALayer
-from lit_svd.adapters.eva import EVALayer
 
 # Importing a method's module registers it: adding an adapter is one file plus one line here.
-from lit_svd.adapters.lora import LoRALayer  # noqa: I001
+from lit_svd.adapters.corda import CorDALayer  # noqa: I001
+from lit_svd.adapters.eva import EVALayer
+from lit_svd.adapters.lora import LoRALayer
 from lit_svd.adapters.milora import MiLoRALayer
 from lit_svd.adapters.olora import OLoRALayer
 from lit_svd.adapters.osora import OSoRALayer
