@@ -1,4 +1,4 @@
-"""The calibration stage of data-aware inits (CorDA, EVA): layer-input statistics from a few batches.
+"""The calibration stage of data-aware inits (CorDA, EVA, LoRA-GA): layer statistics from a few batches.
 
 ```
 batches ──> frozen model (adapters bypassed) ──> forward pre-hooks on the adapted layers
@@ -12,12 +12,17 @@ What each method accumulates per adapted layer with input ``x`` (tokens × n), p
   the number of sequences: CorDA's covariance ``C`` (n×n), then ``linalg.corda_factors(W, C, r, mode)``;
 - ``"eva"``: ``Σ xᵀx`` (n×n), ``Σ x`` and the token count over tokens that carry a label (PEFT's default
   label mask), then the exact centred covariance and its top principal directions
-  (``linalg.pca_components``), and EVA's rank redistribution over all layers.
+  (``linalg.pca_components``), and EVA's rank redistribution over all layers;
+- ``"gradient"`` (LoRA-GA): the loss is back-propagated (to the activations only: no weight gradient is
+  formed by autograd) and a hook on each adapted layer's output adds ``gᵀ x`` — the batch's gradient of the
+  loss with respect to ``W`` (m×n) — to a float32 sum; divided by the number of batches, then
+  ``linalg.loraga_factors``.
 
 Memory: the statistics live in float32 on the model's device, ``4 n²`` bytes per adapted layer (a
 Llama-2-7B layer set q,k,v,o,gate,up,down: 6·4096² + 11008² floats ≈ 0.87 GB per decoder layer, 28 GB for
-all 32). ``max_statistics_bytes`` caps them: the layers are split, in module order, into groups whose
-statistics fit, and the calibration batches run once per group (more forward passes, bounded memory).
+all 32); LoRA-GA's gradient sums take ``4 m n`` bytes per layer (the float32 size of the adapted weights:
+26 GB for all of a 7B model's). ``max_statistics_bytes`` caps them: the layers are split, in module order,
+into groups whose statistics fit, and the calibration batches run once per group (more forward passes, bounded memory).
 Each group's statistics become its small init factors right after its pass and are freed. Nothing here
 keeps state between calls: two fits never share statistics.
 
@@ -38,7 +43,7 @@ from torch import nn
 
 from lit_svd.adapters import AdapterLayer
 from lit_svd.inject import adapter_layers, initialize_adapters
-from lit_svd.linalg import corda_factors, pca_components
+from lit_svd.linalg import corda_factors, loraga_factors, pca_components
 from lit_svd.losses import IGNORE_INDEX
 
 __all__ = ["calibrate", "statistics_bytes"]
@@ -48,15 +53,40 @@ Batch = Mapping[str, Any]
 
 def statistics_bytes(layer: AdapterLayer) -> int:
     """Bytes of float32 statistics the calibration stage holds for ``layer`` while its group runs."""
-    n = layer.in_features
+    m, n = layer.out_features, layer.in_features
+    if layer.calibration_statistic == "gradient":
+        return 4 * m * n
     return 4 * (n * n + n) if layer.calibration_statistic else 0
 
 
 def _default_forward(model: nn.Module) -> Callable[[Batch], Any]:
     def forward(batch: Batch) -> Any:
-        return model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+        labels = batch.get("labels", batch["input_ids"])  # the LM loss LoRA-GA differentiates
+        return model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=labels)
 
     return forward
+
+
+def _loss(output: Any) -> torch.Tensor:
+    loss = output if isinstance(output, torch.Tensor) else getattr(output, "loss", None)
+    if loss is None or loss.dim() != 0:
+        raise ValueError("calibration by gradients (loraga) needs forward(batch) to return the scalar loss")
+    return loss
+
+
+@contextlib.contextmanager
+def _activations_require_grad(model: nn.Module) -> Iterator[None]:
+    """Make the input embeddings' output require grad, so the loss back-propagates to every layer's output
+    while no frozen weight gets a gradient (what ``enable_input_require_grads`` does in transformers)."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embeddings is None:
+        raise ValueError("calibration by gradients (loraga) needs a model with get_input_embeddings()")
+    handle = embeddings.register_forward_hook(lambda module, args, output: output.requires_grad_(True))
+    try:
+        with torch.enable_grad():
+            yield
+    finally:
+        handle.remove()
 
 
 @contextlib.contextmanager
@@ -77,16 +107,34 @@ def _base_model_only(model: nn.Module) -> Iterator[None]:
 
 
 class _LayerStatistics:
-    """Float32 sums for one layer; ``__call__`` is its forward pre-hook."""
+    """Float32 sums for one layer; ``__call__`` is its forward pre-hook, ``after_forward`` (gradients) its
+    forward hook."""
 
     def __init__(self, layer: AdapterLayer, masks: dict[str, torch.Tensor]) -> None:
-        n, device = layer.in_features, layer.weight_matrix().device
+        m, n, device = layer.out_features, layer.in_features, layer.weight_matrix().device
         self.kind = layer.calibration_statistic
         self.masks = masks  # the current batch's token masks, set by the runner before each forward
-        self.outer = torch.zeros(n, n, dtype=torch.float32, device=device)
-        self.total = torch.zeros(n, dtype=torch.float32, device=device)
+        gradient = self.kind == "gradient"
+        self.outer = torch.zeros(m if gradient else n, n, dtype=torch.float32, device=device)
+        self.total = torch.zeros(0 if gradient else n, dtype=torch.float32, device=device)
         self.count = torch.zeros((), dtype=torch.float64, device=device)
         self.name = layer.layer_name
+
+    def register(self, layer: AdapterLayer) -> torch.utils.hooks.RemovableHandle:
+        if self.kind == "gradient":
+            return layer.register_forward_hook(self.after_forward)
+        return layer.register_forward_pre_hook(self)
+
+    def after_forward(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        # dL/dW = Σ_tokens g xᵀ with g = dL/dy: accumulated when the output's gradient arrives in backward.
+        x = args[0].detach()
+        self.count += 1
+
+        def accumulate(g: torch.Tensor) -> None:
+            self.outer.addmm_(g.reshape(-1, g.shape[-1]).float().T, x.reshape(-1, x.shape[-1]).float())
+
+        if output.requires_grad:
+            output.register_hook(accumulate)
 
     @torch.no_grad()
     def __call__(self, module: nn.Module, args: tuple) -> None:
@@ -190,6 +238,16 @@ def calibrate(
     if layers:
         if not batches:
             raise ValueError(f"calibration of {layers[0].method} got 0 batches; give it at least one batch")
+        too_small = [
+            f"'{layer.layer_name}' ({layer.out_features}×{layer.in_features})"
+            for layer in layers
+            if layer.calibration_statistic == "gradient" and 2 * layer.rank > min(layer.out_features, layer.in_features)
+        ]
+        if too_small:  # checked before any batch runs
+            raise ValueError(
+                f"loraga takes 2·rank = {2 * layers[0].rank} singular vectors of each gradient; too many for layer(s) "
+                + ", ".join(too_small)
+            )
         config = getattr(model, "lit_svd_config", None)
         if config is None:
             raise ValueError("calibrate needs model.lit_svd_config: inject adapters with lit_svd.inject_adapters")
@@ -203,13 +261,20 @@ def calibrate(
             report["calibration_peak_bytes"] = max(
                 report["calibration_peak_bytes"], sum(statistics_bytes(layer) for layer in group)
             )
-            handles = [layer.register_forward_pre_hook(stat) for layer, stat in statistics.items()]
+            handles = [stat.register(layer) for layer, stat in statistics.items()]
+            gradients = any(stat.kind == "gradient" for stat in statistics.values())
             try:
-                with _base_model_only(model):
+                with (
+                    _base_model_only(model),
+                    _activations_require_grad(model) if gradients else contextlib.nullcontext(),
+                ):
                     for batch in batches:
                         batch = _to_device(batch, device)
                         masks.update(_token_masks(batch))
-                        run(batch)
+                        output = run(batch)
+                        if gradients:
+                            _loss(output).backward()
+                        del output
             finally:
                 for handle in handles:
                     handle.remove()
@@ -250,6 +315,8 @@ def _finalize(layer: AdapterLayer, stat: _LayerStatistics, mode: str, dtype: tor
         )
     if stat.kind == "corda":
         return corda_factors(layer.weight_matrix(), stat.outer / count, layer.rank, mode, dtype=dtype)
+    if stat.kind == "gradient":
+        return loraga_factors(stat.outer / count, layer.rank, dtype=dtype)
     if count < 2:
         raise ValueError(f"calibration saw 1 token for layer '{layer.layer_name}' (eva); it needs at least 2")
     mean = stat.total.double() / count

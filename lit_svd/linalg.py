@@ -23,6 +23,7 @@ __all__ = [
     "thin_qr",
     "corda_factors",
     "pca_components",
+    "loraga_factors",
     "principal_weight",
     "residual_weight",
     "full_tensor",
@@ -338,6 +339,31 @@ def corda_factors(
     U, S, V = top_r_svd(product, r, dtype=work) if mode == "ipm" else bottom_r_svd(product, r, dtype=work)
     # V̂ᵀ = Vᵀ C_d⁻¹ with the explicit inverse the damping loop accepted.
     return U, S, inverse.mT @ V
+
+
+def loraga_factors(
+    G: torch.Tensor, r: int, gamma: float = 16.0, dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LoRA-GA's factors (Wang et al., 2024, arXiv 2407.05000) from the averaged full-weight gradient ``G``.
+
+    ``G = U diag(S) Vᵀ`` (top 2r triplets): ``A = V_{:r}ᵀ`` and ``B = U_{r:2r} diag(S_{r:2r}) · m^{1/4}/√γ``, the
+    component split and "stable" scale of PEFT 0.21's ``LoraGAConfig`` defaults (``direction="ArB2r"``,
+    ``scale="stable"``, ``stable_gamma=16``), so that the first step of ``B A`` follows the leading part of the
+    full fine-tuning gradient.
+
+    Args:
+        G: Gradient of the loss with respect to ``W`` ``(m, n)``, averaged over the calibration batches.
+        r: Adapter rank; ``2r <= min(m, n)``.
+        gamma: γ of the stable scale.
+        dtype: Working precision; default float32 (float64 if ``G`` is float64).
+
+    Returns:
+        ``A`` ``(r, n)`` and ``B`` ``(m, r)``.
+    """
+    work = _compute_dtype(G, dtype)
+    U, S, V = top_r_svd(G.to(work), 2 * r, dtype=work)
+    scale = G.shape[0] ** 0.25 / gamma**0.5
+    return V[:, :r].T.contiguous(), (U[:, r:] * S[r:] * scale).contiguous()
 
 
 def pca_components(covariance: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,12 +28,12 @@ METHODS = available_adapters()
 def expected_trainable(method: str, m: int, n: int, r: int) -> int:
     """SPEC §3's per-layer formulas."""
     per_layer = {"lora": r * (m + n), "pissa": r * (m + n), "milora": r * (m + n), "olora": r * (m + n)}
-    per_layer |= {"corda": r * (m + n), "eva": r * (m + n)}
+    per_layer |= {"corda": r * (m + n), "eva": r * (m + n), "loraga": r * (m + n)}
     return (per_layer | {"sorsa": r * (m + n + 1), "osora": r + m})[method]
 
 
 def calibration_batches() -> list[dict[str, torch.Tensor]]:
-    """What data-aware inits (CorDA, EVA) calibrate on here: 3 random batches of 2 × 12 tokens."""
+    """What data-aware inits (CorDA, EVA, LoRA-GA) calibrate on here: 3 random batches of 2 × 12 tokens."""
     g = torch.Generator().manual_seed(7)
     return [{"input_ids": torch.randint(0, 101, (2, 12), generator=g)} for _ in range(3)]
 
@@ -66,7 +66,7 @@ def perturb(model, scale: float = 0.05, seed: int = 3):
 
 
 def test_registry_lists_the_methods():
-    assert METHODS == ("corda", "eva", "lora", "milora", "olora", "osora", "pissa", "sorsa")
+    assert METHODS == ("corda", "eva", "lora", "loraga", "milora", "olora", "osora", "pissa", "sorsa")
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)

@@ -1,4 +1,4 @@
-"""The calibration stage of data-aware inits (CorDA, EVA): maths, determinism, memory cap, errors, and fit."""
+"""The calibration stage of data-aware inits (CorDA, EVA, LoRA-GA): maths, determinism, memory cap, errors, and fit."""
 
 from __future__ import annotations
 
@@ -63,7 +63,9 @@ def test_pca_components_are_the_right_singular_vectors_of_the_centred_data():
 
 
 # ----- calibrate ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize(("method", "options"), [("corda", {}), ("corda", {"corda_mode": "kpm"}), ("eva", {})])
+@pytest.mark.parametrize(
+    ("method", "options"), [("corda", {}), ("corda", {"corda_mode": "kpm"}), ("eva", {}), ("loraga", {})]
+)
 def test_calibration_is_deterministic_and_depends_on_the_batches(method, options):
     first, report = calibrated(method, **options)
     again, _ = calibrated(method, **options)
@@ -73,6 +75,36 @@ def test_calibration_is_deterministic_and_depends_on_the_batches(method, options
     assert any(not torch.equal(a[k], c[k]) for k in a if k.endswith(".A"))
     assert report["calibration_batches"] == 3 and report["calibration_passes"] == 1
     assert all(layer.calibration is None for _, layer in adapter_layers(first))  # nothing kept after init
+
+
+def test_loraga_sums_the_mean_full_weight_gradient_without_weight_gradients(monkeypatch):
+    import lit_svd.calibration as calibration
+
+    data = [{**b, "labels": b["input_ids"]} for b in batches()]
+    # Reference: autograd's dL/dW of each target weight, averaged over the batches.
+    reference = make_tiny_model("llama")
+    reference.requires_grad_(False)
+    weights = {n: m.weight for n, m in reference.named_modules() if n.rsplit(".", 1)[-1] in TARGETS}
+    for w in weights.values():
+        w.requires_grad_(True)
+    for b in data:
+        reference(**b).loss.backward()
+    seen = {}
+    factors = calibration.loraga_factors
+
+    def capture(G, r, dtype=None):
+        seen[len(seen)] = G.clone()
+        return factors(G, r, dtype=dtype)
+
+    monkeypatch.setattr(calibration, "loraga_factors", capture)
+    model, _ = calibrated("loraga", data=data)
+    for i, (name, layer) in enumerate(adapter_layers(model)):
+        torch.testing.assert_close(seen[i], weights[name].grad / len(data), rtol=1e-4, atol=1e-6)
+        assert layer.base_layer.weight.grad is None and layer.A.grad is None and layer.B.grad is None
+        # A = V_{:r}ᵀ: orthonormal rows; B = U_{r:2r} diag(S_{r:2r}) · m^{1/4}/√16
+        torch.testing.assert_close(layer.A @ layer.A.T, torch.eye(4), rtol=0, atol=1e-5)
+        S = torch.linalg.svdvals(seen[i].double())[4:8] * layer.out_features**0.25 / 4
+        torch.testing.assert_close(layer.B.norm(dim=0).double(), S, rtol=1e-4, atol=0)
 
 
 def test_memory_cap_splits_the_layers_into_passes_with_the_same_result():
@@ -129,12 +161,11 @@ def test_eva_redistribution_keeps_the_budget_and_zero_rows_never_train():
         assert layer.B[:, :k].abs().max() > 0
 
 
-def test_export_ranks_corda_2r_eva_r():
-    corda, _ = calibrated("corda")
-    eva, _ = calibrated("eva")
+def test_export_ranks_corda_and_loraga_2r_eva_r():
     name = "model.layers.0.self_attn.q_proj"
-    assert peft_lora_factors(dict(adapter_layers(corda))[name])[0].shape[0] == 8  # moved W: 2r against W
-    assert peft_lora_factors(dict(adapter_layers(eva))[name])[0].shape[0] == 4  # W unchanged: r
+    for method, rank in (("corda", 8), ("loraga", 8), ("eva", 4)):  # moved W: 2r against W; W unchanged: r
+        model, _ = calibrated(method)
+        assert peft_lora_factors(dict(adapter_layers(model))[name])[0].shape[0] == rank, method
 
 
 # ----- errors ---------------------------------------------------------------------------------------------------
@@ -147,6 +178,11 @@ def test_data_aware_methods_refuse_to_initialise_without_calibration():
     )
     with pytest.raises(ValueError, match="calibration of corda got 0 batches"):
         calibrate(model, [])
+    with pytest.raises(
+        ValueError,
+        match=r"loraga takes 2·rank = 18 .* layer\(s\) 'model.layers.0.self_attn.v_proj' \(16×32\), 'model.layers.1",
+    ):
+        calibrated("loraga", rank=9)
     padding_only = [{"input_ids": torch.ones(1, 5, dtype=torch.long), "attention_mask": torch.zeros(1, 5)}]
     with pytest.raises(ValueError, match="calibration saw no tokens for layer 'model.layers.0.self_attn.q_proj'"):
         calibrate(model, padding_only)
@@ -184,7 +220,7 @@ class InitState(SVDInit):
         self.after_init = state(pl_module.model)
 
 
-@pytest.mark.parametrize("method", ["corda", "eva"])
+@pytest.mark.parametrize("method", ["corda", "eva", "loraga"])
 def test_fit_calibrates_on_the_first_train_batches_and_logs_its_cost(method, tmp_path):
     config = AdapterConfig(method=method, rank=4, target_modules=TARGETS)
     base = make_tiny_model("llama")
@@ -199,7 +235,8 @@ def test_fit_calibrates_on_the_first_train_batches_and_logs_its_cost(method, tmp
     calibrate(reference, [b for _, b in zip(range(2), loader, strict=False)])
     expected = state(reference)
     for key, value in svd_init.after_init.items():
-        torch.testing.assert_close(value, expected[key], rtol=0, atol=1e-6)
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=1e-5)
+    assert all(p.grad is None for p in module.model.parameters() if not p.requires_grad)
 
 
 def test_resume_and_already_initialised_adapters_skip_calibration(tmp_path):

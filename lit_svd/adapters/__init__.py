@@ -6,6 +6,7 @@ from lit_svd.adapters.base import AdapterLayer
 from lit_svd.adapters.corda import CorDALayer  # noqa: I001
 from lit_svd.adapters.eva import EVALayer
 from lit_svd.adapters.lora import LoRALayer
+from lit_svd.adapters.loraga import LoRAGALayer
 from lit_svd.adapters.milora import MiLoRALayer
 from lit_svd.adapters.olora import OLoRALayer
 from lit_svd.adapters.osora import OSoRALayer
@@ -18,6 +19,7 @@ __all__ = [
     "CorDALayer",
     "EVALayer",
     "LoRALayer",
+    "LoRAGALayer",
     "MiLoRALayer",
     "OLoRALayer",
     "OSoRALayer",

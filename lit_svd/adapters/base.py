@@ -78,7 +78,7 @@ class AdapterLayer(nn.Module):
     #: ``"calibrated"``: init moves a part of ``W`` computed from calibration data into the adapter.
     decomposition: ClassVar[Literal["svd", "minor_svd", "qr", "calibrated"] | None] = None
     #: The statistic of calibration data a data-aware method needs (``lit_svd.calibration``), else ``None``.
-    calibration_statistic: ClassVar[Literal["corda", "eva"] | None] = None
+    calibration_statistic: ClassVar[Literal["corda", "eva", "gradient"] | None] = None
 
     def __init__(
         self,
