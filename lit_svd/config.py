@@ -21,7 +21,9 @@ class AdapterConfig:
         method: Registered adapter name (``lit_svd.adapters.available_adapters()``): ``lora`` (Hu et al.
             2021), ``pissa`` (Meng et al. 2024), ``olora`` (Büyükakyüz 2024, QR init), ``sorsa`` (Cao
             2024, singular values + orthonormally regularised singular vectors) or ``osora`` (Han et al.
-            2025, singular values + output vector).
+            2025, singular values + output vector); data-aware, initialised from calibration batches inside
+            ``fit`` (``SVDInit``): ``corda`` (Yang et al. 2024), ``eva`` (Paischer et al. 2024), ``loraga``
+            (Wang et al. 2024).
         rank: Number of singular triplets / low-rank dimension ``r``.
         alpha: Scale numerator: the adapter delta is multiplied by ``alpha / r`` (``alpha / sqrt(r)`` with
             ``use_rslora``). ``None`` means ``alpha = r``, i.e. a scale of 1, the papers' setting.

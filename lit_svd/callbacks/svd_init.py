@@ -50,7 +50,7 @@ class SVDInit(Callback):
     on resume. Under DDP each rank decomposes a share of the matrices and broadcasts its factors, and a
     checksum of the adapters is compared across ranks after init and at the end of training.
 
-    Data-aware methods (CorDA, EVA) first run a calibration stage (``lit_svd.calibration``): the first
+    Data-aware methods (CorDA, EVA, LoRA-GA) first run a calibration stage (``lit_svd.calibration``): the first
     ``calibration_batches`` batches of the train loader go through the frozen model, statistics of every
     adapted layer's inputs are summed over all ranks (rank ``q`` of ``W`` takes batches ``q, q + W, …`` of
     the first ``W × calibration_batches``, so a run on W GPUs sees the same batches as one on 1 GPU with
@@ -67,10 +67,10 @@ class SVDInit(Callback):
         compute_dtype: Working precision of the decompositions.
         verify_across_ranks: All-gather a checksum after init and at the end of training; raise if any rank
             differs.
-        calibration_batches: Train batches per rank that data-aware inits (CorDA, EVA) calibrate on.
-        max_calibration_bytes: Cap on the calibration statistics held at once (float32, ``4 n²`` bytes per
-            adapted layer with ``n`` inputs); more passes over the batches when the layers do not fit at
-            once. ``None``: all layers in one pass.
+        calibration_batches: Train batches per rank that data-aware inits (CorDA, EVA, LoRA-GA) calibrate on.
+        max_calibration_bytes: Cap on the calibration statistics held at once (float32: ``4 n²`` bytes per
+            adapted layer with ``n`` inputs, ``4 m n`` for LoRA-GA's gradients); more passes over the batches
+            when the layers do not fit at once. ``None``: all layers in one pass.
     """
 
     def __init__(
