@@ -21,7 +21,9 @@ class AdapterConfig:
         method: Registered adapter name (``lit_svd.adapters.available_adapters()``): ``lora`` (Hu et al.
             2021), ``pissa`` (Meng et al. 2024), ``olora`` (Büyükakyüz 2024, QR init), ``sorsa`` (Cao
             2024, singular values + orthonormally regularised singular vectors) or ``osora`` (Han et al.
-            2025, singular values + output vector).
+            2025, singular values + output vector); data-aware, initialised from calibration batches inside
+            ``fit`` (``SVDInit``): ``corda`` (Yang et al. 2024), ``eva`` (Paischer et al. 2024), ``loraga``
+            (Wang et al. 2024).
         rank: Number of singular triplets / low-rank dimension ``r``.
         alpha: Scale numerator: the adapter delta is multiplied by ``alpha / r`` (``alpha / sqrt(r)`` with
             ``use_rslora``). ``None`` means ``alpha = r``, i.e. a scale of 1, the papers' setting.
@@ -39,6 +41,10 @@ class AdapterConfig:
         svd_method: How the top-r SVD is computed at init (see ``lit_svd.linalg.top_r_svd``): ``"auto"``,
             ``"subspace"`` (Chebyshev-filtered subspace iteration, the fast exact path for r ≪ min(m, n)),
             ``"gram"`` (full Gram eigendecomposition + float64 Rayleigh–Ritz) or ``"full"`` (``torch.linalg.svd``).
+        corda_mode: CorDA's mode: ``"ipm"`` (instruction-previewed: the adapter takes the r largest
+            components of ``W C``) or ``"kpm"`` (knowledge-preserving: the r smallest).
+        eva_rho: EVA's rank redistribution ρ >= 1: a layer may get up to ``round(ρ r)`` components, ``r ×
+            layers`` in all, by explained variance; ``1`` keeps ``r`` per layer.
     """
 
     method: str = "sorsa"
@@ -52,6 +58,8 @@ class AdapterConfig:
     gamma: float = 4e-4
     adapter_dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = None
     svd_method: Literal["auto", "subspace", "gram", "full"] = "auto"
+    corda_mode: Literal["ipm", "kpm"] = "ipm"
+    eva_rho: float = 1.0
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -71,6 +79,10 @@ class AdapterConfig:
             problems.append(f"adapter_dtype must be one of {', '.join(_DTYPES)} or None, got {self.adapter_dtype!r}")
         if self.svd_method not in ("auto", "subspace", "gram", "full"):
             problems.append(f"svd_method must be one of auto, subspace, gram, full; got {self.svd_method!r}")
+        if self.corda_mode not in ("ipm", "kpm"):
+            problems.append(f"corda_mode must be 'ipm' or 'kpm', got {self.corda_mode!r}")
+        if not self.eva_rho >= 1.0:
+            problems.append(f"eva_rho must be >= 1 (1: no rank redistribution), got {self.eva_rho!r}")
         if isinstance(self.target_modules, str):
             if self.target_modules != "all-linear":
                 try:
@@ -84,6 +96,11 @@ class AdapterConfig:
             )
         if problems:
             raise ValueError("invalid AdapterConfig:\n  - " + "\n  - ".join(problems))
+
+    @property
+    def layer_rank(self) -> int:
+        """Rows each adapter layer holds: ``rank``, or ``round(eva_rho · rank)`` for EVA's redistribution."""
+        return round(self.eva_rho * self.rank) if self.method == "eva" else self.rank
 
     @property
     def scaling(self) -> float:

@@ -45,6 +45,9 @@ __all__ = [
     "trainable_parameter_count",
 ]
 
+# Decompositions of W alone that initialize_adapters computes (batched, shared across ranks); other
+# methods' init reads nothing (LoRA) or what the calibration stage left on the layer (CorDA, EVA).
+_DECOMPOSITIONS = ("svd", "minor_svd", "qr")
 # Stacking same-shape weights for one batched decomposition is capped so CPU runs don't double RAM.
 _MAX_BATCH_BYTES = 2 * 1024**3
 
@@ -129,9 +132,10 @@ def inject_adapters(model: nn.Module, config: AdapterConfig, initialize: bool = 
     adapter_cls = get_adapter_class(config.method)
     targets = _find_targets(model, config.target_modules)
     modules = dict(model.named_modules())
-    too_big = [f"'{n}' {_weight_shape(modules[n])}" for n in targets if config.rank > min(_weight_shape(modules[n]))]
+    rank = config.layer_rank
+    too_big = [f"'{n}' {_weight_shape(modules[n])}" for n in targets if rank > min(_weight_shape(modules[n]))]
     if too_big:
-        raise ValueError(f"rank {config.rank} exceeds min(out, in) of layer(s): {', '.join(too_big)}")
+        raise ValueError(f"rank {rank} exceeds min(out, in) of layer(s): {', '.join(too_big)}")
     if initialize:
         _check_finite({n: modules[n].weight for n in targets})
 
@@ -142,7 +146,7 @@ def inject_adapters(model: nn.Module, config: AdapterConfig, initialize: bool = 
         parent = modules[parent_name] if parent_name else model
         layer = adapter_cls(
             modules[name],
-            rank=config.rank,
+            rank=rank,
             scaling=scaling,
             dropout=config.dropout,
             adapter_dtype=adapter_dtype,
@@ -240,6 +244,14 @@ def initialize_adapters(
     if meta:
         raise ValueError(f"cannot initialise adapters on meta tensors (load the weights first): {', '.join(meta)}")
     _check_finite({n: layer.weight_matrix() for n, layer in pending})
+    uncalibrated = [n for n, layer in pending if layer.calibration_statistic and layer.calibration is None]
+    if uncalibrated:
+        method = dict(pending)[uncalibrated[0]].method
+        raise ValueError(
+            f"{method} is a data-aware init and {len(uncalibrated)} layer(s) have no calibration statistics (e.g. "
+            f"'{uncalibrated[0]}'): fit with SVDInit(calibration_batches=N) and a train loader, or call "
+            "lit_svd.calibration.calibrate(model, batches) instead of initialize_adapters"
+        )
     groups: dict[tuple, list[AdapterLayer]] = defaultdict(list)
     for _, layer in pending:
         weight = layer.weight_matrix()
@@ -251,8 +263,9 @@ def initialize_adapters(
     for key, layers in groups.items():
         decomposition, shape = key[0], key[1]
         per_chunk = max(1, _MAX_BATCH_BYTES // (shape[0] * shape[1] * 4))
-        for owner in range(process_count if decomposition is not None else 1):
-            first, stop = _share(layers, owner, process_count) if decomposition is not None else (0, len(layers))
+        shared = decomposition in _DECOMPOSITIONS
+        for owner in range(process_count if shared else 1):
+            first, stop = _share(layers, owner, process_count) if shared else (0, len(layers))
             for chunk_start in range(first, stop, per_chunk):
                 plan.append((key, layers[chunk_start : min(stop, chunk_start + per_chunk)], owner))
     # Pass 1: this process decomposes its own share of every group and forms those layers' adapters and
@@ -269,10 +282,10 @@ def initialize_adapters(
             error, weight_norms[layer.layer_name] = _initialize_on(layer, layer_factors, device)
             errors.append(error)
 
-    decomposed = sum(len(chunk) for (key, chunk, owner) in plan if key[0] is not None and owner == process_index)
+    decomposed = sum(len(chunk) for (key, chunk, owner) in plan if key[0] in _DECOMPOSITIONS and owner == process_index)
     decompose_start = time.perf_counter()
     for index, ((decomposition, _, rank, svd_method, work_device), chunk, owner) in enumerate(plan):
-        if decomposition is not None and owner == process_index:
+        if decomposition in _DECOMPOSITIONS and owner == process_index:
             own_factors[index] = _decompose(decomposition, chunk, rank, svd_method, compute_dtype, work_device)
     for factors_of_chunk in own_factors.values():  # CUDA runs asynchronously: time the work, not its launch
         if factors_of_chunk[0].is_cuda:
@@ -283,7 +296,7 @@ def initialize_adapters(
         initialize_chunk(chunk, batched, work_device)
 
     for index, ((decomposition, shape, rank, _, work_device), chunk, owner) in enumerate(plan):
-        if decomposition is None:  # e.g. LoRA: the init does not read W
+        if decomposition not in _DECOMPOSITIONS:  # LoRA: init reads nothing; CorDA/EVA: their calibration
             initialize_chunk(chunk, None, work_device)
             continue
         batched = own_factors.pop(index, None)

@@ -21,6 +21,9 @@ __all__ = [
     "top_r_svd",
     "bottom_r_svd",
     "thin_qr",
+    "corda_factors",
+    "pca_components",
+    "loraga_factors",
     "principal_weight",
     "residual_weight",
     "full_tensor",
@@ -290,6 +293,100 @@ def top_r_svd(
     else:  # decompose the transpose so the Gram matrix is the smaller one
         V, S, U = _gram_rayleigh_ritz(work.mT, r, oversample)
     return U.to(work_dtype), S.to(work_dtype), V.to(work_dtype)
+
+
+def _damped_inverse(C: torch.Tensor, damp: float = 0.01, tolerance: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(C_d, C_d⁻¹)`` with ``C_d = C + δ·mean(diag C)·I``: δ starts at ``damp`` and doubles until
+    ``‖C_d C_d⁻¹ − I‖_F < tolerance`` (CorDA's regularisation of a covariance that may be rank-deficient,
+    e.g. from fewer calibration tokens than features; PEFT's rule, kept so factors match)."""
+    eye = torch.eye(C.shape[-1], dtype=C.dtype, device=C.device)
+    mean_diagonal = C.diagonal().mean()
+    while True:
+        damped = C + eye * (mean_diagonal * damp)
+        inverse = torch.linalg.inv(damped)
+        if torch.dist(damped @ inverse, eye).item() < tolerance:
+            return damped, inverse
+        damp *= 2
+
+
+def corda_factors(
+    w: torch.Tensor, C: torch.Tensor, r: int, mode: Literal["ipm", "kpm"] = "ipm", dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CorDA's context-oriented decomposition (Yang et al. 2024, arXiv 2406.05223, §3.2) of one weight.
+
+    ``W C_d = U diag(S) Vᵀ`` (C_d: the damped input covariance, ``_damped_inverse``), so
+    ``W = U diag(S) (C_d⁻¹ V)ᵀ`` exactly. The instruction-previewed mode (``"ipm"``) keeps the ``r``
+    largest components, the ones the task's inputs excite most; the knowledge-preserving mode (``"kpm"``)
+    keeps the ``r`` smallest, so the components that carry the calibration (world-knowledge) data stay
+    frozen in the residual.
+
+    Args:
+        w: Weight ``(m, n)``.
+        C: Input covariance ``(n, n)`` (symmetric positive semi-definite).
+        r: Number of components, ``1 <= r <= min(m, n)``.
+        mode: ``"ipm"`` (largest r) or ``"kpm"`` (smallest r).
+        dtype: Working precision; default float32 (float64 if ``w`` is float64).
+
+    Returns:
+        ``U`` ``(m, r)``, ``S`` ``(r,)``, ``V̂ = C_d⁻¹ V`` ``(n, r)`` (not orthonormal) with the
+        component ``U diag(S) V̂ᵀ`` of ``W``.
+    """
+    if mode not in ("ipm", "kpm"):
+        raise ValueError(f"CorDA mode must be 'ipm' or 'kpm', got {mode!r}")
+    work = _compute_dtype(w, dtype)
+    damped, inverse = _damped_inverse(C.to(work))
+    product = w.to(work) @ damped
+    U, S, V = top_r_svd(product, r, dtype=work) if mode == "ipm" else bottom_r_svd(product, r, dtype=work)
+    # V̂ᵀ = Vᵀ C_d⁻¹ with the explicit inverse the damping loop accepted.
+    return U, S, inverse.mT @ V
+
+
+def loraga_factors(
+    G: torch.Tensor, r: int, gamma: float = 16.0, dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LoRA-GA's factors (Wang et al., 2024, arXiv 2407.05000) from the averaged full-weight gradient ``G``.
+
+    ``G = U diag(S) Vᵀ`` (top 2r triplets): ``A = V_{:r}ᵀ`` and ``B = U_{r:2r} diag(S_{r:2r}) · m^{1/4}/√γ``, the
+    component split and "stable" scale of PEFT 0.21's ``LoraGAConfig`` defaults (``direction="ArB2r"``,
+    ``scale="stable"``, ``stable_gamma=16``), so that the first step of ``B A`` follows the leading part of the
+    full fine-tuning gradient.
+
+    Args:
+        G: Gradient of the loss with respect to ``W`` ``(m, n)``, averaged over the calibration batches.
+        r: Adapter rank; ``2r <= min(m, n)``.
+        gamma: γ of the stable scale.
+        dtype: Working precision; default float32 (float64 if ``G`` is float64).
+
+    Returns:
+        ``A`` ``(r, n)`` and ``B`` ``(m, r)``.
+    """
+    work = _compute_dtype(G, dtype)
+    U, S, V = top_r_svd(G.to(work), 2 * r, dtype=work)
+    scale = G.shape[0] ** 0.25 / gamma**0.5
+    return V[:, :r].T.contiguous(), (U[:, r:] * S[r:] * scale).contiguous()
+
+
+def pca_components(covariance: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``r`` principal directions of data whose (centred) covariance is ``covariance`` (n, n).
+
+    They are the right singular vectors of the centred activation matrix (EVA, Paischer et al. 2024,
+    arXiv 2410.07170), computed exactly from the n×n covariance by a float64 eigendecomposition. Each
+    direction's sign is fixed so that its largest-magnitude entry is positive (determinism across runs
+    and ranks).
+
+    Returns:
+        ``V`` ``(n, r)`` orthonormal columns, and the explained-variance ratios ``(r,)`` (eigenvalue over
+        the trace, descending).
+    """
+    n = covariance.shape[-1]
+    if not 1 <= r <= n:
+        raise ValueError(f"r={r} components must be between 1 and n={n}")
+    evals, evecs = torch.linalg.eigh(covariance.double())
+    evals, evecs = evals.flip(-1)[:r], evecs.flip(-1)[:, :r]
+    signs = torch.sign(evecs.gather(0, evecs.abs().argmax(0, keepdim=True)))
+    ratio = evals.clamp_min(0) / covariance.double().diagonal().sum().clamp_min(torch.finfo(torch.float64).tiny)
+    out = covariance.dtype if covariance.dtype == torch.float64 else torch.float32
+    return (evecs * signs).to(out), ratio.to(out)
 
 
 def thin_qr(w: torch.Tensor, r: int, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,13 +15,14 @@ import sys
 from pathlib import Path
 
 import lightning as L
+import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import make_tiny_model  # noqa: E402
 from lightning_helpers import RandomTokensData  # noqa: E402
 
-from lit_svd import AdapterConfig  # noqa: E402
+from lit_svd import AdapterConfig, adapter_state_dict  # noqa: E402
 from lit_svd.callbacks import SVDInit, adapter_checksum  # noqa: E402
 from lit_svd.module import LitSVDAdapter  # noqa: E402
 from lit_svd.strategies import AdapterDDPStrategy  # noqa: E402
@@ -96,6 +97,8 @@ class RecordChecksums(L.Callback):
         self.values["after_init"] = int(adapter_checksum(pl_module))
         self.values["decomposed"] = self.svd_init.report["decomposed"]
         self.values["count"] = self.svd_init.report["count"]
+        self.values["calibration_batches"] = self.svd_init.report.get("calibration_batches")
+        torch.save(adapter_state_dict(pl_module.model), self.out_dir / f"rank{trainer.global_rank}_init.pt")
 
     def on_fit_end(self, trainer, pl_module):
         self.values["after_fit"] = int(adapter_checksum(pl_module))
@@ -111,7 +114,9 @@ def main(out_dir: Path, method: str, strategy: str) -> None:
         method=method, rank=4, target_modules=["q_proj", "down_proj"], svd_method=["full", "gram"][local_rank]
     )
     module = LitSVDAdapter(make_tiny_model("llama"), config, learning_rate=1e-2)
-    svd_init, guard, steps = SVDInit(), CollectiveGuard(), CountStepBroadcasts()
+    # Data-aware methods (CorDA, EVA) calibrate on 3 batches per rank: rank 0 takes batches 0, 2, 4, rank 1 takes
+    # 1, 3, 5 of the (unshuffled) loader, and the statistics are all-reduced.
+    svd_init, guard, steps = SVDInit(calibration_batches=3), CollectiveGuard(), CountStepBroadcasts()
     trainer = L.Trainer(
         accelerator="cpu",
         devices=2,

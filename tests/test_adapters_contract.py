@@ -13,11 +13,13 @@ from lit_svd import (
     adapter_layers,
     adapter_state_dict,
     available_adapters,
+    get_adapter_class,
     inject_adapters,
     load_adapter_state_dict,
     merge_adapters,
     orthonormal_regularizer,
 )
+from lit_svd.calibration import calibrate
 from lit_svd.linalg import orthonormality_error
 
 METHODS = available_adapters()
@@ -26,13 +28,27 @@ METHODS = available_adapters()
 def expected_trainable(method: str, m: int, n: int, r: int) -> int:
     """SPEC §3's per-layer formulas."""
     per_layer = {"lora": r * (m + n), "pissa": r * (m + n), "milora": r * (m + n), "olora": r * (m + n)}
+    per_layer |= {"corda": r * (m + n), "eva": r * (m + n), "loraga": r * (m + n)}
     return (per_layer | {"sorsa": r * (m + n + 1), "osora": r + m})[method]
+
+
+def calibration_batches() -> list[dict[str, torch.Tensor]]:
+    """What data-aware inits (CorDA, EVA, LoRA-GA) calibrate on here: 3 random batches of 2 × 12 tokens."""
+    g = torch.Generator().manual_seed(7)
+    return [{"input_ids": torch.randint(0, 101, (2, 12), generator=g)} for _ in range(3)]
 
 
 def adapted(arch: str, method: str, rank: int = 4, **kwargs):
     model = make_tiny_model(arch)
     config = AdapterConfig(method=method, rank=rank, target_modules=TINY_TARGETS[arch], **kwargs)
+    if get_adapter_class(method).calibration_statistic:
+        return calibrated(inject_adapters(model, config, initialize=False))
     return inject_adapters(model, config)
+
+
+def calibrated(model):
+    calibrate(model, calibration_batches())
+    return model
 
 
 def logits(model, ids):
@@ -49,8 +65,8 @@ def perturb(model, scale: float = 0.05, seed: int = 3):
                 t.add_(scale * torch.randn(t.shape, generator=g, dtype=t.dtype))
 
 
-def test_registry_lists_the_six_methods():
-    assert METHODS == ("lora", "milora", "olora", "osora", "pissa", "sorsa")
+def test_registry_lists_the_methods():
+    assert METHODS == ("corda", "eva", "lora", "loraga", "milora", "olora", "osora", "pissa", "sorsa")
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)

@@ -3,7 +3,10 @@
 from lit_svd.adapters.base import AdapterLayer
 
 # Importing a method's module registers it: adding an adapter is one file plus one line here.
-from lit_svd.adapters.lora import LoRALayer  # noqa: I001
+from lit_svd.adapters.corda import CorDALayer  # noqa: I001
+from lit_svd.adapters.eva import EVALayer
+from lit_svd.adapters.lora import LoRALayer
+from lit_svd.adapters.loraga import LoRAGALayer
 from lit_svd.adapters.milora import MiLoRALayer
 from lit_svd.adapters.olora import OLoRALayer
 from lit_svd.adapters.osora import OSoRALayer
@@ -13,7 +16,10 @@ from lit_svd.adapters.sorsa import SORSALayer
 
 __all__ = [
     "AdapterLayer",
+    "CorDALayer",
+    "EVALayer",
     "LoRALayer",
+    "LoRAGALayer",
     "MiLoRALayer",
     "OLoRALayer",
     "OSoRALayer",

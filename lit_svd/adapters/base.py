@@ -74,8 +74,11 @@ class AdapterLayer(nn.Module):
     frozen_names: ClassVar[tuple[str, ...]] = ()
     #: Factors whose orthonormality SORSA's regulariser penalises.
     orthonormal_names: ClassVar[tuple[str, ...]] = ()
-    #: Which decomposition of ``W`` ``init_from_base`` consumes; ``None``: init ignores ``W``.
-    decomposition: ClassVar[Literal["svd", "minor_svd", "qr"] | None] = None
+    #: Which decomposition of ``W`` ``init_from_base`` consumes; ``None``: init leaves ``W`` unchanged;
+    #: ``"calibrated"``: init moves a part of ``W`` computed from calibration data into the adapter.
+    decomposition: ClassVar[Literal["svd", "minor_svd", "qr", "calibrated"] | None] = None
+    #: The statistic of calibration data a data-aware method needs (``lit_svd.calibration``), else ``None``.
+    calibration_statistic: ClassVar[Literal["corda", "eva", "gradient"] | None] = None
 
     def __init__(
         self,
@@ -106,6 +109,8 @@ class AdapterLayer(nn.Module):
         self.adapter_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         # A buffer, so checkpoints record that the residual was formed and resume never re-runs init.
         self.register_buffer("initialized", torch.tensor(False, device=weight.device))
+        # What the calibration stage computed for a data-aware method's init; consumed (and freed) by it.
+        self.calibration: Factors = None
         self.create_adapter(adapter_dtype or default_adapter_dtype(weight.dtype), weight.device)
         if self.decomposition is not None:
             for tensor_name in self.trainable_names:
@@ -195,6 +200,7 @@ class AdapterLayer(nn.Module):
                 getattr(self, f"init_{n}").copy_(getattr(self, n))
             self._write_weight_matrix(residual_weight(original, delta))
         self.initialized.fill_(True)
+        self.calibration = None  # no calibration state outlives the init (nor carries into another fit)
         rebuilt = self.weight_matrix().float() + delta
         return torch.linalg.norm(rebuilt - original.float()) / torch.linalg.norm(original.float())
 

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import itertools
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
+from lit_svd.calibration import calibrate
 from lit_svd.inject import adapter_layers, initialize_adapters, is_sharded
 
 __all__ = ["SVDInit", "adapter_checksum"]
@@ -47,6 +50,14 @@ class SVDInit(Callback):
     on resume. Under DDP each rank decomposes a share of the matrices and broadcasts its factors, and a
     checksum of the adapters is compared across ranks after init and at the end of training.
 
+    Data-aware methods (CorDA, EVA, LoRA-GA) first run a calibration stage (``lit_svd.calibration``): the first
+    ``calibration_batches`` batches of the train loader go through the frozen model, statistics of every
+    adapted layer's inputs are summed over all ranks (rank ``q`` of ``W`` takes batches ``q, q + W, …`` of
+    the first ``W × calibration_batches``, so a run on W GPUs sees the same batches as one on 1 GPU with
+    W times as many), turned into init factors and freed; ``init/calibration_s`` logs its cost. It runs
+    here, not in a callback of its own, because its only product is the init this callback performs (in
+    the same place: at fit start, or before FSDP shards the model) and resume must skip both alike.
+
     Example::
 
         trainer = Trainer(callbacks=[SVDInit()])
@@ -56,14 +67,33 @@ class SVDInit(Callback):
         compute_dtype: Working precision of the decompositions.
         verify_across_ranks: All-gather a checksum after init and at the end of training; raise if any rank
             differs.
+        calibration_batches: Train batches per rank that data-aware inits (CorDA, EVA, LoRA-GA) calibrate on.
+        max_calibration_bytes: Cap on the calibration statistics held at once (float32: ``4 n²`` bytes per
+            adapted layer with ``n`` inputs, ``4 m n`` for LoRA-GA's gradients); more passes over the batches
+            when the layers do not fit at once. ``None``: all layers in one pass.
     """
 
-    def __init__(self, compute_dtype: Literal["float32", "float64"] = "float32", verify_across_ranks: bool = True):
+    def __init__(
+        self,
+        compute_dtype: Literal["float32", "float64"] = "float32",
+        verify_across_ranks: bool = True,
+        calibration_batches: int = 8,
+        max_calibration_bytes: int | None = None,
+    ):
+        problems = []
         if compute_dtype not in ("float32", "float64"):
-            raise ValueError(f"compute_dtype must be 'float32' or 'float64', got {compute_dtype!r}")
+            problems.append(f"compute_dtype must be 'float32' or 'float64', got {compute_dtype!r}")
+        if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, int) or calibration_batches < 1:
+            problems.append(f"calibration_batches must be a positive integer, got {calibration_batches!r}")
+        if max_calibration_bytes is not None and max_calibration_bytes <= 0:
+            problems.append(f"max_calibration_bytes must be positive or None, got {max_calibration_bytes!r}")
+        if problems:
+            raise ValueError("invalid SVDInit arguments: " + "; ".join(problems))
         self.compute_dtype = getattr(torch, compute_dtype)
         self.verify_across_ranks = verify_across_ranks
-        self.report: dict[str, float] | None = None
+        self.calibration_batches = calibration_batches
+        self.max_calibration_bytes = max_calibration_bytes
+        self.report: dict[str, Any] | None = None
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -83,29 +113,75 @@ class SVDInit(Callback):
         distributed = trainer.world_size > 1 and dist.is_available() and dist.is_initialized()
         # Every rank decomposes its share of the matrices; each share's factors are then broadcast from
         # its owner, so all ranks form bit-identical adapters in about 1/world_size of the time.
-        self.report = initialize_adapters(
-            pl_module,
-            self.compute_dtype,
+        init_kwargs: dict[str, Any] = dict(
+            compute_dtype=self.compute_dtype,
             broadcast=(lambda t, src: dist.broadcast(t, src=src)) if distributed else None,
             process_index=trainer.global_rank if distributed else 0,
             process_count=trainer.world_size if distributed else 1,
             device=device,
         )
+        if any(layer.calibration_statistic for _, layer in adapter_layers(pl_module)):
+            self.report = self._calibrate(trainer, pl_module, distributed, init_kwargs)
+        else:
+            self.report = initialize_adapters(pl_module, **init_kwargs)
         rank_zero_info(
             f"SVDInit: initialised {self.report['count']} adapters in {self.report['seconds']:.2f}s "
             f"({self.report['decomposed']} decomposed by this rank in {self.report['decompose_seconds']:.2f}s; "
             f"max relative reconstruction error {self.report['max_reconstruction_error']:.2e})"
         )
         if trainer.logger is not None and trainer.is_global_zero:
-            trainer.logger.log_metrics(
-                {
-                    "init/seconds": self.report["seconds"],
-                    "init/max_reconstruction_error": self.report["max_reconstruction_error"],
-                },
-                step=0,
-            )
+            metrics = {
+                "init/seconds": self.report["seconds"],
+                "init/max_reconstruction_error": self.report["max_reconstruction_error"],
+            }
+            if "calibration_seconds" in self.report:
+                metrics["init/calibration_s"] = self.report["calibration_seconds"]
+            trainer.logger.log_metrics(metrics, step=0)
         if distributed and self.verify_across_ranks:
             self._verify(trainer, pl_module, "init")
+
+    def _calibrate(
+        self, trainer: Trainer, pl_module: LightningModule, distributed: bool, init_kwargs: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Calibration batches of this rank → ``lit_svd.calibration.calibrate`` (statistics summed over ranks)."""
+        model = getattr(pl_module, "model", pl_module)
+        method = next(layer.method for _, layer in adapter_layers(pl_module) if layer.calibration_statistic)
+        ranks = trainer.world_size if distributed else 1
+        rank = trainer.global_rank if distributed else 0
+        loader = _train_loader(trainer, pl_module, method)
+        # The loader's sampler draws its shuffling seed from the global RNG; forking keeps training's batch
+        # order the same with or without calibration (and calibration's batches the first ones of that order).
+        with torch.random.fork_rng(devices=[]):
+            taken = list(itertools.islice(loader, ranks * self.calibration_batches))
+        if len(taken) < ranks:
+            raise ValueError(
+                f"calibration of {method} needs at least {ranks} train batch(es) (one per rank); the train loader "
+                f"gave {len(taken)}"
+            )
+        root = trainer.strategy.root_device
+
+        def all_reduce(tensor: torch.Tensor) -> None:
+            # NCCL reduces device tensors only; statistics of a model still on the host (FSDP, before
+            # sharding) visit the root device.
+            work = tensor.to(root)
+            dist.all_reduce(work)
+            tensor.copy_(work)
+
+        forward = pl_module.compute_loss if hasattr(pl_module, "compute_loss") else None
+        report = calibrate(
+            model,
+            taken[rank::ranks],
+            forward=forward,
+            all_reduce=all_reduce if distributed else None,
+            max_statistics_bytes=self.max_calibration_bytes,
+            **init_kwargs,
+        )
+        rank_zero_info(
+            f"SVDInit: calibrated {method} on {report['calibration_batches']} batch(es) per rank x {ranks} rank(s) "
+            f"in {report['calibration_seconds']:.2f}s ({report['calibration_passes']} pass(es), statistics peak "
+            f"{report['calibration_peak_bytes'] / 2**20:.1f} MiB)"
+        )
+        return report
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -124,3 +200,19 @@ class SVDInit(Callback):
             raise RuntimeError(f"SVDInit: adapters differ across ranks after {when} (checksums {gathered.tolist()})")
         ranks, value = gathered.numel(), int(gathered[0])
         rank_zero_info(f"SVDInit: adapters identical on all {ranks} ranks after {when} (checksum {value})")
+
+
+def _train_loader(trainer: Trainer, pl_module: LightningModule, method: str) -> Any:
+    """The train loader ``fit`` will use: the datamodule's, the module's, or the one passed to ``fit``."""
+    if trainer.datamodule is not None and is_overridden("train_dataloader", trainer.datamodule):
+        return trainer.datamodule.train_dataloader()
+    if is_overridden("train_dataloader", pl_module):
+        return pl_module.train_dataloader()
+    # Loaders given to trainer.fit(train_dataloaders=...) are only reachable through the fit loop's source.
+    source = getattr(trainer.fit_loop, "_data_source", None)
+    if source is not None and source.is_defined():
+        return source.dataloader()
+    raise ValueError(
+        f"{method} is a data-aware init: its calibration needs a train loader (fit with a datamodule or "
+        "train_dataloaders), or initialise the adapters before fit with lit_svd.calibration.calibrate"
+    )

@@ -1,0 +1,281 @@
+"""The calibration stage of data-aware inits (CorDA, EVA, LoRA-GA): maths, determinism, memory cap, errors, and fit."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import TOLERANCE, make_tiny_model
+from lightning.pytorch.loggers import Logger
+from lightning_helpers import RandomTokens, RandomTokensData, quiet_cpu_trainer
+
+from lit_svd import AdapterConfig, adapter_layers, adapter_state_dict, inject_adapters
+from lit_svd.calibration import calibrate, statistics_bytes
+from lit_svd.callbacks import SVDInit
+from lit_svd.export import peft_lora_factors
+from lit_svd.linalg import corda_factors, pca_components
+from lit_svd.module import LitSVDAdapter
+
+TARGETS = ["q_proj", "v_proj", "gate_proj", "down_proj"]
+
+
+def batches(seed: int = 7, count: int = 3) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(0, 101, (2, 12), generator=g)} for _ in range(count)]
+
+
+def calibrated(method: str, data=None, rank: int = 4, **kwargs):
+    config = AdapterConfig(method=method, rank=rank, target_modules=TARGETS, **kwargs)
+    model = inject_adapters(make_tiny_model("llama"), config, initialize=False)
+    report = calibrate(model, batches() if data is None else data)
+    return model, report
+
+
+def state(model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in adapter_state_dict(model).items() if not k.endswith("initialized")}
+
+
+# ----- linalg ---------------------------------------------------------------------------------------------------
+def test_corda_ipm_and_kpm_components_add_up_to_the_weight():
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(12, 9, generator=g, dtype=torch.float64)
+    X = torch.randn(40, 9, generator=g, dtype=torch.float64) * torch.linspace(0.2, 3, 9, dtype=torch.float64)
+    C = X.T @ X / 40
+    top = corda_factors(W, C, 4, "ipm")
+    bottom = corda_factors(W, C, 5, "kpm")
+    parts = [U @ torch.diag(S) @ V.T for U, S, V in (top, bottom)]
+    torch.testing.assert_close(parts[0] + parts[1], W, rtol=0, atol=TOLERANCE[torch.float64] * 1e3)
+    assert top[1].min() >= bottom[1].max()  # IPM holds the largest components of W C, KPM the smallest
+    with pytest.raises(ValueError, match="CorDA mode must be 'ipm' or 'kpm', got 'kmp'"):
+        corda_factors(W, C, 4, "kmp")
+
+
+def test_pca_components_are_the_right_singular_vectors_of_the_centred_data():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(200, 10, generator=g, dtype=torch.float64) * torch.linspace(0.1, 4, 10, dtype=torch.float64) + 5
+    centred = X - X.mean(0)
+    V, ratio = pca_components(centred.T @ centred / 199, 3)
+    _, S, Vh = torch.linalg.svd(centred)
+    torch.testing.assert_close(V.abs(), Vh[:3].T.abs(), rtol=0, atol=1e-10)
+    torch.testing.assert_close(ratio, S[:3] ** 2 / (S**2).sum(), rtol=1e-12, atol=0)
+    assert bool((V.gather(0, V.abs().argmax(0, keepdim=True)) > 0).all())
+
+
+# ----- calibrate ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("method", "options"), [("corda", {}), ("corda", {"corda_mode": "kpm"}), ("eva", {}), ("loraga", {})]
+)
+def test_calibration_is_deterministic_and_depends_on_the_batches(method, options):
+    first, report = calibrated(method, **options)
+    again, _ = calibrated(method, **options)
+    other, _ = calibrated(method, data=batches(seed=8), **options)
+    a, b, c = state(first), state(again), state(other)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a if k.endswith(".A"))
+    assert report["calibration_batches"] == 3 and report["calibration_passes"] == 1
+    assert all(layer.calibration is None for _, layer in adapter_layers(first))  # nothing kept after init
+
+
+def test_loraga_sums_the_mean_full_weight_gradient_without_weight_gradients(monkeypatch):
+    import lit_svd.calibration as calibration
+
+    data = [{**b, "labels": b["input_ids"]} for b in batches()]
+    # Reference: autograd's dL/dW of each target weight, averaged over the batches.
+    reference = make_tiny_model("llama")
+    reference.requires_grad_(False)
+    weights = {n: m.weight for n, m in reference.named_modules() if n.rsplit(".", 1)[-1] in TARGETS}
+    for w in weights.values():
+        w.requires_grad_(True)
+    for b in data:
+        reference(**b).loss.backward()
+    seen = {}
+    factors = calibration.loraga_factors
+
+    def capture(G, r, dtype=None):
+        seen[len(seen)] = G.clone()
+        return factors(G, r, dtype=dtype)
+
+    monkeypatch.setattr(calibration, "loraga_factors", capture)
+    model, _ = calibrated("loraga", data=data)
+    for i, (name, layer) in enumerate(adapter_layers(model)):
+        torch.testing.assert_close(seen[i], weights[name].grad / len(data), rtol=1e-4, atol=1e-6)
+        assert layer.base_layer.weight.grad is None and layer.A.grad is None and layer.B.grad is None
+        # A = V_{:r}ᵀ: orthonormal rows; B = U_{r:2r} diag(S_{r:2r}) · m^{1/4}/√16
+        torch.testing.assert_close(layer.A @ layer.A.T, torch.eye(4), rtol=0, atol=1e-5)
+        S = torch.linalg.svdvals(seen[i].double())[4:8] * layer.out_features**0.25 / 4
+        torch.testing.assert_close(layer.B.norm(dim=0).double(), S, rtol=1e-4, atol=0)
+
+
+def test_memory_cap_splits_the_layers_into_passes_with_the_same_result():
+    whole, one = calibrated("corda")
+    model = inject_adapters(
+        make_tiny_model("llama"), AdapterConfig(method="corda", rank=4, target_modules=TARGETS), initialize=False
+    )
+    per_layer = [statistics_bytes(layer) for _, layer in adapter_layers(model)]
+    assert per_layer[:4] == [4 * (32 * 32 + 32)] * 3 + [4 * (48 * 48 + 48)]
+    split = calibrate(model, batches(), max_statistics_bytes=2 * per_layer[0])
+    # Per decoder layer: [q, v], [gate] (q, v, gate would exceed the cap), [down] (alone above the cap).
+    assert split["calibration_passes"] == 6 and split["calibration_peak_bytes"] == per_layer[3]
+    assert one["calibration_peak_bytes"] == sum(per_layer)
+    a, b = state(whole), state(model)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_calibration_reads_only_real_tokens():
+    # Padding (attention_mask 0) never enters the statistics: padded and trimmed batches give the same init.
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 101, (1, 60), generator=g)  # more tokens than inputs: a well-posed C
+    padded = {"input_ids": torch.cat([ids, torch.zeros(1, 4, dtype=ids.dtype)], 1)}
+    padded["attention_mask"] = torch.cat([torch.ones(1, 60), torch.zeros(1, 4)], 1).long()
+    for method in ("corda", "eva"):
+        a, _ = calibrated(method, data=[{"input_ids": ids}])
+        b, _ = calibrated(method, data=[padded])
+        c, _ = calibrated(method, data=[{"input_ids": padded["input_ids"]}])  # the padding read as tokens
+        sa, sb, sc = state(a), state(b), state(c)
+        # float32 attention over a masked tail rounds differently; reading the 4 padding tokens moves far more.
+        assert max((sa[k] - sb[k]).abs().max().item() for k in sa) < 1e-4
+        assert max((sa[k] - sc[k]).abs().max().item() for k in sa) > 1e-2
+
+
+def test_eva_redistribution_keeps_the_budget_and_zero_rows_never_train():
+    model, report = calibrated("eva", eva_rho=2.0)
+    ranks = report["eva_ranks"]
+    layers = dict(adapter_layers(model))
+    assert sum(ranks.values()) == 4 * len(layers) and max(ranks.values()) <= 8 and len(set(ranks.values())) > 1
+    for name, layer in layers.items():
+        assert layer.A.shape[0] == 8 and layer.scaling == 1.0  # round(ρ r) rows stored, scale alpha / r
+        k = ranks[name]
+        assert torch.equal(layer.A[k:], torch.zeros_like(layer.A[k:])) and bool((layer.A[:k].norm(dim=1) > 0.99).all())
+    # The rows a layer was not given stay exactly zero through training (their gradients are zero).
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    ids = batches(seed=11)[0]["input_ids"]
+    for _ in range(3):
+        model(ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for name, layer in layers.items():
+        k = ranks[name]
+        assert torch.equal(layer.A[k:], torch.zeros_like(layer.A[k:])), name
+        assert torch.equal(layer.B[:, k:], torch.zeros_like(layer.B[:, k:])), name
+        assert layer.B[:, :k].abs().max() > 0
+
+
+def test_export_ranks_corda_and_loraga_2r_eva_r():
+    name = "model.layers.0.self_attn.q_proj"
+    for method, rank in (("corda", 8), ("loraga", 8), ("eva", 4)):  # moved W: 2r against W; W unchanged: r
+        model, _ = calibrated(method)
+        assert peft_lora_factors(dict(adapter_layers(model))[name])[0].shape[0] == rank, method
+
+
+# ----- errors ---------------------------------------------------------------------------------------------------
+def test_data_aware_methods_refuse_to_initialise_without_calibration():
+    for method in ("corda", "eva"):
+        with pytest.raises(ValueError, match=rf"{method} is a data-aware init and 8 layer\(s\) have no calibration"):
+            inject_adapters(make_tiny_model("llama"), AdapterConfig(method=method, rank=4, target_modules=TARGETS))
+    model = inject_adapters(
+        make_tiny_model("llama"), AdapterConfig(method="corda", rank=4, target_modules=TARGETS), initialize=False
+    )
+    with pytest.raises(ValueError, match="calibration of corda got 0 batches"):
+        calibrate(model, [])
+    with pytest.raises(
+        ValueError,
+        match=r"loraga takes 2·rank = 18 .* layer\(s\) 'model.layers.0.self_attn.v_proj' \(16×32\), 'model.layers.1",
+    ):
+        calibrated("loraga", rank=9)
+    padding_only = [{"input_ids": torch.ones(1, 5, dtype=torch.long), "attention_mask": torch.zeros(1, 5)}]
+    with pytest.raises(ValueError, match="calibration saw no tokens for layer 'model.layers.0.self_attn.q_proj'"):
+        calibrate(model, padding_only)
+    assert all(layer.calibration is None and not bool(layer.initialized) for _, layer in adapter_layers(model))
+
+
+def test_bad_options_are_reported_together():
+    with pytest.raises(ValueError, match="calibration_batches must be a positive integer, got 0; max_calibration"):
+        SVDInit(calibration_batches=0, max_calibration_bytes=-1)
+    with pytest.raises(ValueError, match="corda_mode must be 'ipm' or 'kpm'.*\n.*eva_rho must be >= 1"):
+        AdapterConfig(method="eva", corda_mode="both", eva_rho=0.5)
+
+
+# ----- inside fit -----------------------------------------------------------------------------------------------
+class Metrics(Logger):
+    name, version = "metrics", 0
+    experiment = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logged: dict[str, float] = {}
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.logged |= metrics
+
+    def log_hyperparams(self, *args, **kwargs) -> None:
+        pass
+
+
+class InitState(SVDInit):
+    """SVDInit that keeps a copy of the adapters right after init."""
+
+    def initialize(self, trainer, pl_module, device=None) -> None:
+        super().initialize(trainer, pl_module, device)
+        self.after_init = state(pl_module.model)
+
+
+@pytest.mark.parametrize("method", ["corda", "eva", "loraga"])
+def test_fit_calibrates_on_the_first_train_batches_and_logs_its_cost(method, tmp_path):
+    config = AdapterConfig(method=method, rank=4, target_modules=TARGETS)
+    base = make_tiny_model("llama")
+    module = LitSVDAdapter(copy.deepcopy(base), config, learning_rate=1e-2)
+    svd_init, logger = InitState(calibration_batches=2), Metrics()
+    trainer = quiet_cpu_trainer(tmp_path, max_steps=1, callbacks=[svd_init], logger=logger, limit_val_batches=0)
+    trainer.fit(module, datamodule=RandomTokensData(count=16, batch_size=4))
+    assert logger.logged["init/calibration_s"] > 0 and svd_init.report["calibration_batches"] == 2
+    # The same init as calibrating by hand on the loader's first two batches (labels mask EVA's tokens).
+    loader = RandomTokensData(count=16, batch_size=4).train_dataloader()
+    reference = inject_adapters(copy.deepcopy(base), config, initialize=False)
+    calibrate(reference, [b for _, b in zip(range(2), loader, strict=False)])
+    expected = state(reference)
+    for key, value in svd_init.after_init.items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=1e-5)
+    assert all(p.grad is None for p in module.model.parameters() if not p.requires_grad)
+
+
+def test_resume_and_already_initialised_adapters_skip_calibration(tmp_path):
+    config = AdapterConfig(method="corda", rank=4, target_modules=TARGETS)
+    module = LitSVDAdapter(make_tiny_model("llama"), config, learning_rate=1e-9)
+    calibrate(module.model, batches())  # as a restored checkpoint would leave them: initialised
+    before = state(module.model)
+
+    class NoData(RandomTokensData):
+        def train_dataloader(self):
+            loader = super().train_dataloader()
+            self.calls = getattr(self, "calls", 0) + 1
+            return loader
+
+    data, svd_init = NoData(count=8), SVDInit(calibration_batches=2)
+    trainer = quiet_cpu_trainer(tmp_path, max_steps=1, callbacks=[svd_init], limit_val_batches=0, max_epochs=1)
+    trainer.fit(module, datamodule=data)
+    assert svd_init.report is None and data.calls == 1  # only the fit loop asked for the loader
+    assert all(torch.allclose(before[k], v, atol=1e-6) for k, v in state(module.model).items())
+
+
+class Shuffled(RandomTokensData):
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(RandomTokens(16), batch_size=4, shuffle=True)
+
+
+class RecordBatches(LitSVDAdapter):
+    def training_step(self, batch, batch_idx):
+        self.seen = [*getattr(self, "seen", []), batch["input_ids"][:, 3].tolist()]
+        return super().training_step(batch, batch_idx)
+
+
+def test_calibration_does_not_change_the_training_batch_order(tmp_path):
+    # A shuffled loader draws its seed from the global RNG; calibration must not consume it.
+    orders = []
+    for method in ("pissa", "eva"):
+        torch.manual_seed(0)
+        module = RecordBatches(make_tiny_model("llama"), AdapterConfig(method=method, rank=4, target_modules=TARGETS))
+        trainer = quiet_cpu_trainer(tmp_path, max_steps=2, callbacks=[SVDInit(calibration_batches=2)])
+        trainer.fit(module, datamodule=Shuffled())
+        orders.append(module.seen)
+    assert orders[0] == orders[1] and len(orders[0]) == 2
