@@ -26,7 +26,7 @@ METHODS = available_adapters()
 def expected_trainable(method: str, m: int, n: int, r: int) -> int:
     """SPEC §3's per-layer formulas."""
     per_layer = {"lora": r * (m + n), "pissa": r * (m + n), "milora": r * (m + n), "olora": r * (m + n)}
-    return (per_layer | {"sorsa": r * (m + n + 1), "osora": r + m})[method]
+    return (per_layer | {"sorsa": r * (m + n + 1), "osora": r + m, "dora": r * (m + n) + m, "vera": r + m})[method]
 
 
 def adapted(arch: str, method: str, rank: int = 4, **kwargs):
@@ -49,8 +49,8 @@ def perturb(model, scale: float = 0.05, seed: int = 3):
                 t.add_(scale * torch.randn(t.shape, generator=g, dtype=t.dtype))
 
 
-def test_registry_lists_the_six_methods():
-    assert METHODS == ("lora", "milora", "olora", "osora", "pissa", "sorsa")
+def test_registry_lists_the_eight_methods():
+    assert METHODS == ("dora", "lora", "milora", "olora", "osora", "pissa", "sorsa", "vera")
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
@@ -152,7 +152,9 @@ class _ShapeRecorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if isinstance(out, torch.Tensor):
+        # A view of an input (DoRA's F.linear transposes W) forms nothing: only new storage is recorded.
+        inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+        if isinstance(out, torch.Tensor) and out.untyped_storage().data_ptr() not in inputs:
             self.shapes.append(tuple(out.shape))
         return out
 

@@ -17,7 +17,8 @@ def untouched(model, reference) -> bool:
 
 def test_unknown_method_lists_choices():
     with pytest.raises(
-        ValueError, match="unknown adapter 'sorsaa'; choose one of: lora, milora, olora, osora, pissa, sorsa"
+        ValueError,
+        match="unknown adapter 'sorsaa'; choose one of: dora, lora, milora, olora, osora, pissa, sorsa, vera",
     ):
         AdapterConfig(method="sorsaa")
 

@@ -3,22 +3,26 @@
 from lit_svd.adapters.base import AdapterLayer
 
 # Importing a method's module registers it: adding an adapter is one file plus one line here.
-from lit_svd.adapters.lora import LoRALayer  # noqa: I001
+from lit_svd.adapters.dora import DoRALayer  # noqa: I001
+from lit_svd.adapters.lora import LoRALayer
 from lit_svd.adapters.milora import MiLoRALayer
 from lit_svd.adapters.olora import OLoRALayer
 from lit_svd.adapters.osora import OSoRALayer
 from lit_svd.adapters.pissa import PiSSALayer
 from lit_svd.adapters.registry import available_adapters, get_adapter_class, register
 from lit_svd.adapters.sorsa import SORSALayer
+from lit_svd.adapters.vera import VeRALayer
 
 __all__ = [
     "AdapterLayer",
+    "DoRALayer",
     "LoRALayer",
     "MiLoRALayer",
     "OLoRALayer",
     "OSoRALayer",
     "PiSSALayer",
     "SORSALayer",
+    "VeRALayer",
     "available_adapters",
     "get_adapter_class",
     "register",
