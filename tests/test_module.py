@@ -203,7 +203,7 @@ def _adapter_tensors(module) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in adapter_state_dict(module.model).items()}
 
 
-@pytest.mark.parametrize("method", ["sorsa", "lora", "osora"])
+@pytest.mark.parametrize("method", ["sorsa", "lora", "osora", "dora", "vera"])  # VeRA: projections re-derived
 def test_resume_equals_uninterrupted_run(method, tmp_path):
     steps = 4  # one epoch = 4 batches; the "kill" happens at the epoch boundary
     L.seed_everything(1)
