@@ -227,3 +227,23 @@ def test_dora_options_are_checked():
     model = make_tiny_model("llama")
     with pytest.raises(ValueError, match=r"rank 40 exceeds min\(out, in\) of layer\(s\): 'model.layers.0.self_attn"):
         dora(model, rank=40)
+
+
+def test_no_grad_forwards_reuse_the_norm_but_never_a_stale_one(input_ids):
+    """Generation reuses the row norm between tokens; a fused AdamW step (which does not bump version counters)
+    and inference-mode caches must still never leak a stale or inference tensor into training."""
+    model = dora(make_tiny_model("llama"))
+    perturb(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05, fused=True)
+    for _ in range(2):
+        with torch.inference_mode():
+            model(input_ids)  # fills the caches with inference tensors
+        with torch.no_grad():
+            before = model(input_ids).logits
+        model(input_ids, labels=input_ids).loss.backward()  # with gradients, right after inference mode
+        optimizer.step()
+        optimizer.zero_grad()
+        with torch.no_grad():
+            after = model(input_ids).logits
+            fresh = copy.deepcopy(model)(input_ids).logits  # new storages: nothing cached can match
+        assert torch.equal(after, fresh) and not torch.equal(before, after)

@@ -65,6 +65,7 @@ class DoRALayer(LoRALayer):
         self.decomposition = "svd" if init == "pissa" else None
         super().__init__(base_layer, rank, *args, **kwargs)
         self._row_norms_sq: tuple[tuple, torch.Tensor] | None = None  # (weight identity, ‖W_i‖² (m,))
+        self._norm: tuple[tuple, torch.Tensor] | None = None  # (identity of W, A, B, s; ‖W + s·B A‖_row (m,))
         self._merge_scale: torch.Tensor | None = None  # m / ‖W + s·B A‖ at merge time, for unmerge
 
     def create_adapter(self, dtype: torch.dtype, device: torch.device) -> None:
@@ -81,24 +82,49 @@ class DoRALayer(LoRALayer):
         self.magnitude.copy_(torch.linalg.vector_norm(weight, dim=1))  # ‖W_i,:‖ of the original W
 
     # ----- the row norm from low-rank terms -------------------------------------------------------------
+    @staticmethod
+    def _identity(*tensors: torch.Tensor) -> tuple:
+        """Changes when one of ``tensors`` is replaced (``.to()``, new storage) or modified in place by an
+        autograd-visible op (``copy_``, merge): the key of the caches below."""
+        return tuple((t.data_ptr(), t.device, t._version) for t in tensors)
+
+    def _cached(self, slot: str, key: tuple, compute) -> torch.Tensor:
+        entry = getattr(self, slot)
+        # A value cached inside torch.inference_mode is an inference tensor: reused inside that mode only.
+        if entry is not None and entry[0] == key and (torch.is_inference_mode_enabled() or not entry[1].is_inference()):
+            return entry[1]
+        value = compute()
+        setattr(self, slot, (key, value))
+        return value
+
     def _base_row_norms_sq(self, W: torch.Tensor) -> torch.Tensor:
-        """``‖W_i‖²`` (m,) float32 of the frozen base weight, cached until the weight changes in place or
-        is replaced (merge, residual rebuild, ``.to()``)."""
-        key = (W.data_ptr(), W.device, W._version)
-        if self._row_norms_sq is None or self._row_norms_sq[0] != key:
-            value = torch.linalg.vector_norm(W, dim=1, dtype=torch.float32).square()
-            if torch.is_inference_mode_enabled():  # an inference tensor must not outlive the block
-                return value
-            self._row_norms_sq = (key, value)
-        return self._row_norms_sq[1]
+        """``‖W_i‖²`` (m,) float32 of the frozen base weight, computed once per weight (version)."""
+        return self._cached(
+            "_row_norms_sq",
+            self._identity(W),
+            lambda: torch.linalg.vector_norm(W, dim=1, dtype=torch.float32).square(),
+        )
 
     @torch.no_grad()
-    def direction_norm(self) -> torch.Tensor:
-        """``‖W_base + s·B A‖`` per output row, (m,) float32, without forming the m×n matrix (detached)."""
-        W = self.weight_matrix()
+    def direction_norm(self, reuse: bool = False) -> torch.Tensor:
+        """``‖W_base + s·B A‖`` per output row, (m,) float32, without forming the m×n matrix (detached).
+
+        Args:
+            reuse: Return the previous no-grad call's norm when ``W``, ``A`` and ``B`` are unchanged (the forward
+                passes of evaluation and generation: one per new token). Forwards with gradients never reuse,
+                and clear it: a fused optimizer step changes ``A``, ``B`` without bumping their version counters,
+                and every step follows such a forward.
+        """
+        W, A, B = self.weight_matrix(), self.A, self.B
+        if not reuse:
+            self._norm = None
+            return self._direction_norm(W, A, B)
+        return self._cached("_norm", (*self._identity(W, A, B), self.scaling), lambda: self._direction_norm(W, A, B))
+
+    def _direction_norm(self, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         with torch.autocast(W.device.type, enabled=False):
-            A, B = self.A.float(), self.B.float()
-            G = (W @ self.A.T.to(W.dtype)).float()  # (m, r): W Aᵀ, the one pass over W
+            G = (W @ A.T.to(W.dtype)).float()  # (m, r): W Aᵀ, the one pass over W
+            A, B = A.float(), B.float()
             s = self.scaling
             cross = (G * B).sum(1)  # ⟨W_i, (BA)_i⟩
             low_rank = ((B @ (A @ A.T)) * B).sum(1)  # ‖(BA)_i‖²
@@ -124,7 +150,8 @@ class DoRALayer(LoRALayer):
         if x_in.dtype != adapter_dtype and not torch.is_autocast_enabled(x2d.device.type):
             x_in = x_in.to(adapter_dtype)
         low_rank = (x_in @ self.A.T) @ self.B.T  # (tokens, m), never an m×n matrix
-        g = (self.magnitude / self.direction_norm()).to(result.dtype)  # gradient reaches m only
+        norm = self.direction_norm(reuse=not torch.is_grad_enabled())
+        g = (self.magnitude / norm).to(result.dtype)  # the gradient reaches m only
         out = torch.add(base, low_rank.to(result.dtype), alpha=self.scaling) * g
         if dropped:
             return out + (result - base)
