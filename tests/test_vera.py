@@ -151,3 +151,14 @@ def test_bad_vera_input_names_the_problem():
         AdapterConfig(method="dora", vera_seed=3)
     with pytest.raises(ValueError, match="vera_d_initial must be finite and non-zero"):
         AdapterConfig(method="vera", vera_d_initial=0.0)
+
+
+def test_a_checkpoint_written_under_another_seed_is_refused():
+    from lit_svd.module import LitSVDAdapter
+
+    config = AdapterConfig(method="vera", rank=4, target_modules=TARGETS, vera_seed=1)
+    module = LitSVDAdapter(make_tiny_model("llama"), config)
+    saved = module._checkpoint_metadata()
+    assert saved["vera_seed"] == 1 and saved["vera_d_initial"] == 0.1
+    with pytest.raises(ValueError, match="vera_seed: checkpoint 0 vs this module 1"):
+        module.on_load_checkpoint({"lit_svd": saved | {"vera_seed": 0}, "state_dict": {}})
