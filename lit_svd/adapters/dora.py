@@ -41,10 +41,11 @@ __all__ = ["DoRALayer"]
 
 @register("dora")
 class DoRALayer(LoRALayer):
-    """DoRA on one linear layer.
+    """DoRA on one linear layer; the other arguments (scaling, dropout, …) are ``AdapterLayer``'s.
 
     Args:
-        base_layer, rank, scaling, dropout, adapter_dtype, svd_method, name: as ``AdapterLayer``.
+        base_layer: The ``nn.Linear`` / ``Conv1D`` to adapt (frozen).
+        rank: Rank ``r`` of the direction's update ``B A``.
         init: ``"lora"`` (A Kaiming, B = 0) or ``"pissa"`` (top-r SVD factors, residual as base) for the
             direction; ``AdapterConfig.dora_init``.
     """
@@ -196,20 +197,21 @@ class DoRALayer(LoRALayer):
         """
         W = self.weight_matrix()
         f = self.factors()
-        s = self.scaling
-        g = f["magnitude"] / self.direction_norm()
+        s, r = self.scaling, self.rank
         if self.decomposition is not None:
             f0 = self.factors(initial=True)
             A0, B0 = f0["A"], f0["B"]
         else:
             A0, B0 = f["A"][:0], f["B"][:, :0]
         stacked = torch.cat([f["A"], A0])  # (k, n)
-        coeff = torch.cat([s * g[:, None] * f["B"], -s * B0], dim=1)  # (m, k)
-        G = (W @ stacked.T.to(W.dtype)).float()  # (m, k)
+        with torch.autocast(W.device.type, enabled=False):
+            G = (W @ stacked.T.to(W.dtype)).float()  # (m, k): the one pass over W, shared with the norm below
+        gram = stacked @ stacked.T  # (k, k); its first r×r block is A Aᵀ
+        base_sq = self._base_row_norms_sq(W)
+        B = f["B"]
+        direction_sq = base_sq + 2 * s * (G[:, :r] * B).sum(1) + s * s * ((B @ gram[:r, :r]) * B).sum(1)
+        g = f["magnitude"] / direction_sq.clamp_min(0).sqrt()
+        coeff = torch.cat([s * g[:, None] * B, -s * B0], dim=1)  # (m, k)
         c = g - 1
-        squared = (
-            c.square() * self._base_row_norms_sq(W)
-            + 2 * c * (G * coeff).sum(1)
-            + ((coeff @ (stacked @ stacked.T)) * coeff).sum(1)
-        )
+        squared = c.square() * base_sq + 2 * c * (G * coeff).sum(1) + ((coeff @ gram) * coeff).sum(1)
         return squared.clamp_min(0).sum().sqrt()
