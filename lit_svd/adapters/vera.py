@@ -65,11 +65,11 @@ class VeRAProjections(nn.Module):
 
 @register("vera")
 class VeRALayer(AdapterLayer):
-    """VeRA on one linear layer.
+    """VeRA on one linear layer; the other arguments are ``AdapterLayer``'s (``scaling`` is 1: VeRA has no alpha).
 
     Args:
-        base_layer, rank, scaling, dropout, adapter_dtype, svd_method, name: as ``AdapterLayer`` (``scaling``
-            is 1: VeRA has no ``alpha``).
+        base_layer: The ``nn.Linear`` / ``Conv1D`` to adapt (frozen).
+        rank: Rank ``r`` of the shared projections.
         seed: Seed of the shared projections (``AdapterConfig.vera_seed``, PEFT's ``projection_prng_key``).
         d_initial: Initial value of ``d``'s entries (``AdapterConfig.vera_d_initial``, PEFT's ``d_initial``).
     """
