@@ -156,10 +156,13 @@ def test_merge_is_exact_and_keeps_the_magnitude(init, input_ids):
         torch.testing.assert_close(model(input_ids).logits, trained, rtol=0, atol=TOL)
 
 
-@pytest.mark.parametrize("init", ["lora", "pissa"])
-def test_exports_merged_and_as_a_peft_dora_adapter(init, input_ids, tmp_path):
-    base = make_tiny_model("llama")
-    model = dora(copy.deepcopy(base), dora_init=init)
+@pytest.mark.parametrize(("arch", "init"), [("llama", "lora"), ("llama", "pissa"), ("gpt2", "lora")])
+def test_exports_merged_and_as_a_peft_dora_adapter(arch, init, input_ids, tmp_path):
+    base = make_tiny_model(arch)
+    targets = ["c_attn", "c_fc"] if arch == "gpt2" else TARGETS  # GPT-2: Conv1D, PEFT's fan_in_fan_out
+    model = inject_adapters(
+        copy.deepcopy(base), AdapterConfig(method="dora", rank=4, alpha=8.0, target_modules=targets, dora_init=init)
+    )
     perturb(model)
     with torch.no_grad():
         trained = model(input_ids).logits
@@ -247,3 +250,21 @@ def test_no_grad_forwards_reuse_the_norm_but_never_a_stale_one(input_ids):
             after = model(input_ids).logits
             fresh = copy.deepcopy(model)(input_ids).logits  # new storages: nothing cached can match
         assert torch.equal(after, fresh) and not torch.equal(before, after)
+
+
+def test_dropout_follows_peft_s_form(input_ids):
+    """With dropout active PEFT rescales ``W x_d`` and ``B A x_d`` of the dropped-out input and keeps ``W x`` of the
+    clean one; the same random masks (same seed, same order of draws) give the same training-mode logits."""
+    base = make_tiny_model("llama")
+    ours = dora(copy.deepcopy(base), dropout=0.3).train()
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, use_dora=True, lora_dropout=0.3)
+    theirs = peft.get_peft_model(copy.deepcopy(base), config).train()
+    perturb(ours)
+    copy_tensors(ours, theirs, to_peft=True)
+    torch.manual_seed(11)
+    ours_logits = ours(input_ids).logits
+    torch.manual_seed(11)
+    theirs_logits = theirs(input_ids).logits
+    torch.testing.assert_close(ours_logits, theirs_logits, rtol=0, atol=TOL)
+    with torch.no_grad():
+        assert (ours_logits - ours.eval()(input_ids).logits).abs().max() > 1e-3  # the masks did something
