@@ -74,6 +74,9 @@ def test_trainable_count_matches_formula_and_only_adapters_train(arch, method):
     assert sum(p.numel() for p in trainable.values()) == expected
     allowed = {f"{n}.{t}" for n, lay in layers for t in lay.trainable_names}
     assert set(trainable) == allowed
+    for _, lay in layers:  # extra_repr states the formula and the count (SORSA-style)
+        count = expected_trainable(method, lay.out_features, lay.in_features, 3)
+        assert f"trainable={lay.trainable_formula}={count}" in repr(lay), repr(lay)
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
