@@ -2,8 +2,9 @@
 
 Part 1, speed. A Llama-2-7B-shaped stack of decoder layers (q, k, v, o 4096×4096; gate, up 11008×4096;
 down 4096×11008; random bf16 weights built directly on the device, no embedding) is initialised for
-pissa / olora / sorsa / osora at each rank with ``inject_adapters(..., initialize=True)``, timed with device
-synchronisation. PEFT (``get_peft_model`` with ``init_lora_weights`` = "pissa", "pissa_niter_4", "olora")
+pissa / olora / sorsa / osora / dora / vera at each rank with ``inject_adapters(..., initialize=True)``, timed with
+device synchronisation. PEFT (``get_peft_model`` with ``init_lora_weights`` = "pissa", "pissa_niter_4", "olora";
+``use_dora=True``; ``VeraConfig``)
 runs on a few decoder layers only (exact PiSSA costs ~8 s per layer on an H100) and is extrapolated
 per layer × the full depth; the output says which numbers are extrapolated.
 
@@ -42,8 +43,23 @@ from lit_svd import AdapterConfig, adapter_layers, inject_adapters, linalg
 from lit_svd.linalg import optimal_residual_norm, principal_weight, top_r_svd
 
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-OUR_METHODS = ("pissa", "olora", "sorsa", "osora")
-PEFT_MODES = ("pissa", "pissa_niter_4", "olora")
+OUR_METHODS = ("pissa", "olora", "sorsa", "osora", "dora", "vera")
+# init_lora_weights modes, plus PEFT's DoRA (use_dora=True, default init) and VeRA (VeraConfig): the baselines of
+# our dora and vera rows (column x_vs_<mode>).
+PEFT_MODES = ("pissa", "pissa_niter_4", "olora", "dora", "vera")
+
+
+def peft_config(mode: str, rank: int):
+    """PEFT's config for a ``PEFT_MODES`` entry."""
+    import peft
+
+    if mode == "vera":
+        return peft.VeraConfig(r=rank, target_modules=list(MODULES))
+    if mode == "dora":
+        return peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=list(MODULES), use_dora=True)
+    return peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=list(MODULES), init_lora_weights=mode)
+
+
 # SmolLM2 matrices used for exactness: as in tests/test_smollm2_exactness.py.
 REAL_LAYERS = (0, 14, 29)
 REAL_MODULES = ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")
@@ -126,7 +142,7 @@ def time_peft(mode: str, rank: int, args: argparse.Namespace, device: torch.devi
     import peft
 
     model = build_stack(args.peft_layers, args.hidden, args.intermediate, device)
-    config = peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=list(MODULES), init_lora_weights=mode)
+    config = peft_config(mode, rank)
     with Timer(device) as t:
         peft.get_peft_model(model, config)
     del model
@@ -156,8 +172,7 @@ def warm_up(args: argparse.Namespace, device: torch.device) -> None:
             AdapterConfig(method=method, rank=8, target_modules=list(MODULES), svd_method="subspace"),
         )
     for mode in PEFT_MODES:
-        config = peft.LoraConfig(r=8, lora_alpha=8, target_modules=list(MODULES), init_lora_weights=mode)
-        peft.get_peft_model(build_stack(1, small["hidden"], small["intermediate"], device), config)
+        peft.get_peft_model(build_stack(1, small["hidden"], small["intermediate"], device), peft_config(mode, 8))
     top_r_svd(torch.randn(4, 512, 512, device=device).bfloat16(), 16, method="gram")
     free(device)
 
@@ -475,7 +490,7 @@ def targets(results: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]
     r = max(args.ranks)
     out: dict[str, Any] = {}
     for row in results.get("summary", []):
-        if row["rank"] != r or row["method"] == "olora":
+        if row["rank"] != r or row["method"] in ("olora", "dora", "vera"):  # the SVD-init targets only
             continue
         out[f"{row['method']}_le_5s"] = row["ours_s"] <= 5.0
         if "x_vs_pissa" in row:

@@ -11,6 +11,9 @@ Runs are named ``impl:method[-variant]``:
 - ``peft:lora``: PEFT ``get_peft_model`` with its defaults (adapter weights upcast to float32,
   ``autocast_adapter_dtype=True``): the SPEC §7 anchor (27.8k tokens/s, 26.4 GB on an H100).
 - ``peft:lora-bf16``: PEFT with ``autocast_adapter_dtype=False`` (bf16 adapter weights).
+- ``peft:dora`` / ``peft:vera``: PEFT's DoRA (``LoraConfig(use_dora=True)``) and VeRA (``VeraConfig``, r as
+  ours), the baselines of ``ours:dora`` / ``ours:vera`` (column ``x_vs_peft_same``; issue 19's DoRA target:
+  ≥ 1.10× PEFT's tokens/s at ≤ its peak memory).
 - ``ours:<method>``: ``inject_adapters`` with ``adapter_dtype="float32"`` (same trainable precision as
   PEFT's default); ``ours:<method>-bf16`` keeps the adapters in bf16 (lit_svd's default dtype).
   SORSA adds ``(γ/lr)·orthonormal_regularizer(model)`` each step (γ = 4e-4), back-propagated after the
@@ -51,6 +54,10 @@ DEFAULT_RUNS = [
     "ours:sorsa",
     "ours:osora",
     "ours:lora-bf16",
+    "peft:dora",
+    "ours:dora",
+    "peft:vera",
+    "ours:vera",
 ]
 GAMMA = 4e-4  # SORSA's default γ (SPEC §3)
 LR = 1e-4
@@ -92,11 +99,19 @@ def prepare(run: str, args: argparse.Namespace, device: torch.device) -> tuple[n
     if impl == "peft":
         import peft
 
-        if method != "lora":
-            raise ValueError(f"PEFT runs here are LoRA only, got {run!r}")
-        config = peft.LoraConfig(
-            r=args.rank, lora_alpha=args.rank, lora_dropout=0.0, target_modules=MODULES, task_type="CAUSAL_LM"
-        )
+        if method not in ("lora", "dora", "vera"):
+            raise ValueError(f"PEFT runs here are LoRA, DoRA or VeRA, got {run!r}")
+        if method == "vera":
+            config = peft.VeraConfig(r=args.rank, target_modules=MODULES, task_type="CAUSAL_LM")
+        else:
+            config = peft.LoraConfig(
+                r=args.rank,
+                lora_alpha=args.rank,
+                lora_dropout=0.0,
+                target_modules=MODULES,
+                use_dora=method == "dora",
+                task_type="CAUSAL_LM",
+            )
         model = peft.get_peft_model(model, config, autocast_adapter_dtype=variant != "bf16")
     elif impl == "ours":
         adapter_dtype = "bfloat16" if variant == "bf16" else "float32"
@@ -318,6 +333,19 @@ def main() -> None:
             row["x_vs_peft_lora"] = row["tokens_per_s"] / anchor["tokens_per_s"]
             if "peak_memory_gb" in row:
                 row["peak_le_peft_lora"] = row["peak_memory_gb"] <= anchor["peak_memory_gb"]
+    by_run = {r["run"]: r for r in results["runs"]}
+    for row in results["runs"]:  # ours against PEFT's implementation of the same method, same run
+        same = by_run.get(f"peft:{row['method']}") if row["impl"] == "ours" and row["variant"] == "default" else None
+        if same:
+            row["x_vs_peft_same"] = row["tokens_per_s"] / same["tokens_per_s"]
+            if "peak_memory_gb" in row:
+                row["peak_le_peft_same"] = row["peak_memory_gb"] <= same["peak_memory_gb"]
+    if "x_vs_peft_same" in by_run.get("ours:dora", {}):
+        dora = by_run["ours:dora"]
+        results["dora_target"] = {
+            "ge_1.10x_peft_dora_tokens_per_s": dora["x_vs_peft_same"] >= 1.10,
+            "peak_le_peft_dora": dora.get("peak_le_peft_same"),
+        }
     if anchor:
         ours = [r for r in results["runs"] if r["impl"] == "ours" and r["variant"] == "default"]
         results["targets"] = {
@@ -340,6 +368,7 @@ def main() -> None:
                 "trainable_params",
                 "tokens_per_s",
                 "x_vs_peft_lora",
+                "x_vs_peft_same",
                 "step_ms",
                 "peak_memory_gb",
                 "monitor_seconds",
@@ -349,6 +378,7 @@ def main() -> None:
             {
                 "tokens_per_s": "{:.0f}".format,
                 "x_vs_peft_lora": "{:.3f}".format,
+                "x_vs_peft_same": "{:.3f}".format,
                 "step_ms": "{:.1f}".format,
                 "monitor_seconds": "{:.3f}".format,
                 "monitor_image_seconds": "{:.3f}".format,
@@ -364,6 +394,8 @@ def main() -> None:
             print(format_table(prof["top_kernels"], ["kernel", "ms_per_step", "calls_per_step", "share"]))
     if "targets" in results:
         print("\nTargets:", results["targets"])
+    if "dora_target" in results:
+        print("DoRA vs PEFT's DoRA:", results["dora_target"])
     print(f"\nwrote {args.out}")
 
 

@@ -1,4 +1,4 @@
-"""lit_svd: SVD-family adapters (SORSA, PiSSA, OLoRA, OSoRA, LoRA) for Hugging Face causal LMs.
+"""lit_svd: SVD-family adapters (SORSA, PiSSA, OLoRA, OSoRA, MiLoRA, LoRA; DoRA, VeRA) for Hugging Face causal LMs.
 
 Everything a user needs is importable from here::
 

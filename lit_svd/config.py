@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Literal
@@ -20,10 +21,12 @@ class AdapterConfig:
     Attributes:
         method: Registered adapter name (``lit_svd.adapters.available_adapters()``): ``lora`` (Hu et al.
             2021), ``pissa`` (Meng et al. 2024), ``olora`` (Büyükakyüz 2024, QR init), ``sorsa`` (Cao
-            2024, singular values + orthonormally regularised singular vectors) or ``osora`` (Han et al.
-            2025, singular values + output vector); data-aware, initialised from calibration batches inside
-            ``fit`` (``SVDInit``): ``corda`` (Yang et al. 2024), ``eva`` (Paischer et al. 2024), ``loraga``
-            (Wang et al. 2024).
+            2024, singular values + orthonormally regularised singular vectors), ``osora`` (Han et al.
+            2025, singular values + output vector), ``milora`` (Wang et al. 2024, minor singular triplets),
+            ``dora`` (Liu et al. 2024, magnitude + LoRA direction), ``vera`` (Kopiczko et al. 2024, frozen
+            shared random projections + trained scaling vectors); data-aware, initialised from calibration
+            batches inside ``fit`` (``SVDInit``): ``corda`` (Yang et al. 2024), ``eva`` (Paischer et al. 2024),
+            ``loraga`` (Wang et al. 2024).
         rank: Number of singular triplets / low-rank dimension ``r``.
         alpha: Scale numerator: the adapter delta is multiplied by ``alpha / r`` (``alpha / sqrt(r)`` with
             ``use_rslora``). ``None`` means ``alpha = r``, i.e. a scale of 1, the papers' setting.
@@ -41,6 +44,14 @@ class AdapterConfig:
         svd_method: How the top-r SVD is computed at init (see ``lit_svd.linalg.top_r_svd``): ``"auto"``,
             ``"subspace"`` (Chebyshev-filtered subspace iteration, the fast exact path for r ≪ min(m, n)),
             ``"gram"`` (full Gram eigendecomposition + float64 Rayleigh–Ritz) or ``"full"`` (``torch.linalg.svd``).
+        dora_init: DoRA only: how the direction's ``B``, ``A`` start: ``"lora"`` (A Kaiming, B = 0, the paper's
+            and PEFT's default) or ``"pissa"`` (the principal singular triplets, with the residual as the frozen
+            base: PEFT's ``use_dora=True, init_lora_weights="pissa"``). The magnitude starts at ``W``'s row norms
+            either way.
+        vera_seed: VeRA only: seed of the shared frozen random projections (PEFT's ``projection_prng_key``);
+            they are re-derived from it on load, never stored.
+        vera_d_initial: VeRA only: initial value of every entry of the scaling vector ``d`` (PEFT's
+            ``d_initial``; the paper's Table 8 uses 0.1).
         corda_mode: CorDA's mode: ``"ipm"`` (instruction-previewed: the adapter takes the r largest
             components of ``W C``) or ``"kpm"`` (knowledge-preserving: the r smallest).
         eva_rho: EVA's rank redistribution ρ >= 1: a layer may get up to ``round(ρ r)`` components, ``r ×
@@ -58,6 +69,9 @@ class AdapterConfig:
     gamma: float = 4e-4
     adapter_dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = None
     svd_method: Literal["auto", "subspace", "gram", "full"] = "auto"
+    dora_init: Literal["lora", "pissa"] = "lora"
+    vera_seed: int = 0
+    vera_d_initial: float = 0.1
     corda_mode: Literal["ipm", "kpm"] = "ipm"
     eva_rho: float = 1.0
 
@@ -65,8 +79,21 @@ class AdapterConfig:
         problems: list[str] = []
         if self.method not in available_adapters():
             problems.append(f"unknown adapter {self.method!r}; choose one of: {', '.join(available_adapters())}")
-        if self.method == "osora" and self.alpha is not None:
-            problems.append("alpha has no effect for osora (its output vector carries the scale); leave it None")
+        if self.method in ("osora", "vera") and self.alpha is not None:
+            carrier = "output vector carries" if self.method == "osora" else "vectors b and d carry"
+            problems.append(f"alpha has no effect for {self.method} (its {carrier} the scale); leave it None")
+        if self.dora_init not in ("lora", "pissa"):
+            problems.append(f"dora_init must be 'lora' or 'pissa', got {self.dora_init!r}")
+        elif self.dora_init != "lora" and self.method != "dora":
+            problems.append(f"dora_init={self.dora_init!r} applies to method 'dora' only, not {self.method!r}")
+        if (self.vera_seed, self.vera_d_initial) != (0, 0.1) and self.method != "vera":
+            problems.append(f"vera_seed and vera_d_initial apply to method 'vera' only, not {self.method!r}")
+        if not isinstance(self.vera_seed, int) or isinstance(self.vera_seed, bool) or self.vera_seed < 0:
+            problems.append(f"vera_seed must be a non-negative integer, got {self.vera_seed!r}")
+        if not math.isfinite(self.vera_d_initial) or self.vera_d_initial == 0:
+            problems.append(
+                f"vera_d_initial must be finite and non-zero (d = b = 0 has zero gradient), got {self.vera_d_initial!r}"
+            )
         if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
             problems.append(f"rank must be a positive integer, got {self.rank!r}")
         if self.alpha is not None and not self.alpha > 0:

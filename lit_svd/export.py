@@ -7,7 +7,10 @@ PEFT export: for every method the total change against the *original* base weigh
 ``ΔW = (W_base + P_t Q_tᵀ) − W = P_t Q_tᵀ − P_0 Q_0ᵀ = [P_t, −P_0] [Q_t, Q_0]ᵀ`` (rank ≤ 2r; ≤ r for LoRA,
 whose ``P_0 Q_0ᵀ = 0``), so it is written as a LoRA of rank 2r (r for LoRA) through a thin SVD of the
 factored ``ΔW`` — no m×n matrix is formed. Served on the original base model (vLLM, PEFT, …) it
-reproduces our trained model.
+reproduces our trained model. Two methods are written in their own PEFT format instead: DoRA as a LoRA
+with ``use_dora=True`` (the same rank ≤ 2r direction factors, plus ``lora_magnitude_vector``), and VeRA as
+a PEFT VeRA adapter (``vera_lambda_b``/``vera_lambda_d`` per layer and the shared ``vera_A``/``vera_B``;
+``projection_prng_key`` = our seed, so PEFT would re-derive the same matrices).
 """
 
 from __future__ import annotations
@@ -107,7 +110,7 @@ def merged_state_dict(model: nn.Module, device: torch.device | str | None = None
             if leaf == "weight":
                 layer = layers[layer_name]
                 with _visiting(layer, device):
-                    merged = layer.weight_matrix().float() + layer.delta_weight()
+                    merged = layer.merged_weight()
                     merged = (merged.T if layer.is_conv1d else merged).to(tensor.dtype).contiguous()
                 tensor = merged.to(tensor.device)
             key = f"{layer_name}.{leaf}"
@@ -155,6 +158,21 @@ def peft_lora_factors(
     return (V * root).T.float().contiguous().to(home), (U * root).float().contiguous().to(home)
 
 
+def _vera_tensors(layers: list[tuple[str, AdapterLayer]]) -> dict[str, torch.Tensor]:
+    """PEFT VeRA state: per-layer ``vera_lambda_b`` (m,), ``vera_lambda_d`` (r,) and the shared projections."""
+    shared = {id(layer.projections) for _, layer in layers}
+    if len(shared) > 1:
+        raise ValueError("VeRA layers on several devices hold several projection pairs; move the model to one device")
+    tensors = {}
+    for name, layer in layers:
+        tensors[f"base_model.model.{name}.vera_lambda_b"] = layer.lambda_b.detach().float().cpu()
+        tensors[f"base_model.model.{name}.vera_lambda_d"] = layer.lambda_d.detach().float().cpu()
+    projections = layers[0][1].projections
+    tensors["base_model.vera_A"] = projections.A.float().cpu().contiguous()
+    tensors["base_model.vera_B"] = projections.B.float().cpu().contiguous()
+    return tensors
+
+
 def export_peft_lora(
     model: nn.Module,
     path: str | os.PathLike,
@@ -163,6 +181,9 @@ def export_peft_lora(
     device: torch.device | str | None = None,
 ) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` of an equivalent PEFT LoRA adapter.
+
+    DoRA is written as a PEFT DoRA adapter (LoRA with ``use_dora=True``) and VeRA as a PEFT VeRA adapter
+    (see the module docstring); ``PeftModel.from_pretrained`` reads either.
 
     Args:
         model: A model with trained lit_svd adapters (any method).
@@ -175,30 +196,50 @@ def export_peft_lora(
     from safetensors.torch import save_file
 
     try:
-        from peft import LoraConfig
+        from peft import LoraConfig, VeraConfig
     except ImportError as err:  # peft is an optional dependency
         raise ImportError("export_peft_lora needs peft: pip install peft") from err
     layers = _check_exportable(model)
     conv = {layer.is_conv1d for _, layer in layers}
     if len(conv) > 1:
         raise ValueError("cannot export a mix of nn.Linear and Conv1D adapters to one PEFT config (fan_in_fan_out)")
-    tensors, ranks = {}, set()
-    for name, layer in layers:
-        A, B = peft_lora_factors(layer, device)
-        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
-            raise ValueError(f"adapter '{name}' has non-finite values; nothing exported")
-        ranks.add(A.shape[0])
-        tensors[f"base_model.model.{name}.lora_A.weight"] = A.cpu()
-        tensors[f"base_model.model.{name}.lora_B.weight"] = B.cpu()
-    (rank,) = ranks
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=rank,  # scaling 1: the factors already carry the method's scale
-        target_modules=[name for name, _ in layers],
-        fan_in_fan_out=conv.pop(),
-        base_model_name_or_path=base_model_name_or_path,
-        task_type="CAUSAL_LM",
-    )
+    first = layers[0][1]
+    targets = [name for name, _ in layers]
+    if first.method == "vera":
+        tensors = _vera_tensors(layers)
+        config = VeraConfig(
+            r=first.rank,
+            target_modules=targets,
+            projection_prng_key=first.seed,
+            save_projection=True,  # written anyway: the file then does not depend on PEFT's generator
+            d_initial=first.d_initial,
+            fan_in_fan_out=conv.pop(),
+            base_model_name_or_path=base_model_name_or_path,
+            task_type="CAUSAL_LM",
+        )
+    else:
+        tensors, ranks = {}, set()
+        for name, layer in layers:
+            A, B = peft_lora_factors(layer, device)
+            if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+                raise ValueError(f"adapter '{name}' has non-finite values; nothing exported")
+            ranks.add(A.shape[0])
+            tensors[f"base_model.model.{name}.lora_A.weight"] = A.cpu()
+            tensors[f"base_model.model.{name}.lora_B.weight"] = B.cpu()
+            if layer.method == "dora":  # PEFT: m / ‖W + B A‖ with the original W and scaling 1, as here
+                tensors[f"base_model.model.{name}.lora_magnitude_vector"] = layer.magnitude.detach().float().cpu()
+        (rank,) = ranks
+        config = LoraConfig(
+            r=rank,
+            lora_alpha=rank,  # scaling 1: the factors already carry the method's scale
+            target_modules=targets,
+            fan_in_fan_out=conv.pop(),
+            use_dora=first.method == "dora",
+            base_model_name_or_path=base_model_name_or_path,
+            task_type="CAUSAL_LM",
+        )
+    if not all(torch.isfinite(t).all() for t in tensors.values()):
+        raise ValueError("the adapter has non-finite values; nothing exported")
     with atomic_directory(path, overwrite) as staging:
         save_file(tensors, staging / "adapter_model.safetensors", metadata={"format": "pt"})
         config.save_pretrained(staging)

@@ -140,7 +140,9 @@ def inject_adapters(model: nn.Module, config: AdapterConfig, initialize: bool = 
         _check_finite({n: modules[n].weight for n in targets})
 
     adapter_dtype = getattr(torch, config.adapter_dtype) if config.adapter_dtype else None
-    scaling = 1.0 if config.method == "osora" else config.scaling
+    scaling = config.scaling if adapter_cls.scaled else 1.0
+    options = {keyword: getattr(config, field) for field, keyword in adapter_cls.config_options.items()}
+    created = []
     for name in targets:
         parent_name, _, child = name.rpartition(".")
         parent = modules[parent_name] if parent_name else model
@@ -152,8 +154,11 @@ def inject_adapters(model: nn.Module, config: AdapterConfig, initialize: bool = 
             adapter_dtype=adapter_dtype,
             svd_method=config.svd_method,
             name=name,
+            **options,
         )
         setattr(parent, child, layer)
+        created.append(layer)
+    adapter_cls.share_across(created)
     model.requires_grad_(False)
     for _, layer in adapter_layers(model):
         for tensor_name in layer.trainable_names:

@@ -31,6 +31,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import PreTrainedModel
 
+from lit_svd.adapters import get_adapter_class
 from lit_svd.attention import checkpoint_context_fn, packed_attention
 from lit_svd.config import AdapterConfig
 from lit_svd.data import non_padding_tokens
@@ -477,7 +478,9 @@ class LitSVDAdapter(LightningModule):
     # ----- adapter-only checkpoints ----------------------------------------------------------------------
     def _checkpoint_metadata(self) -> dict[str, Any]:
         config = self.adapter_config()
-        return {"method": config.method, "rank": config.rank, "model": str(self.model_name), "version": 1}
+        # Method options the adapter tensors do not record (VeRA's seed: its projections are re-derived from it).
+        options = {f: getattr(config, f) for f in get_adapter_class(config.method).config_options}
+        return {"method": config.method, "rank": config.rank, "model": str(self.model_name), "version": 1} | options
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = adapter_state_dict(self.model)
@@ -507,7 +510,7 @@ class LitSVDAdapter(LightningModule):
         current = self._checkpoint_metadata()
         mismatches = [
             f"{k}: checkpoint {saved.get(k)!r} vs this module {current[k]!r}"
-            for k in ("method", "rank", "model")
+            for k in ("method", "rank", "model", *sorted(current.keys() - {"method", "rank", "model", "version"}))
             if saved.get(k) != current[k]
         ]
         if mismatches:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -50,7 +50,10 @@ class LayerSpectrum:
         orth_U: ``‖UᵀU − I‖_F`` of the left singular factor (SORSA/OSoRA; 0 for the LoRA family, whose
             singular vectors are orthonormal by definition and not trained as such).
         orth_V: ``‖VᵀV − I‖_F`` of the right singular factor (likewise).
-        weight_change: ``‖W_t − W_0‖_F / ‖W_0‖_F`` of the effective weight.
+        weight_change: ``‖W_t − W_0‖_F / ‖W_0‖_F`` of the effective weight (DoRA: with its magnitude).
+        vector_drift: For each trained per-dimension vector ``v`` of the method (``monitored_vectors``: DoRA's
+            ``magnitude``, VeRA's ``lambda_d`` and ``lambda_b``, OSoRA's ``output_scale``), ``‖v_t − v_0‖ /
+            ‖v_0‖``; for a vector that starts at 0 (VeRA's ``lambda_b``), its RMS ``‖v_t‖ / √len``.
     """
 
     singular_values: torch.Tensor
@@ -58,6 +61,7 @@ class LayerSpectrum:
     orth_U: float
     orth_V: float
     weight_change: float
+    vector_drift: dict[str, float] = field(default_factory=dict)
 
 
 def layer_position(name: str) -> tuple[int, str]:
@@ -93,6 +97,7 @@ def _group_key(layer: AdapterLayer) -> tuple:
     """Layers with equal keys have factors of equal shapes and the same metrics: they are stacked."""
     device = getattr(layer, layer.trainable_names[0]).device
     return (
+        type(layer),
         _trains_singular_values(layer),
         layer.decomposition is None,
         layer.out_features,
@@ -155,6 +160,15 @@ def _group_on_device(layers: list[AdapterLayer], with_initial: bool) -> dict[str
         out["change"] = low_rank_difference_norm(P_t, Q_t, P_0, Q_0)
         if with_initial and "gram_P" in out:
             out["gram_P0"], out["gram_Q0"] = low_rank_grams(P_0, Q_0)
+    exact = [layer.weight_change_norm() for layer in layers]
+    if exact[0] is not None:  # DoRA: the magnitude rescales rows, so the change is not P_t Q_tᵀ − P_0 Q_0ᵀ
+        out["change"] = torch.stack(exact).to(out["change"].device)
+    for name in first.monitored_vectors:
+        v_t = stack([f[name] for f in now])
+        v_0 = stack([full_tensor(getattr(layer, f"init_{name}")).float() for layer in layers])
+        size = torch.full((len(layers),), float(v_t.shape[-1]), device=v_t.device)
+        norms = [torch.linalg.vector_norm(v_t - v_0, dim=-1), torch.linalg.vector_norm(v_0, dim=-1), size]
+        out[f"vector:{name}"] = torch.stack(norms, -1)  # (L, 3)
     return out
 
 
@@ -234,9 +248,20 @@ def layer_spectra(
             torch.linalg.vector_norm(S_t, dim=-1) / norms,
         )
         change = values["change"] / norms
+        vectors = {}
+        for key in (k for k in values if k.startswith("vector:")):
+            moved, start, size = values[key].unbind(-1)
+            vectors[key.removeprefix("vector:")] = torch.where(start > 0, moved / start, moved / size.sqrt()).tolist()
         rows = zip(names, S_t, drift.tolist(), orth.tolist(), change.tolist(), strict=True)
-        for name, S, d, (o_U, o_V), c in rows:
-            spectra[name] = LayerSpectrum(S.float(), sv_drift=d, orth_U=o_U, orth_V=o_V, weight_change=c)
+        for i, (name, S, d, (o_U, o_V), c) in enumerate(rows):
+            spectra[name] = LayerSpectrum(
+                S.float(),
+                sv_drift=d,
+                orth_U=o_U,
+                orth_V=o_V,
+                weight_change=c,
+                vector_drift={v: drifts[i] for v, drifts in vectors.items()},
+            )
     return {name: spectra[name] for name in layers}
 
 

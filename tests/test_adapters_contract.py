@@ -29,7 +29,7 @@ def expected_trainable(method: str, m: int, n: int, r: int) -> int:
     """SPEC §3's per-layer formulas."""
     per_layer = {"lora": r * (m + n), "pissa": r * (m + n), "milora": r * (m + n), "olora": r * (m + n)}
     per_layer |= {"corda": r * (m + n), "eva": r * (m + n), "loraga": r * (m + n)}
-    return (per_layer | {"sorsa": r * (m + n + 1), "osora": r + m})[method]
+    return (per_layer | {"sorsa": r * (m + n + 1), "osora": r + m, "dora": r * (m + n) + m, "vera": r + m})[method]
 
 
 def calibration_batches() -> list[dict[str, torch.Tensor]]:
@@ -66,7 +66,9 @@ def perturb(model, scale: float = 0.05, seed: int = 3):
 
 
 def test_registry_lists_the_methods():
-    assert METHODS == ("corda", "eva", "lora", "loraga", "milora", "olora", "osora", "pissa", "sorsa")
+    assert METHODS == (
+        "corda", "dora", "eva", "lora", "loraga", "milora", "olora", "osora", "pissa", "sorsa", "vera"
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
@@ -90,6 +92,9 @@ def test_trainable_count_matches_formula_and_only_adapters_train(arch, method):
     assert sum(p.numel() for p in trainable.values()) == expected
     allowed = {f"{n}.{t}" for n, lay in layers for t in lay.trainable_names}
     assert set(trainable) == allowed
+    for _, lay in layers:  # extra_repr states the formula and the count (SORSA-style)
+        count = expected_trainable(method, lay.out_features, lay.in_features, 3)
+        assert f"trainable={lay.trainable_formula}={count}" in repr(lay), repr(lay)
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
@@ -168,7 +173,9 @@ class _ShapeRecorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if isinstance(out, torch.Tensor):
+        # A view of an input (DoRA's F.linear transposes W) forms nothing: only new storage is recorded.
+        inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+        if isinstance(out, torch.Tensor) and out.untyped_storage().data_ptr() not in inputs:
             self.shapes.append(tuple(out.shape))
         return out
 

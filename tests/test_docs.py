@@ -252,11 +252,17 @@ def test_grid_table_is_read():
     assert _grid_best_learning_rates() == {"lora": 5e-3, "pissa": 1e-3, "olora": 5e-4, "sorsa": 2e-4, "osora": 2e-2}
 
 
+# Methods not in the study's grid yet: their recipes borrow the tuned rate of the nearest studied method.
+UNTUNED = {"dora": "lora", "vera": "osora"}
+
+
 @pytest.mark.parametrize("config_file", CONFIGS, ids=lambda p: p.stem)
 def test_recipe_learning_rate_is_the_studys_tuned_value(config_file):
     config = yaml.safe_load(config_file.read_text())
     method = config["model"]["adapter"]["method"]
-    assert config["model"]["learning_rate"] == _grid_best_learning_rates()[method]
+    tuned = _grid_best_learning_rates()
+    assert (method in tuned) != (method in UNTUNED), f"{method}: tuned in the grid, or listed in UNTUNED"
+    assert config["model"]["learning_rate"] == tuned[UNTUNED.get(method, method)]
     # the study script's default (used when no grid is given) is the same value
     study = (REPO / "recipes" / "studies" / "gsm8k_methods.py").read_text()
     defaults = re.search(r"^DEFAULT_LR = (\{.*\})$", study, re.MULTILINE).group(1)

@@ -64,6 +64,9 @@ def test_fit_logs_train_and_spectral_tags_and_heatmap(method, tmp_path):
     assert change[-1] > 0
     if method == "sorsa":
         assert "train/orthonormality" in scalars
+    vectors = {"dora": ["magnitude"], "vera": ["lambda_d", "lambda_b"], "osora": ["output_scale"]}.get(method, [])
+    for vector in vectors:  # the per-dimension vectors these methods train are followed too, and they moved
+        assert events.Scalars(f"spectral/{vector}_drift_max")[-1].value > 0, vector
 
 
 def test_monitor_images_every_n_steps_and_final_state(tmp_path):
@@ -203,7 +206,7 @@ def _adapter_tensors(module) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in adapter_state_dict(module.model).items()}
 
 
-@pytest.mark.parametrize("method", ["sorsa", "lora", "osora"])
+@pytest.mark.parametrize("method", ["sorsa", "lora", "osora", "dora", "vera"])  # VeRA: projections re-derived
 def test_resume_equals_uninterrupted_run(method, tmp_path):
     steps = 4  # one epoch = 4 batches; the "kill" happens at the epoch boundary
     L.seed_everything(1)

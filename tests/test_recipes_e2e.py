@@ -1,7 +1,7 @@
 """Every recipe runs: two training steps of the real SmolLM2 in float32 on the CPU, on the offline data in
 ``../shared/data``, through ``lightning run`` (one process), with its documented offline data arguments.
 
-Kept small so that all seven fit in a few minutes on two CPU cores: sequences of 128 tokens, batches of 2,
+Kept small so that all of them fit in a few minutes on two CPU cores: sequences of 128 tokens, batches of 2,
 rank 4 on ``q_proj``/``v_proj`` (the SVD init of 60 matrices instead of 210), two evaluation questions per
 set with 8 new tokens. The model is the embedded GGUF re-saved as safetensors once per session (the
 GGUF's dequantisation costs ~12 s per load; tests/test_e2e.py runs the GGUF path itself).
@@ -63,11 +63,13 @@ def data_args(recipe: str, metamathqa: Path) -> tuple[list[str], int]:
 def test_every_recipe_is_covered():
     assert RECIPES == [
         "commonsense_osora",
+        "gsm8k_dora",
         "gsm8k_lora",
         "gsm8k_olora",
         "gsm8k_osora",
         "gsm8k_pissa",
         "gsm8k_sorsa",
+        "gsm8k_vera",
         "metamath_sorsa",
     ]
 

@@ -75,10 +75,20 @@ class AdapterLayer(nn.Module):
     #: Factors whose orthonormality SORSA's regulariser penalises.
     orthonormal_names: ClassVar[tuple[str, ...]] = ()
     #: Which decomposition of ``W`` ``init_from_base`` consumes; ``None``: init leaves ``W`` unchanged;
-    #: ``"calibrated"``: init moves a part of ``W`` computed from calibration data into the adapter.
+    #: ``"calibrated"``: init moves a part of ``W`` computed from calibration data into the adapter. (DoRA sets
+    #: it per instance: ``"svd"`` for its PiSSA-initialised variant.)
     decomposition: ClassVar[Literal["svd", "minor_svd", "qr", "calibrated"] | None] = None
     #: The statistic of calibration data a data-aware method needs (``lit_svd.calibration``), else ``None``.
     calibration_statistic: ClassVar[Literal["corda", "eva", "gradient"] | None] = None
+    #: Trained per-dimension vectors whose drift from init ``SpectralMonitor`` reports (DoRA's magnitude,
+    #: VeRA's scaling vectors, OSoRA's output vector); each keeps an ``init_<name>`` snapshot.
+    monitored_vectors: ClassVar[tuple[str, ...]] = ()
+    #: ``AdapterConfig`` field → constructor keyword, for options only this method reads.
+    config_options: ClassVar[dict[str, str]] = {}
+    #: Whether ``alpha / r`` scales the delta (OSoRA and VeRA carry their scale in trained vectors).
+    scaled: ClassVar[bool] = True
+    #: Trainable count per layer in SPEC §3's notation (m = out, n = in features), shown by ``extra_repr``.
+    trainable_formula: ClassVar[str] = ""
 
     def __init__(
         self,
@@ -112,9 +122,8 @@ class AdapterLayer(nn.Module):
         # What the calibration stage computed for a data-aware method's init; consumed (and freed) by it.
         self.calibration: Factors = None
         self.create_adapter(adapter_dtype or default_adapter_dtype(weight.dtype), weight.device)
-        if self.decomposition is not None:
-            for tensor_name in self.trainable_names:
-                self.register_buffer(f"init_{tensor_name}", torch.zeros_like(getattr(self, tensor_name)))
+        for tensor_name in self._snapshotted:
+            self.register_buffer(f"init_{tensor_name}", torch.zeros_like(getattr(self, tensor_name)))
 
     # ----- hooks each method implements ---------------------------------------------------------------
     def create_adapter(self, dtype: torch.dtype, device: torch.device) -> None:
@@ -131,11 +140,24 @@ class AdapterLayer(nn.Module):
         P, Q = self.low_rank_factors(self.tensors())
         return (x @ Q) @ P.mT
 
+    @classmethod
+    def share_across(cls, layers: list[AdapterLayer]) -> None:
+        """Called by ``inject_adapters`` with every layer it created, for state the layers share (VeRA's
+        random projections); default: nothing is shared."""
+
     # ----- shared machinery ---------------------------------------------------------------------------
+    @property
+    def _snapshotted(self) -> tuple[str, ...]:
+        """Trainable tensors with an init-time snapshot ``init_<name>``: all of them when init moves the
+        delta out of ``W`` (the residual is rebuilt from the snapshot), else the monitored vectors."""
+        if self.decomposition is not None:
+            return self.trainable_names
+        return tuple(n for n in self.trainable_names if n in self.monitored_vectors)
+
     @property
     def adapter_tensor_names(self) -> tuple[str, ...]:
         """Every tensor an adapter checkpoint must hold for this layer."""
-        snapshots = tuple(f"init_{n}" for n in self.trainable_names) if self.decomposition else ()
+        snapshots = tuple(f"init_{n}" for n in self._snapshotted)
         return (*self.trainable_names, *self.frozen_names, *snapshots, "initialized")
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -195,9 +217,9 @@ class AdapterLayer(nn.Module):
         # Right after init the snapshot equals the current tensors, so one dense delta serves both the
         # residual and the reconstruction check.
         delta = self.delta_weight()
+        for n in self._snapshotted:
+            getattr(self, f"init_{n}").copy_(getattr(self, n))
         if self.decomposition is not None:
-            for n in self.trainable_names:
-                getattr(self, f"init_{n}").copy_(getattr(self, n))
             self._write_weight_matrix(residual_weight(original, delta))
         self.initialized.fill_(True)
         self.calibration = None  # no calibration state outlives the init (nor carries into another fit)
@@ -212,15 +234,30 @@ class AdapterLayer(nn.Module):
             self._write_weight_matrix(residual_weight(original, self.delta_weight(self.factors(initial=True))))
         self.initialized.fill_(True)
 
+    def weight_change_norm(self) -> torch.Tensor | None:
+        """``‖W_t − W_0‖_F`` (0-dim) for methods whose effective weight is not ``W_base + P Qᵀ`` (DoRA);
+        ``None``: monitoring derives it from the low-rank factors."""
+        return None
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """The ``(m, n)`` float32 weight the adapted layer applies: ``W_base + delta`` (merge/export only)."""
+        return self.weight_matrix().float() + self.delta_weight()
+
+    @torch.no_grad()
+    def unmerged_weight(self, merged: torch.Tensor) -> torch.Tensor:
+        """``W_base`` (float32) back from the ``merged`` weight ``merged_weight`` produced."""
+        return merged - self.delta_weight()
+
     @torch.no_grad()
     def merge(self) -> None:
         """Fold the adapter delta into the base weight (idempotent)."""
         if self.merged:
             return
-        delta = self.delta_weight()
-        if not torch.isfinite(delta).all():
+        merged = self.merged_weight()
+        if not torch.isfinite(merged).all():
             raise ValueError(f"adapter of layer '{self.layer_name}' has non-finite values; refusing to merge")
-        self._write_weight_matrix((self.weight_matrix().float() + delta).to(self.base_layer.weight.dtype))
+        self._write_weight_matrix(merged.to(self.base_layer.weight.dtype))
         self.merged = True
 
     @torch.no_grad()
@@ -228,8 +265,8 @@ class AdapterLayer(nn.Module):
         """Subtract the adapter delta from the base weight again (idempotent)."""
         if not self.merged:
             return
-        delta = self.delta_weight()
-        self._write_weight_matrix((self.weight_matrix().float() - delta).to(self.base_layer.weight.dtype))
+        base = self.unmerged_weight(self.weight_matrix().float())
+        self._write_weight_matrix(base.to(self.base_layer.weight.dtype))
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -248,7 +285,9 @@ class AdapterLayer(nn.Module):
         return result.view(*shape[:-1], result.shape[-1])
 
     def extra_repr(self) -> str:
+        count = sum(getattr(self, n).numel() for n in self.trainable_names)
+        formula = f"{self.trainable_formula}=" if self.trainable_formula else ""
         return (
             f"method={self.method}, in_features={self.in_features}, out_features={self.out_features}, "
-            f"rank={self.rank}, scaling={self.scaling:g}, merged={self.merged}"
+            f"rank={self.rank}, scaling={self.scaling:g}, trainable={formula}{count}, merged={self.merged}"
         )

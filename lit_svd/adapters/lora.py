@@ -27,6 +27,7 @@ class LowRankProductLayer(AdapterLayer):
     """Shared by LoRA, PiSSA and OLoRA: trainable ``A`` (r, n) and ``B`` (m, r), delta ``s·B A``."""
 
     trainable_names = ("A", "B")
+    trainable_formula = "r(m+n)"
 
     def create_adapter(self, dtype: torch.dtype, device: torch.device) -> None:
         self.A = nn.Parameter(torch.empty(self.rank, self.in_features, dtype=dtype, device=device))

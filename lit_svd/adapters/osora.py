@@ -31,6 +31,9 @@ class OSoRALayer(AdapterLayer):
     decomposition = "svd"
     trainable_names = ("S", "output_scale")
     frozen_names = ("U", "V")
+    monitored_vectors = ("output_scale",)
+    scaled = False
+    trainable_formula = "r+m"
 
     def create_adapter(self, dtype: torch.dtype, device: torch.device) -> None:
         self.register_buffer("U", torch.zeros(self.out_features, self.rank, dtype=dtype, device=device))

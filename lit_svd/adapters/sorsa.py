@@ -30,6 +30,7 @@ class SORSALayer(AdapterLayer):
     decomposition = "svd"
     trainable_names = ("U", "S", "V")
     orthonormal_names = ("U", "V")
+    trainable_formula = "r(m+n+1)"
 
     def create_adapter(self, dtype: torch.dtype, device: torch.device) -> None:
         self.U = nn.Parameter(torch.zeros(self.out_features, self.rank, dtype=dtype, device=device))

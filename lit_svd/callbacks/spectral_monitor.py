@@ -49,7 +49,9 @@ def write_images(writer: Any, spectra: dict[str, LayerSpectrum], step: int | Non
 class SpectralMonitor(Callback):
     """Every ``every_n_steps`` optimizer steps, measure each adapter's spectrum and log it.
 
-    Scalars ``spectral/{sv_drift,orth_U,orth_V,weight_change}_{mean,max}``; with a TensorBoard logger also
+    Scalars ``spectral/{sv_drift,orth_U,orth_V,weight_change}_{mean,max}`` and, for methods that train
+    per-dimension vectors, ``spectral/<vector>_drift_{mean,max}`` (DoRA ``magnitude``, VeRA ``lambda_d`` and
+    ``lambda_b``, OSoRA ``output_scale``; see ``LayerSpectrum.vector_drift``); with a TensorBoard logger also
     a histogram ``spectral/singular_values`` and the image ``spectral/drift_heatmap`` (decoder layer ×
     module). All metrics come from the r-dimensional factors, batched over layers of equal shape with one
     device→host transfer per measurement (see ``lit_svd.spectral.layer_spectra``).
@@ -174,6 +176,15 @@ class SpectralMonitor(Callback):
             if self.log_per_layer:
                 for name, spectrum in spectra.items():
                     summaries[f"spectral/{name}/{metric}"] = torch.tensor(getattr(spectrum, metric))
+        # Trained per-dimension vectors (DoRA's magnitude, VeRA's lambda_d/lambda_b, OSoRA's output_scale).
+        for vector in dict.fromkeys(v for s in spectra.values() for v in s.vector_drift):
+            drifts = {name: s.vector_drift[vector] for name, s in spectra.items() if vector in s.vector_drift}
+            values = torch.tensor(list(drifts.values()))
+            summaries[f"spectral/{vector}_drift_mean"] = values.mean()
+            summaries[f"spectral/{vector}_drift_max"] = values.max()
+            if self.log_per_layer:
+                for name, drift in drifts.items():
+                    summaries[f"spectral/{name}/{vector}_drift"] = torch.tensor(drift)
         return summaries
 
     def _log(self, trainer: Trainer, pl_module: LightningModule, images: bool) -> None:

@@ -81,7 +81,8 @@ from lit_svd.module import LitSVDAdapter
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # Learning rates at batch 32 for SmolLM2 (r=16) when no grid is given: the best of the grid in
 # docs/results/gsm8k_lr_grid.jsonl (100 steps, 500 held-out problems). Override with --lr method=value.
-DEFAULT_LR = {"lora": 5e-3, "pissa": 1e-3, "olora": 5e-4, "sorsa": 2e-4, "osora": 2e-2}
+# DoRA and VeRA are not in the grid yet: LoRA's and OSoRA's rates (same factors / vectors only) until they are.
+DEFAULT_LR = {"lora": 5e-3, "pissa": 1e-3, "olora": 5e-4, "sorsa": 2e-4, "osora": 2e-2, "dora": 5e-3, "vera": 2e-2}
 PEFT_INIT = {"peft-lora": True, "peft-pissa": "pissa", "peft-olora": "olora"}
 ALL_METHODS = "base,lora,pissa,olora,sorsa,osora,peft-lora,peft-pissa,peft-olora"
 
