@@ -96,6 +96,11 @@ def main(out: Path, name: str, strategy: str, max_steps: int, gamma: float, ckpt
         spectra = {k: (s.sv_drift, s.orth_U, s.orth_V, s.weight_change) for k, s in monitor.last_spectra.items()}
         torch.save(spectra, out / f"spectra_{name}.pt")
         (out / f"info_{name}.json").write_text(json.dumps(info))
+    # Shut the process group down before the interpreter does: left to exit-time destructors, gloo's threads
+    # were seen to abort the process ("terminate called without an active exception") on a loaded machine.
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
