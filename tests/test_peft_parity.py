@@ -37,6 +37,25 @@ def align_signs(ours: torch.Tensor, theirs: torch.Tensor) -> torch.Tensor:
     return ours * signs
 
 
+def peft_factors(other) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's ``A`` (r, n) and ``B`` (m, r) of one LoRA layer."""
+    return other.lora_A["default"].weight, other.lora_B["default"].weight
+
+
+def assert_same_factors_up_to_sign(layer, other, tol: float) -> None:
+    A_theirs, B_theirs = peft_factors(other)
+    torch.testing.assert_close(align_signs(layer.B, B_theirs), B_theirs, rtol=0, atol=tol)
+    torch.testing.assert_close(align_signs(layer.A.T, A_theirs.T).T, A_theirs, rtol=0, atol=tol)
+
+
+def assert_same_adapted_weight(layer, other, tol: float) -> None:
+    """Each side's base weight plus its own ``s·B A`` agree."""
+    A_theirs, B_theirs = peft_factors(other)
+    ours_w = layer.base_layer.weight + layer.delta_weight()
+    theirs_w = other.base_layer.weight + other.scaling["default"] * B_theirs @ A_theirs
+    torch.testing.assert_close(ours_w, theirs_w, rtol=0, atol=tol)
+
+
 @pytest.mark.parametrize("method", ["lora", "pissa", "olora"])
 @pytest.mark.parametrize("alpha", [None, 16.0])
 def test_same_base_weight_factors_and_outputs(method, alpha, input_ids):
@@ -45,18 +64,14 @@ def test_same_base_weight_factors_and_outputs(method, alpha, input_ids):
     for name, layer in adapter_layers(ours):
         other = peft_layer(theirs, name)
         torch.testing.assert_close(layer.base_layer.weight, other.base_layer.weight, rtol=0, atol=tol)
-        A_theirs, B_theirs = other.lora_A["default"].weight, other.lora_B["default"].weight
+        A_theirs, B_theirs = peft_factors(other)
         assert layer.scaling == pytest.approx(other.scaling["default"])
         if method == "lora":
             assert torch.equal(layer.B, torch.zeros_like(layer.B)) and torch.equal(B_theirs, torch.zeros_like(B_theirs))
             assert layer.A.shape == A_theirs.shape
         else:
-            torch.testing.assert_close(align_signs(layer.B, B_theirs), B_theirs, rtol=0, atol=tol)
-            torch.testing.assert_close(align_signs(layer.A.T, A_theirs.T).T, A_theirs, rtol=0, atol=tol)
-        # the adapted weight W_base + s·B A
-        ours_w = layer.base_layer.weight + layer.delta_weight()
-        theirs_w = other.base_layer.weight + other.scaling["default"] * B_theirs @ A_theirs
-        torch.testing.assert_close(ours_w, theirs_w, rtol=0, atol=tol)
+            assert_same_factors_up_to_sign(layer, other, tol)
+        assert_same_adapted_weight(layer, other, tol)  # W_base + s·B A
     with torch.no_grad():
         torch.testing.assert_close(ours(input_ids).logits, theirs(input_ids).logits, rtol=0, atol=tol)
 
@@ -112,9 +127,7 @@ def test_corda_matches_peft(mode, input_ids):
     tol = TOLERANCE[torch.float32]  # measured: factors 2.6e-6 (IPM) / 1.3e-5 (KPM), logits 3e-6
     for name, layer in adapter_layers(ours):
         other = peft_layer(theirs, name)
-        A_theirs, B_theirs = other.lora_A["default"].weight, other.lora_B["default"].weight
-        torch.testing.assert_close(align_signs(layer.B, B_theirs), B_theirs, rtol=0, atol=tol)
-        torch.testing.assert_close(align_signs(layer.A.T, A_theirs.T).T, A_theirs, rtol=0, atol=tol)
+        assert_same_factors_up_to_sign(layer, other, tol)
         torch.testing.assert_close(layer.base_layer.weight, other.base_layer.weight, rtol=0, atol=tol)
     with torch.no_grad():
         torch.testing.assert_close(ours(input_ids).logits, theirs(input_ids).logits, rtol=0, atol=tol)
@@ -179,14 +192,9 @@ def test_loraga_matches_peft(input_ids):
     tol = TOLERANCE[torch.float32]
     for name, layer in adapter_layers(ours):
         other = peft_layer(theirs, name)
-        A_theirs, B_theirs = other.lora_A["default"].weight, other.lora_B["default"].weight
         # A's rows (V_{:r}) and B's columns (U_{r:2r}) come from different triplets: signs are independent, and
         # PEFT's randomized torch.svd_lowrank (q = 4r, 4 iterations) estimates them (measured: 7e-5 here).
-        torch.testing.assert_close(align_signs(layer.B, B_theirs), B_theirs, rtol=0, atol=tol)
-        torch.testing.assert_close(align_signs(layer.A.T, A_theirs.T).T, A_theirs, rtol=0, atol=tol)
-        # Each side's residual plus its own s·B A is the original weight.
-        ours_w = layer.base_layer.weight + layer.delta_weight()
-        theirs_w = other.base_layer.weight + other.scaling["default"] * B_theirs @ A_theirs
-        torch.testing.assert_close(ours_w, theirs_w, rtol=0, atol=tol)
+        assert_same_factors_up_to_sign(layer, other, tol)
+        assert_same_adapted_weight(layer, other, tol)  # each side's residual + s·B A: the original weight
     with torch.no_grad():
         torch.testing.assert_close(ours(input_ids).logits, theirs(input_ids).logits, rtol=0, atol=tol)
