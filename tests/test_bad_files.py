@@ -76,15 +76,38 @@ def test_a_checkpoint_of_another_method_rank_or_model_is_named():
 
 
 # ----- write failures ----------------------------------------------------------------------------------------------
-def test_a_full_disk_during_a_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    import errno
-
+def _fit_until_the_step_4_checkpoint_fails(tmp_path, checkpoint_class, reason: str):
+    """Fit SORSA on a tiny model with ``checkpoint_class`` (an ``AdapterCheckpoint``) saving every 2 steps into
+    ``tmp_path/ckpt``; expects the step-4 write to fail for ``reason``. Returns ``(module, the OSError)``."""
     import pytest
     from conftest import make_tiny_model
-    from fsspec.implementations.local import LocalFileOpener
     from lightning_helpers import RandomTokensData, quiet_cpu_trainer
 
     from lit_svd import AdapterConfig, LitSVDAdapter, SVDInit
+
+    module = LitSVDAdapter(make_tiny_model("llama"), AdapterConfig(method="sorsa", rank=2, target_modules=["q_proj"]))
+    checkpoint = tmp_path / "ckpt" / "last.ckpt"
+    trainer = quiet_cpu_trainer(
+        tmp_path,
+        6,
+        limit_val_batches=0,
+        enable_checkpointing=True,
+        callbacks=[SVDInit(), checkpoint_class(every_n_train_steps=2, dirpath=tmp_path / "ckpt")],
+    )
+    with pytest.raises(
+        OSError,
+        match=rf"writing the checkpoint of step 4 to {checkpoint} failed \({reason}\); "
+        rf"the previous {checkpoint} is intact",
+    ) as raised:
+        trainer.fit(module, datamodule=RandomTokensData(count=16, batch_size=2))
+    return module, raised.value
+
+
+def test_a_full_disk_during_a_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    from fsspec.implementations.local import LocalFileOpener
+
     from lit_svd.callbacks import AdapterCheckpoint
 
     write = LocalFileOpener.write
@@ -102,22 +125,9 @@ def test_a_full_disk_during_a_checkpoint_write_keeps_the_previous_checkpoint(tmp
             super()._save_checkpoint(trainer, filepath)
 
     monkeypatch.setattr(LocalFileOpener, "write", fills_the_disk)
-    module = LitSVDAdapter(make_tiny_model("llama"), AdapterConfig(method="sorsa", rank=2, target_modules=["q_proj"]))
     checkpoint = tmp_path / "ckpt" / "last.ckpt"
-    trainer = quiet_cpu_trainer(
-        tmp_path,
-        6,
-        limit_val_batches=0,
-        enable_checkpointing=True,
-        callbacks=[SVDInit(), CountSaves(every_n_train_steps=2, dirpath=tmp_path / "ckpt")],
-    )
-    with pytest.raises(
-        OSError,
-        match=rf"writing the checkpoint of step 4 to {checkpoint} failed \(No space left on device\); "
-        rf"the previous {checkpoint} is intact",
-    ) as raised:
-        trainer.fit(module, datamodule=RandomTokensData(count=16, batch_size=2))
-    assert raised.value.errno == errno.ENOSPC
+    _, error = _fit_until_the_step_4_checkpoint_fails(tmp_path, CountSaves, "No space left on device")
+    assert error.errno == errno.ENOSPC
     monkeypatch.undo()
     assert torch.load(checkpoint, weights_only=True)["global_step"] == 2  # the last good one, whole
     assert sorted(p.name for p in checkpoint.parent.iterdir()) == ["last.ckpt"]  # no half-written file left
@@ -175,14 +185,10 @@ def test_a_write_the_kernel_refuses_keeps_the_previous_checkpoint_and_export(tmp
     import errno
 
     import pytest
-    from conftest import make_tiny_model
-    from lightning_helpers import RandomTokensData, quiet_cpu_trainer
 
-    from lit_svd import AdapterConfig, LitSVDAdapter, SVDInit
     from lit_svd.callbacks import AdapterCheckpoint
 
     checkpoint = tmp_path / "ckpt" / "last.ckpt"
-    module = LitSVDAdapter(make_tiny_model("llama"), AdapterConfig(method="sorsa", rank=2, target_modules=["q_proj"]))
     with _file_size_limit() as limit:
 
         class LimitAfterFirstSave(AdapterCheckpoint):
@@ -190,20 +196,8 @@ def test_a_write_the_kernel_refuses_keeps_the_previous_checkpoint_and_export(tmp
                 super()._save_checkpoint(trainer, filepath)
                 limit(checkpoint.stat().st_size // 2)  # the next checkpoint stops half-way
 
-        trainer = quiet_cpu_trainer(
-            tmp_path,
-            6,
-            limit_val_batches=0,
-            enable_checkpointing=True,
-            callbacks=[SVDInit(), LimitAfterFirstSave(every_n_train_steps=2, dirpath=tmp_path / "ckpt")],
-        )
-        with pytest.raises(
-            OSError,
-            match=rf"writing the checkpoint of step 4 to {checkpoint} failed \(File too large\); "
-            rf"the previous {checkpoint} is intact",
-        ) as raised:
-            trainer.fit(module, datamodule=RandomTokensData(count=16, batch_size=2))
-        assert raised.value.errno == errno.EFBIG
+        module, error = _fit_until_the_step_4_checkpoint_fails(tmp_path, LimitAfterFirstSave, "File too large")
+        assert error.errno == errno.EFBIG
 
         target = tmp_path / "peft"
         limit(2**30)
