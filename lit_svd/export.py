@@ -97,6 +97,12 @@ def merged_state_dict(model: nn.Module, device: torch.device | str | None = None
                 tensor = merged.to(tensor.device)
             key = f"{layer_name}.{leaf}"
         state[key] = tensor
+    for name, layer in layers.items():
+        if layer.quantized:  # a 4-bit base is not in the state dict: its merged weight is formed here
+            with _visiting(layer, device):
+                merged = (layer.weight_matrix().float() + layer.delta_weight()).to(layer.base_layer.dtype)
+                merged = (merged.T if layer.is_conv1d else merged).contiguous()
+            state[f"{name}.weight"] = merged.to(layer.initialized.device)
     return state
 
 
