@@ -52,7 +52,9 @@ def main() -> None:
     from lit_svd.models import EMBEDDED_MODEL, load_causal_lm
 
     model = load_causal_lm(EMBEDDED_MODEL, dtype=torch.float32)
-    weights = {n: m.weight.detach() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
+    weights = {
+        n: m.weight.detach() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n
+    }
 
     def torchao_nf4(w: torch.Tensor):
         return to_nf4(w, 64, math.gcd(w.numel() // 64, 256))
@@ -94,7 +96,9 @@ def main() -> None:
         "relative_error": {k: math.sqrt(v / total) for k, v in squared.items()},
         "down_proj_576x1536_ms": {
             "quantize": {
-                "bitsandbytes_double": _ms(lambda: BF.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")),
+                "bitsandbytes_double": _ms(
+                    lambda: BF.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+                ),
                 "torchao": _ms(lambda: to_nf4(w)),
             },
             "dequantize": {

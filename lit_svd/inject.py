@@ -257,7 +257,10 @@ def initialize_adapters(
     for _, layer in pending:
         weight = layer.weight_matrix()
         work_device = torch.device(device) if device is not None else weight.device
-        key = (layer.decomposition, tuple(weight.shape), layer.rank, layer.svd_method, work_device)
+        # Only these are batched across layers; others (LoftQ: SVDs of its own quantization error) decompose
+        # inside init_from_base, like LoRA's init needs nothing.
+        batched = layer.decomposition if layer.decomposition in ("svd", "minor_svd", "qr") else None
+        key = (batched, tuple(weight.shape), layer.rank, layer.svd_method, work_device)
         groups[key].append(layer)
 
     plan: list[tuple[tuple, list[AdapterLayer], int]] = []  # (group key, chunk of layers, owner)
@@ -296,7 +299,7 @@ def initialize_adapters(
         initialize_chunk(chunk, batched, work_device)
 
     for index, ((decomposition, shape, rank, _, work_device), chunk, owner) in enumerate(plan):
-        if decomposition is None:  # e.g. LoRA: the init does not read W
+        if decomposition is None:  # e.g. LoRA: the init does not read W; LoftQ decomposes on its own
             initialize_chunk(chunk, None, work_device)
             continue
         batched = own_factors.pop(index, None)

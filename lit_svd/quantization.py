@@ -20,6 +20,7 @@ original weights and the adapter's init snapshot and quantizes it again, bit-ide
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any, Literal
 
@@ -40,6 +41,7 @@ def quantizable_dtype(dtype: torch.dtype) -> bool:
     return dtype in _QUANTIZABLE
 
 
+@functools.cache
 def _functional():
     """``bitsandbytes.functional``, imported on first use (2 s), without its CPU-kernel download notice."""
     logger = logging.getLogger("bitsandbytes")

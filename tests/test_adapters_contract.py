@@ -20,7 +20,9 @@ from lit_svd import (
 )
 from lit_svd.linalg import orthonormality_error
 
-METHODS = available_adapters()
+# LoftQ fits its factors to a 4-bit base, so it cannot keep the full-precision contract (logits preserved at
+# init, in-place merge); tests/test_quantization.py holds it and every method with a 4-bit base to theirs.
+METHODS = tuple(m for m in available_adapters() if m != "loftq")
 
 
 def expected_trainable(method: str, m: int, n: int, r: int) -> int:
@@ -49,8 +51,8 @@ def perturb(model, scale: float = 0.05, seed: int = 3):
                 t.add_(scale * torch.randn(t.shape, generator=g, dtype=t.dtype))
 
 
-def test_registry_lists_the_six_methods():
-    assert METHODS == ("lora", "milora", "olora", "osora", "pissa", "sorsa")
+def test_registry_lists_the_seven_methods():
+    assert available_adapters() == ("loftq", "lora", "milora", "olora", "osora", "pissa", "sorsa")
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)

@@ -32,7 +32,8 @@ def test_error_message_takes_our_cause_out_of_jsonargparse_wrapping():
     except ValueError as error:
         message = error_message(error)
     assert message == (
-        "invalid AdapterConfig: unknown adapter 'doesnotexist'; choose one of: lora, milora, olora, osora, pissa, sorsa"
+        "invalid AdapterConfig: unknown adapter 'doesnotexist'; choose one of: loftq, lora, milora, olora, osora, "
+        "pissa, sorsa"
     )
 
 
@@ -183,8 +184,8 @@ def test_help_after_the_script_is_the_recipes_help():
         (
             "--model.adapter.method",
             "doesnotexist",
-            "error: invalid AdapterConfig: unknown adapter 'doesnotexist'; choose one of: lora, milora, olora, osora, "
-            "pissa, sorsa",
+            "error: invalid AdapterConfig: unknown adapter 'doesnotexist'; choose one of: loftq, lora, milora, olora, "
+            "osora, pissa, sorsa",
         ),
         ("--data.data_dir", "/nonexistent", "error: data folder not found: /nonexistent (--data.data_dir)"),
     ],

@@ -114,7 +114,7 @@ def test_a_failing_multi_process_run_ends_with_the_workers_error_not_torchruns_r
     assert result.returncode == 1
     lines = [line for line in result.stdout.splitlines() if line.strip()]
     assert lines[-1] == (
-        "error: invalid AdapterConfig: unknown adapter 'doesnotexist'; choose one of: lora, milora, olora, osora, "
-        "pissa, sorsa"
+        "error: invalid AdapterConfig: unknown adapter 'doesnotexist'; choose one of: loftq, lora, milora, olora, "
+        "osora, pissa, sorsa"
     ), result.stdout[-3000:]
     assert "ChildFailedError" not in result.stdout and "Traceback" not in result.stdout

@@ -17,7 +17,7 @@ def untouched(model, reference) -> bool:
 
 def test_unknown_method_lists_choices():
     with pytest.raises(
-        ValueError, match="unknown adapter 'sorsaa'; choose one of: lora, milora, olora, osora, pissa, sorsa"
+        ValueError, match="unknown adapter 'sorsaa'; choose one of: loftq, lora, milora, olora, osora, pissa, sorsa"
     ):
         AdapterConfig(method="sorsaa")
 

@@ -21,7 +21,14 @@ TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
 def make_module(method: str = "sorsa", rank: int = 4, seed: int = 0, **kwargs) -> LitSVDAdapter:
-    config = AdapterConfig(method=method, rank=rank, target_modules=TARGETS, gamma=kwargs.pop("gamma", 4e-4))
+    quantization = kwargs.pop("base_quantization", "nf4" if method == "loftq" else None)  # LoftQ needs one
+    config = AdapterConfig(
+        method=method,
+        rank=rank,
+        target_modules=TARGETS,
+        gamma=kwargs.pop("gamma", 4e-4),
+        base_quantization=quantization,
+    )
     return LitSVDAdapter(
         make_tiny_model("llama", seed=seed), config, learning_rate=kwargs.pop("learning_rate", 1e-2), **kwargs
     )

@@ -3,7 +3,8 @@
 from lit_svd.adapters.base import AdapterLayer
 
 # Importing a method's module registers it: adding an adapter is one file plus one line here.
-from lit_svd.adapters.lora import LoRALayer  # noqa: I001
+from lit_svd.adapters.loftq import LoftQLayer  # noqa: I001
+from lit_svd.adapters.lora import LoRALayer
 from lit_svd.adapters.milora import MiLoRALayer
 from lit_svd.adapters.olora import OLoRALayer
 from lit_svd.adapters.osora import OSoRALayer
@@ -13,6 +14,7 @@ from lit_svd.adapters.sorsa import SORSALayer
 
 __all__ = [
     "AdapterLayer",
+    "LoftQLayer",
     "LoRALayer",
     "MiLoRALayer",
     "OLoRALayer",
