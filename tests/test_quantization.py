@@ -56,6 +56,31 @@ def perturb(model, scale: float = 0.05, seed: int = 3):
                 t.add_(scale * torch.randn(t.shape, generator=g, dtype=t.dtype))
 
 
+def reference_nf4(matrix: torch.Tensor) -> torch.Tensor:
+    """NF4 round trip in plain torch: blocks of 64 consecutive weights, absmax scale, nearest of 16 levels."""
+    levels = torch.tensor(
+        [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+         -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+         0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+         0.7229568362236023, 1.0]
+    )  # fmt: skip
+    flat = matrix.flatten()
+    blocks = torch.nn.functional.pad(flat, (0, (-flat.numel()) % 64)).reshape(-1, 64)
+    absmax = blocks.abs().amax(1, keepdim=True)
+    nearest = ((blocks / absmax).unsqueeze(-1) - levels).abs().argmin(-1)
+    return (levels[nearest] * absmax).flatten()[: flat.numel()].view(matrix.shape)
+
+
+@pytest.mark.parametrize("shape", [(32, 32), (48, 32), (7, 9), (192, 576)])
+def test_nf4_round_trip_matches_a_plain_torch_reference(shape):
+    # bitsandbytes 0.50's CPU kernel gets 2-D shapes with in_features % 64 != 0 wrong; NF4Linear must not.
+    matrix = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    layer = NF4Linear.from_matrix(matrix, double_quantization=False)
+    torch.testing.assert_close(layer.dequantized(), reference_nf4(matrix), rtol=0, atol=1e-6)
+    relative = (nf4_round_trip(matrix) - matrix).norm() / matrix.norm()
+    assert 0.08 < relative < 0.1  # NF4 on Gaussian weights, with double quantization too
+
+
 # Every method on the tiny Llama, and GPT-2's Conv1D layers with one SVD method and LoRA (QLoRA).
 CASES = [("llama", m) for m in QUANTIZED] + [("gpt2", "pissa"), ("gpt2", "lora")]
 
@@ -238,3 +263,49 @@ def test_dequantized_peft_export_needs_a_4bit_base(tmp_path):
     with pytest.raises(ValueError, match="base='dequantized' is for models with a 4-bit base"):
         export_peft_lora(adapted("llama", "pissa"), tmp_path / "x", base="dequantized")
     assert not (tmp_path / "x").exists()
+
+
+def test_fsdp_refuses_a_4bit_base_naming_a_layer():
+    from lit_svd.strategies import refuse_quantized_bases
+
+    refuse_quantized_bases(adapted("llama", "pissa"))  # full precision: fine
+    model = inject_adapters(
+        make_tiny_model("llama"),
+        AdapterConfig(method="pissa", rank=2, target_modules=["q_proj"], base_quantization="nf4"),
+        initialize=False,  # refused before init too: the strategy checks before it initialises
+    )
+    with pytest.raises(ValueError, match=r"cannot shard 4-bit \(NF4\) bases \(e.g. layer 'model.layers.0.self_attn"):
+        refuse_quantized_bases(model)
+
+
+def test_lightning_fit_with_4bit_base_gradient_checkpointing_and_spectral_monitor(tmp_path):
+    import lightning as L
+    from lightning_helpers import RandomTokensData, quiet_cpu_trainer
+
+    from lit_svd.callbacks import SpectralMonitor, SVDInit
+    from lit_svd.module import LitSVDAdapter
+
+    L.seed_everything(0)
+    config = AdapterConfig(method="sorsa", rank=4, target_modules=["q_proj", "down_proj"], base_quantization="nf4")
+    module = LitSVDAdapter(make_tiny_model("llama"), config, learning_rate=1e-2, gradient_checkpointing=True)
+    assert not any(layer.quantized for _, layer in adapter_layers(module.model))  # quantized at fit start
+    monitor = SpectralMonitor(every_n_steps=1, log_images=False)
+    init = SVDInit()
+    trainer = quiet_cpu_trainer(tmp_path, 3, limit_val_batches=0, callbacks=[init, monitor])
+    before = None
+
+    class Snapshot(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            nonlocal before
+            before = {k: v.clone() for k, v in adapter_state_dict(pl_module.model).items()}
+
+    trainer.callbacks.append(Snapshot())
+    trainer.fit(module, datamodule=RandomTokensData())
+    layers = dict(adapter_layers(module.model))
+    assert all(layer.quantized for layer in layers.values())
+    # SVDInit reports the error of the model as trained: the 4-bit base's, not ~1e-7
+    assert 1e-3 < init.report["max_reconstruction_error"] < 0.2
+    assert set(monitor.last_spectra) == {f"model.{n}" for n in layers}  # the monitor walks the LightningModule
+    assert all(s.weight_change > 0 for s in monitor.last_spectra.values())
+    after = adapter_state_dict(module.model)
+    assert any(not torch.equal(after[k], before[k]) for k in before if k.endswith((".U", ".S", ".V")))
