@@ -309,3 +309,28 @@ def test_lightning_fit_with_4bit_base_gradient_checkpointing_and_spectral_monito
     assert all(s.weight_change > 0 for s in monitor.last_spectra.values())
     after = adapter_state_dict(module.model)
     assert any(not torch.equal(after[k], before[k]) for k in before if k.endswith((".U", ".S", ".V")))
+
+
+@pytest.mark.slow
+def test_quantized_residual_error_is_below_qloras_on_smollm2(smollm2):
+    """The QPiSSA claim on real weights: ‖W − (deq(Q(W_res)) + delta)‖_F < ‖W − deq(Q(W))‖_F, per matrix."""
+    import copy
+
+    from torch import nn
+
+    holder = nn.Module()  # q, v, down projections of three decoder layers (as tests/test_smollm2_exactness.py)
+    for i in (0, 14, 29):
+        for path in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"):
+            holder.add_module(
+                f"l{i}_{path.replace('.', '_')}", copy.deepcopy(smollm2.model.layers[i].get_submodule(path))
+            )
+    originals = {n: m.weight.detach().clone() for n, m in holder.named_children()}
+    qlora = {n: (w - nf4_round_trip(w)).norm().item() for n, w in originals.items()}
+    for method in ("pissa", "sorsa", "loftq"):
+        model = copy.deepcopy(holder)
+        inject_adapters(
+            model, AdapterConfig(method=method, rank=16, target_modules="all-linear", base_quantization="nf4")
+        )
+        for name, layer in adapter_layers(model):
+            error = (originals[name] - (layer.weight_matrix() + layer.delta_weight())).norm().item()
+            assert error < 0.99 * qlora[name], (method, name, error / qlora[name])
