@@ -60,7 +60,9 @@ class AdapterConfig:
     gamma: float = 4e-4
     adapter_dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = None
     svd_method: Literal["auto", "subspace", "gram", "full"] = "auto"
-    base_quantization: Literal["nf4"] | None = None
+    # A str, not a Literal: a wrong name then reaches __post_init__, whose message lists the choices (the CLI's
+    # type check would bury it in a Union error).
+    base_quantization: str | None = None
     double_quantization: bool = True
     loftq_iters: int = 1
 

@@ -188,6 +188,12 @@ def test_help_after_the_script_is_the_recipes_help():
             "osora, pissa, sorsa",
         ),
         ("--data.data_dir", "/nonexistent", "error: data folder not found: /nonexistent (--data.data_dir)"),
+        (
+            "--model.adapter.base_quantization",
+            "nf8",
+            "error: invalid AdapterConfig: unknown base_quantization 'nf8'; choose one of: nf4 (or None for a "
+            "full-precision base)",
+        ),
     ],
 )
 def test_bad_input_through_lightning_run_ends_with_one_clear_line_before_the_model_loads(flag, value, message):
