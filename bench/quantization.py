@@ -6,7 +6,8 @@ decoder layers (210 matrices), the init is run as in training and then measured:
 - ``ratio``: ‖W − (deq(Q(W_res)) + delta)‖_F / ‖W − deq(Q(W))‖_F, summed over the 210 matrices (squared
   numerators and denominators added first) and per projection type; QLoRA (LoRA, delta = 0, base = NF4(W))
   is 1 by definition; < 1 means the method's 4-bit model starts closer to the full-precision one;
-- ``max_abs_dlogit``: max |logit − full-precision logit| over a few real prompts, at init.
+- ``max_abs_dlogit``: max |logit − full-precision logit| over a few real prompts, at init (also the mean, and
+  how often the top-1 next token agrees with the full-precision model's).
 
 Usage: ``PYTHONPATH=. python bench/quantization.py [--ranks 16 64] [--methods lora pissa …]`` (CPU, a few
 minutes) → bench/results/quantization_error.json and a table on stdout.
@@ -34,17 +35,22 @@ PROMPTS = [
     "def fibonacci(n):\n    return",
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
 ]
-# (method, loftq_iters): LoftQ at PEFT's default of 1 iteration and at 5.
-RUNS = [("lora", 1), ("pissa", 1), ("sorsa", 1), ("osora", 1), ("olora", 1), ("milora", 1), ("loftq", 1), ("loftq", 5)]
+# (method, loftq_iters); LoftQ at any of 1..10 iterations.
+RUNS = [("lora", 1), ("pissa", 1), ("sorsa", 1), ("osora", 1), ("olora", 1), ("milora", 1)]
+RUNS += [("loftq", iters) for iters in range(1, 11)]  # --loftq-iters picks (default 1 and 5)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, nargs="+", default=[16, 64])
-    parser.add_argument("--methods", nargs="+", default=None, help="subset of: " + ", ".join(m for m, _ in RUNS))
+    parser.add_argument(
+        "--methods", nargs="+", default=None, help="subset of: " + ", ".join(dict.fromkeys(m for m, _ in RUNS))
+    )
+    parser.add_argument("--loftq-iters", type=int, nargs="+", default=[1, 5], help="LoftQ's iteration counts to run")
     parser.add_argument("--output", default=str(RESULTS_DIR / "quantization_error.json"))
     args = parser.parse_args()
     runs = [run for run in RUNS if args.methods is None or run[0] in args.methods]
+    runs = [(method, iters) for method, iters in runs if method != "loftq" or iters in args.loftq_iters]
 
     model = load_causal_lm(EMBEDDED_MODEL, dtype=torch.float32).eval()
     tokenizer = load_tokenizer(EMBEDDED_MODEL)
@@ -80,14 +86,20 @@ def main() -> None:
                         denominator[key] += qlora[name].item()
                 logits = adapted(**batch).logits
             ratio = {k: (numerator[k] / denominator[k]) ** 0.5 for k in numerator}
-            dlogit = (logits - reference).abs()[mask].max().item()
+            difference = (logits - reference).abs()[mask]  # (valid tokens, vocab)
+            dlogit = difference.max().item()
+            top1 = (logits.argmax(-1) == reference.argmax(-1))[mask].float().mean().item()
             label = method if method != "loftq" else f"loftq (iters={iters})"
             results.append(
                 {"method": method, "loftq_iters": iters, "rank": rank, "ratio": ratio, "max_abs_dlogit": dlogit}
-                | {"init_seconds": seconds}
+                | {"mean_abs_dlogit": difference.mean().item(), "top1_agreement": top1, "init_seconds": seconds}
             )
             rows.append({"rank": rank, "method": label, "ratio": ratio["all"], "max|Δlogit|": dlogit} | ratio)
-            print(f"r={rank} {label}: ratio {ratio['all']:.4f}, max |Δlogit| {dlogit:.3f} ({seconds:.1f}s)", flush=True)
+            print(
+                f"r={rank} {label}: ratio {ratio['all']:.4f}, max |Δlogit| {dlogit:.3f}, top-1 agreement {top1:.3f} "
+                f"({seconds:.1f}s)",
+                flush=True,
+            )
             del adapted
 
     payload = {
