@@ -11,6 +11,14 @@ reproduces our trained model. Two methods are written in their own PEFT format i
 with ``use_dora=True`` (the same rank ≤ 2r direction factors, plus ``lora_magnitude_vector``), and VeRA as
 a PEFT VeRA adapter (``vera_lambda_b``/``vera_lambda_d`` per layer and the shared ``vera_A``/``vera_B``;
 ``projection_prng_key`` = our seed, so PEFT would re-derive the same matrices).
+
+4-bit bases (``base_quantization="nf4"``): the merged export writes ``deq(base) + delta`` in the base's
+original dtype (a plain checkpoint). A PEFT adapter can target one of two bases, and ``lit_svd.json`` in the
+export says which (``expected_base``): ``"original"`` (default; the rank-2r change against the original
+full-precision ``W``, so the served model is ``W_res + delta``, i.e. the trained model without the base's
+quantization error — what QLoRA users usually serve) or ``"dequantized"`` (the current delta alone, rank
+≤ r, plus the dequantized base ``deq(Q(W_res))`` written as a plain checkpoint in ``base_model/`` beside
+it: together they reproduce the trained model exactly).
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 import torch
 from safetensors import SafetensorError
@@ -89,7 +98,9 @@ def _check_exportable(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
 
 
 @torch.no_grad()
-def merged_state_dict(model: nn.Module, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+def merged_state_dict(
+    model: nn.Module, device: torch.device | str | None = None, with_delta: bool = True
+) -> dict[str, torch.Tensor]:
     """The state dict the merged plain model would have, computed layer by layer (model unchanged).
 
     Args:
@@ -98,6 +109,8 @@ def merged_state_dict(model: nn.Module, device: torch.device | str | None = None
             host memory (e.g. after ``Trainer.fit``, which moves it back to the CPU) is merged in seconds on
             the GPU, each layer visiting it, instead of minutes on the host; the merged weights come back
             to where the layer lives.
+        with_delta: ``False``: the base weights alone (e.g. the dequantized 4-bit base for a PEFT adapter of
+            the current delta).
     """
     layers = dict(_check_exportable(model))
     state = {}
@@ -110,11 +123,18 @@ def merged_state_dict(model: nn.Module, device: torch.device | str | None = None
             if leaf == "weight":
                 layer = layers[layer_name]
                 with _visiting(layer, device):
-                    merged = layer.merged_weight()
+                    merged = layer.merged_weight() if with_delta else layer.weight_matrix().float()
                     merged = (merged.T if layer.is_conv1d else merged).to(tensor.dtype).contiguous()
                 tensor = merged.to(tensor.device)
             key = f"{layer_name}.{leaf}"
         state[key] = tensor
+    for name, layer in layers.items():
+        if layer.quantized:  # a 4-bit base is not in the state dict: its merged weight is formed here
+            with _visiting(layer, device):
+                merged = layer.merged_weight() if with_delta else layer.weight_matrix().float()
+                merged = merged.to(layer.base_layer.dtype)
+                merged = (merged.T if layer.is_conv1d else merged).contiguous()
+            state[f"{name}.weight"] = merged.to(layer.initialized.device)
     return state
 
 
@@ -140,16 +160,17 @@ def export_merged(
 
 @torch.no_grad()
 def peft_lora_factors(
-    layer: AdapterLayer, device: torch.device | str | None = None
+    layer: AdapterLayer, device: torch.device | str | None = None, against: str = "original"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """PEFT ``lora_A`` (k, n) and ``lora_B`` (m, k) with ``lora_B @ lora_A = ΔW`` against the original weight.
 
     ``k = r`` for methods whose init leaves the base weight unchanged (LoRA), else ``2r``. The float64 thin
     SVD runs on ``device`` (``None``: where the layer is; only the adapter factors travel), and the factors
-    come back to the layer's device.
+    come back to the layer's device. ``against="base"``: the current delta alone (``k = r``), for serving on
+    the layer's own (e.g. dequantized 4-bit) base weight.
     """
     P_t, Q_t = layer.low_rank_factors(layer.factors())
-    if layer.decomposition is not None:
+    if layer.decomposition is not None and against == "original":
         P_0, Q_0 = layer.initial_low_rank_factors()
         P_t, Q_t = torch.cat([P_t, -P_0], dim=1), torch.cat([Q_t, Q_0], dim=1)
     home = P_t.device
@@ -179,6 +200,7 @@ def export_peft_lora(
     base_model_name_or_path: str | None = None,
     overwrite: bool = False,
     device: torch.device | str | None = None,
+    base: Literal["original", "dequantized"] = "original",
 ) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` of an equivalent PEFT LoRA adapter.
 
@@ -192,6 +214,11 @@ def export_peft_lora(
             original base model to load.
         overwrite: Replace an existing non-empty ``path``.
         device: Where to compute the factors (``peft_lora_factors``); ``None``: where each layer is.
+        base: Which base the adapter is for (recorded as ``expected_base`` in ``lit_svd.json``).
+            ``"original"``: the original full-precision weights (rank 2r; with a 4-bit base the served model
+            lacks the base's quantization error). ``"dequantized"`` (4-bit bases only): the current delta
+            alone, and the dequantized base written to ``path/base_model`` (a plain checkpoint, recorded as
+            ``base_model_name_or_path``); the two reproduce the trained model exactly.
     """
     from safetensors.torch import save_file
 
@@ -199,10 +226,16 @@ def export_peft_lora(
         from peft import LoraConfig, VeraConfig
     except ImportError as err:  # peft is an optional dependency
         raise ImportError("export_peft_lora needs peft: pip install peft") from err
+    if base not in ("original", "dequantized"):
+        raise ValueError(f"base must be 'original' or 'dequantized', got {base!r}")
     layers = _check_exportable(model)
+    quantization = {layer.base_quantization for _, layer in layers} - {None}
+    if base == "dequantized" and not quantization:
+        raise ValueError("base='dequantized' is for models with a 4-bit base; this one is full precision")
     conv = {layer.is_conv1d for _, layer in layers}
     if len(conv) > 1:
         raise ValueError("cannot export a mix of nn.Linear and Conv1D adapters to one PEFT config (fan_in_fan_out)")
+    base_path = str(Path(path) / "base_model") if base == "dequantized" else base_model_name_or_path
     first = layers[0][1]
     targets = [name for name, _ in layers]
     if first.method == "vera":
@@ -214,13 +247,13 @@ def export_peft_lora(
             save_projection=True,  # written anyway: the file then does not depend on PEFT's generator
             d_initial=first.d_initial,
             fan_in_fan_out=conv.pop(),
-            base_model_name_or_path=base_model_name_or_path,
+            base_model_name_or_path=base_path,
             task_type="CAUSAL_LM",
         )
     else:
         tensors, ranks = {}, set()
         for name, layer in layers:
-            A, B = peft_lora_factors(layer, device)
+            A, B = peft_lora_factors(layer, device, against="base" if base == "dequantized" else "original")
             if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
                 raise ValueError(f"adapter '{name}' has non-finite values; nothing exported")
             ranks.add(A.shape[0])
@@ -235,13 +268,26 @@ def export_peft_lora(
             target_modules=targets,
             fan_in_fan_out=conv.pop(),
             use_dora=first.method == "dora",
-            base_model_name_or_path=base_model_name_or_path,
+            base_model_name_or_path=base_path,
             task_type="CAUSAL_LM",
         )
     if not all(torch.isfinite(t).all() for t in tensors.values()):
         raise ValueError("the adapter has non-finite values; nothing exported")
+    info = {"method": layers[0][1].method, "rank": layers[0][1].rank, "expected_base": base}
+    if quantization:
+        info["base_quantization"] = quantization.pop()
+        info["note"] = (
+            "trained on a 4-bit base deq(Q(W_res)); this adapter is the change against the original full-precision "
+            "weights, so served on them it gives W_res + delta: the trained model without the base's quantization "
+            "error. For the exact trained model use export_merged, or base='dequantized'."
+            if base == "original"
+            else "the current adapter delta for the dequantized 4-bit base in base_model/ (a plain checkpoint): "
+            "together they reproduce the trained model exactly."
+        )
     with atomic_directory(path, overwrite) as staging:
         save_file(tensors, staging / "adapter_model.safetensors", metadata={"format": "pt"})
         config.save_pretrained(staging)
-        (staging / "lit_svd.json").write_text(json.dumps({"method": layers[0][1].method, "rank": layers[0][1].rank}))
+        (staging / "lit_svd.json").write_text(json.dumps(info))
+        if base == "dequantized":
+            model.save_pretrained(staging / "base_model", state_dict=merged_state_dict(model, device, with_delta=False))
     return Path(path)

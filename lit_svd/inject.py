@@ -30,6 +30,7 @@ from lit_svd.linalg import (
     thin_qr,
     top_r_svd,
 )
+from lit_svd.quantization import quantizable_dtype
 
 __all__ = [
     "adapter_layers",
@@ -136,6 +137,15 @@ def inject_adapters(model: nn.Module, config: AdapterConfig, initialize: bool = 
     too_big = [f"'{n}' {_weight_shape(modules[n])}" for n in targets if rank > min(_weight_shape(modules[n]))]
     if too_big:
         raise ValueError(f"rank {rank} exceeds min(out, in) of layer(s): {', '.join(too_big)}")
+    if config.base_quantization is not None:
+        dtypes = {n: modules[n].weight.dtype for n in targets}
+        unquantizable = [f"'{n}' ({dtype})" for n, dtype in dtypes.items() if not quantizable_dtype(dtype)]
+        if unquantizable:
+            raise ValueError(
+                f"base_quantization={config.base_quantization!r} takes float32/bfloat16/float16 weights; "
+                f"layer(s) {', '.join(unquantizable[:3])}{' …' if len(unquantizable) > 3 else ''} are not: load "
+                "the model in one of those dtypes"
+            )
     if initialize:
         _check_finite({n: modules[n].weight for n in targets})
 
@@ -154,6 +164,8 @@ def inject_adapters(model: nn.Module, config: AdapterConfig, initialize: bool = 
             adapter_dtype=adapter_dtype,
             svd_method=config.svd_method,
             name=name,
+            base_quantization=config.base_quantization,
+            double_quantization=config.double_quantization,
             **options,
         )
         setattr(parent, child, layer)
@@ -301,7 +313,8 @@ def initialize_adapters(
         initialize_chunk(chunk, batched, work_device)
 
     for index, ((decomposition, shape, rank, _, work_device), chunk, owner) in enumerate(plan):
-        if decomposition not in _DECOMPOSITIONS:  # LoRA: init reads nothing; CorDA/EVA: their calibration
+        if decomposition not in _DECOMPOSITIONS:  # LoRA: init reads nothing; CorDA/EVA: their calibration;
+            # LoftQ: SVDs of its own quantization error, inside init_from_base
             initialize_chunk(chunk, None, work_device)
             continue
         batched = own_factors.pop(index, None)
@@ -352,7 +365,7 @@ def move_if_it_fits(module: torch.nn.Module, device: torch.device | str | None) 
 @contextlib.contextmanager
 def _visiting(layer: AdapterLayer, device: torch.device | None) -> Iterator[None]:
     """Move ``layer`` (base weight and adapter tensors) to ``device`` for the block, then back home."""
-    home = layer.weight_matrix().device
+    home = layer.initialized.device  # not weight_matrix(): a 4-bit base would be dequantized to ask
     if device is None or torch.device(device) == home:
         yield
         return
@@ -375,17 +388,40 @@ def _initialize_on(layer: AdapterLayer, factors, device: torch.device) -> tuple[
 def merge_adapters(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight and put the plain ``nn.Linear``/``Conv1D`` back.
 
-    The result is an ordinary Hugging Face model: ``save_pretrained`` writes a normal checkpoint.
+    The result is an ordinary Hugging Face model: ``save_pretrained`` writes a normal checkpoint. A 4-bit
+    (NF4) base becomes a full-precision layer holding ``deq(base) + delta`` in the base's original dtype.
     """
     for name, layer in list(adapter_layers(model)):
         if not bool(layer.initialized):
             raise ValueError(f"adapter '{name}' was never initialised; nothing meaningful to merge")
-        layer.merge()
+        if layer.quantized:
+            plain = _full_precision_layer(layer)
+        else:
+            layer.merge()
+            plain = layer.base_layer
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.base_layer)
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, plain)
     if hasattr(model, "lit_svd_config"):
         del model.lit_svd_config
     return model
+
+
+@torch.no_grad()
+def _full_precision_layer(layer: AdapterLayer) -> nn.Module:
+    """A plain ``nn.Linear``/``Conv1D`` holding ``deq(base) + delta`` of a layer with a 4-bit base."""
+    base = layer.base_layer
+    merged = layer.merged_weight().to(base.dtype)
+    device = merged.device
+    if layer.is_conv1d:
+        plain = Conv1D(layer.out_features, layer.in_features).to(device, base.dtype)
+        plain.weight.copy_(merged.T)
+    else:
+        plain = nn.Linear(layer.in_features, layer.out_features, bias=base.bias is not None, device=device)
+        plain = plain.to(base.dtype)
+        plain.weight.copy_(merged)
+    if base.bias is not None:
+        plain.bias.copy_(base.bias)
+    return plain.requires_grad_(False)
 
 
 def orthonormal_regularizer(model: nn.Module) -> torch.Tensor:

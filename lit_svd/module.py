@@ -589,10 +589,13 @@ class LitSVDAdapter(LightningModule):
                 model, path, tokenizer=self.tokenizer, overwrite=overwrite, device=self._export_device()
             )
 
-    def export_peft_lora(self, path: str | Path, overwrite: bool = False) -> Path | None:
+    def export_peft_lora(
+        self, path: str | Path, overwrite: bool = False, base: Literal["original", "dequantized"] = "original"
+    ) -> Path | None:
         """Standard PEFT LoRA adapter (rank ≤ 2r) against the original base weights of ``self.model_name``.
 
-        Under FSDP call it on every rank, as ``export_merged``.
+        With a 4-bit base, ``base="dequantized"`` writes the current delta plus the dequantized base it is for
+        (``lit_svd.export.export_peft_lora``). Under FSDP call it on every rank, as ``export_merged``.
         """
         with self.export_placement():
             model = self._exportable_model()
@@ -604,6 +607,7 @@ class LitSVDAdapter(LightningModule):
                 base_model_name_or_path=str(self.model_name),
                 overwrite=overwrite,
                 device=self._export_device(),
+                base=base,
             )
 
 

@@ -53,7 +53,7 @@ from typing_extensions import override
 
 from lit_svd.inject import adapter_layers, adapter_state_dict, is_sharded, move_if_it_fits
 
-__all__ = ["AdapterDDPStrategy", "AdapterFSDPStrategy", "fsdp_mixed_precision", "shard_model"]
+__all__ = ["AdapterDDPStrategy", "AdapterFSDPStrategy", "fsdp_mixed_precision", "refuse_quantized_bases", "shard_model"]
 
 _GRADIENT_HOOKS = {"float32": None, "bfloat16": "bf16_compress_hook", "float16": "fp16_compress_hook"}
 
@@ -140,6 +140,16 @@ def shard_model(model: torch.nn.Module, mesh, mp_policy=None) -> torch.nn.Module
     return model
 
 
+def refuse_quantized_bases(module: torch.nn.Module) -> None:
+    """Raise if any adapter of ``module`` has a 4-bit base: FSDP does not shard ``NF4Linear`` buffers (yet)."""
+    quantized = [name for name, layer in adapter_layers(module) if layer.base_quantization is not None]
+    if quantized:
+        raise ValueError(
+            f"AdapterFSDPStrategy cannot shard 4-bit (NF4) bases (e.g. layer '{quantized[0]}'): train a 4-bit "
+            "model with DDP (a 7B model in 4 bits fits one GPU) or set base_quantization=None for FSDP"
+        )
+
+
 class AdapterFSDPStrategy(ModelParallelStrategy):
     """FSDP2 over all processes for ``LitSVDAdapter``: init on full weights, then shard; adapter-only checkpoints.
 
@@ -190,6 +200,7 @@ class AdapterFSDPStrategy(ModelParallelStrategy):
 
         self.accelerator.setup(trainer)
         module = self.lightning_module
+        refuse_quantized_bases(module)
         if not is_sharded(module):
             move_if_it_fits(module, self.root_device)
             pending = [n for n, layer in adapter_layers(module) if not bool(layer.initialized)]

@@ -59,6 +59,48 @@ def make_tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
+def calibration_batches() -> list[dict[str, torch.Tensor]]:
+    """What data-aware inits (CorDA, EVA, LoRA-GA) calibrate on in tests: 3 random batches of 2 × 12 tokens."""
+    g = torch.Generator().manual_seed(7)
+    return [{"input_ids": torch.randint(0, 101, (2, 12), generator=g)} for _ in range(3)]
+
+
+def calibrated(model: torch.nn.Module) -> torch.nn.Module:
+    from lit_svd.calibration import calibrate
+
+    calibrate(model, calibration_batches())
+    return model
+
+
+def adapted(arch: str, method: str, rank: int = 4, seed: int = 0, **kwargs) -> torch.nn.Module:
+    """The tiny ``arch`` model with ``method`` adapters on ``TINY_TARGETS``, initialised (calibrated first for
+    data-aware inits)."""
+    from lit_svd import AdapterConfig, get_adapter_class, inject_adapters
+
+    config = AdapterConfig(method=method, rank=rank, target_modules=TINY_TARGETS[arch], **kwargs)
+    model = make_tiny_model(arch, seed=seed)
+    if get_adapter_class(method).calibration_statistic:
+        return calibrated(inject_adapters(model, config, initialize=False))
+    return inject_adapters(model, config)
+
+
+def perturb(model: torch.nn.Module, scale: float = 0.05, seed: int = 3) -> None:
+    """Add seeded Gaussian noise to every trainable adapter tensor (as if trained)."""
+    from lit_svd import adapter_layers
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in adapter_layers(model):
+            for name in layer.trainable_names:
+                t = getattr(layer, name)
+                t.add_(scale * torch.randn(t.shape, generator=g, dtype=t.dtype))
+
+
+def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits
+
+
 @pytest.fixture
 def input_ids() -> torch.Tensor:
     return torch.randint(0, 101, (2, 12), generator=torch.Generator().manual_seed(1))

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_ARCHS, TINY_TARGETS, TOLERANCE, make_tiny_model
+from conftest import (
+    TINY_ARCHS,
+    TOLERANCE,
+    adapted,
+    logits,
+    make_tiny_model,
+    perturb,
+)
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
 
@@ -13,16 +20,16 @@ from lit_svd import (
     adapter_layers,
     adapter_state_dict,
     available_adapters,
-    get_adapter_class,
     inject_adapters,
     load_adapter_state_dict,
     merge_adapters,
     orthonormal_regularizer,
 )
-from lit_svd.calibration import calibrate
 from lit_svd.linalg import orthonormality_error
 
-METHODS = available_adapters()
+# LoftQ fits its factors to a 4-bit base, so it cannot keep the full-precision contract (logits preserved at
+# init, in-place merge); tests/test_quantization.py holds it and every method with a 4-bit base to theirs.
+METHODS = tuple(m for m in available_adapters() if m != "loftq")
 
 
 def expected_trainable(method: str, m: int, n: int, r: int) -> int:
@@ -32,42 +39,9 @@ def expected_trainable(method: str, m: int, n: int, r: int) -> int:
     return (per_layer | {"sorsa": r * (m + n + 1), "osora": r + m, "dora": r * (m + n) + m, "vera": r + m})[method]
 
 
-def calibration_batches() -> list[dict[str, torch.Tensor]]:
-    """What data-aware inits (CorDA, EVA, LoRA-GA) calibrate on here: 3 random batches of 2 × 12 tokens."""
-    g = torch.Generator().manual_seed(7)
-    return [{"input_ids": torch.randint(0, 101, (2, 12), generator=g)} for _ in range(3)]
-
-
-def adapted(arch: str, method: str, rank: int = 4, **kwargs):
-    model = make_tiny_model(arch)
-    config = AdapterConfig(method=method, rank=rank, target_modules=TINY_TARGETS[arch], **kwargs)
-    if get_adapter_class(method).calibration_statistic:
-        return calibrated(inject_adapters(model, config, initialize=False))
-    return inject_adapters(model, config)
-
-
-def calibrated(model):
-    calibrate(model, calibration_batches())
-    return model
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits
-
-
-def perturb(model, scale: float = 0.05, seed: int = 3):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in adapter_layers(model):
-            for name in layer.trainable_names:
-                t = getattr(layer, name)
-                t.add_(scale * torch.randn(t.shape, generator=g, dtype=t.dtype))
-
-
 def test_registry_lists_the_methods():
-    assert METHODS == (
-        "corda", "dora", "eva", "lora", "loraga", "milora", "olora", "osora", "pissa", "sorsa", "vera"
+    assert available_adapters() == (
+        "corda", "dora", "eva", "loftq", "lora", "loraga", "milora", "olora", "osora", "pissa", "sorsa", "vera"
     )  # fmt: skip
 
 

@@ -32,8 +32,8 @@ def test_error_message_takes_our_cause_out_of_jsonargparse_wrapping():
     except ValueError as error:
         message = error_message(error)
     assert message == (
-        "invalid AdapterConfig: unknown adapter 'doesnotexist'; choose one of: corda, dora, eva, lora, loraga, "
-        "milora, olora, osora, pissa, sorsa, vera"
+        "invalid AdapterConfig: unknown adapter 'doesnotexist'; choose one of: corda, dora, eva, loftq, lora, "
+        "loraga, milora, olora, osora, pissa, sorsa, vera"
     )
 
 
@@ -184,10 +184,16 @@ def test_help_after_the_script_is_the_recipes_help():
         (
             "--model.adapter.method",
             "doesnotexist",
-            "error: invalid AdapterConfig: unknown adapter 'doesnotexist'; choose one of: corda, dora, eva, lora, "
-            "loraga, milora, olora, osora, pissa, sorsa, vera",
+            "error: invalid AdapterConfig: unknown adapter 'doesnotexist'; choose one of: corda, dora, eva, loftq, "
+            "lora, loraga, milora, olora, osora, pissa, sorsa, vera",
         ),
         ("--data.data_dir", "/nonexistent", "error: data folder not found: /nonexistent (--data.data_dir)"),
+        (
+            "--model.adapter.base_quantization",
+            "nf8",
+            "error: invalid AdapterConfig: unknown base_quantization 'nf8'; choose one of: nf4 (or None for a "
+            "full-precision base)",
+        ),
     ],
 )
 def test_bad_input_through_lightning_run_ends_with_one_clear_line_before_the_model_loads(flag, value, message):

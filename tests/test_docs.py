@@ -230,6 +230,24 @@ def test_fast_single_gpu_overlay_sets_its_keys_and_keeps_the_recipe(recipe):
     assert merged["model"]["learning_rate"] == own["model"]["learning_rate"]
 
 
+def test_small_gpu_4bit_overlay_quantizes_the_base_and_keeps_the_recipe():
+    overlay = REPO / "recipes" / "configs" / "overlays" / "small_gpu_4bit.yaml"
+    done = subprocess.run(
+        [sys.executable, "recipes/gsm8k_pissa.py", "fit", "--config", str(overlay), "--print_config"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    merged = yaml.safe_load(done.stdout)
+    own = yaml.safe_load((REPO / "recipes" / "configs" / "gsm8k_pissa.yaml").read_text())
+    assert merged["model"]["adapter"]["base_quantization"] == "nf4"
+    assert merged["model"]["gradient_checkpointing"] is True and merged["model"]["model_dtype"] == "bfloat16"
+    for key, value in own["model"]["adapter"].items():  # method, rank, targets … unchanged: PiSSA → QPiSSA
+        assert merged["model"]["adapter"][key] == value, key
+
+
 # ----- learning rates: the recipes ship the study's tuned values -------------------------------------------------
 def _grid_best_learning_rates() -> dict[str, float]:
     """Method → the bold (best) learning rate of the grid table in docs/reproduction.md."""

@@ -114,7 +114,7 @@ def test_a_failing_multi_process_run_ends_with_the_workers_error_not_torchruns_r
     assert result.returncode == 1
     lines = [line for line in result.stdout.splitlines() if line.strip()]
     assert lines[-1] == (
-        "error: invalid AdapterConfig: unknown adapter 'doesnotexist'; choose one of: corda, dora, eva, lora, "
-        "loraga, milora, olora, osora, pissa, sorsa, vera"
+        "error: invalid AdapterConfig: unknown adapter 'doesnotexist'; choose one of: corda, dora, eva, loftq, "
+        "lora, loraga, milora, olora, osora, pissa, sorsa, vera"
     ), result.stdout[-3000:]
     assert "ChildFailedError" not in result.stdout and "Traceback" not in result.stdout

@@ -18,8 +18,8 @@ def untouched(model, reference) -> bool:
 def test_unknown_method_lists_choices():
     with pytest.raises(
         ValueError,
-        match="unknown adapter 'sorsaa'; choose one of: corda, dora, eva, lora, loraga, milora, olora, osora, pissa, "
-        "sorsa, vera",
+        match="unknown adapter 'sorsaa'; choose one of: corda, dora, eva, loftq, lora, loraga, milora, olora, osora, "
+        "pissa, sorsa, vera",
     ):
         AdapterConfig(method="sorsaa")
 

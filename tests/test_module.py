@@ -21,7 +21,14 @@ TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
 def make_module(method: str = "sorsa", rank: int = 4, seed: int = 0, **kwargs) -> LitSVDAdapter:
-    config = AdapterConfig(method=method, rank=rank, target_modules=TARGETS, gamma=kwargs.pop("gamma", 4e-4))
+    quantization = kwargs.pop("base_quantization", "nf4" if method == "loftq" else None)  # LoftQ needs one
+    config = AdapterConfig(
+        method=method,
+        rank=rank,
+        target_modules=TARGETS,
+        gamma=kwargs.pop("gamma", 4e-4),
+        base_quantization=quantization,
+    )
     return LitSVDAdapter(
         make_tiny_model("llama", seed=seed), config, learning_rate=kwargs.pop("learning_rate", 1e-2), **kwargs
     )
@@ -206,11 +213,18 @@ def _adapter_tensors(module) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in adapter_state_dict(module.model).items()}
 
 
-@pytest.mark.parametrize("method", ["sorsa", "lora", "osora", "dora", "vera"])  # VeRA: projections re-derived
-def test_resume_equals_uninterrupted_run(method, tmp_path):
+@pytest.mark.parametrize(
+    # VeRA: projections re-derived. LoftQ with a 4-bit base: the same path as QSORSA/QPiSSA (re-derive,
+    # re-quantize) plus its prior factors; every method's re-quantization is checked at the state-dict level
+    # in tests/test_quantization.py.
+    ("method", "quantization"),
+    [("sorsa", None), ("lora", None), ("osora", None), ("dora", None), ("vera", None), ("loftq", "nf4")],
+)
+def test_resume_equals_uninterrupted_run(method, quantization, tmp_path):
+    """Also with a 4-bit base: the resumed run re-quantizes the residual it re-derives, to the same codes."""
     steps = 4  # one epoch = 4 batches; the "kill" happens at the epoch boundary
     L.seed_everything(1)
-    full = make_module(method)
+    full = make_module(method, base_quantization=quantization)
     trainer(tmp_path / "full", 2 * steps, limit_val_batches=0, callbacks=[SVDInit()]).fit(
         full, datamodule=RandomTokensData()
     )
@@ -224,7 +238,7 @@ def test_resume_equals_uninterrupted_run(method, tmp_path):
                 raise Killed
 
     L.seed_everything(1)
-    first = make_module(method)
+    first = make_module(method, base_quantization=quantization)
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=steps, save_top_k=-1)
     with pytest.raises(Killed):  # same configuration as the full run, killed after N steps
         trainer(
@@ -235,7 +249,7 @@ def test_resume_equals_uninterrupted_run(method, tmp_path):
             callbacks=[SVDInit(), checkpoint, KillAtStep()],
         ).fit(first, datamodule=RandomTokensData())
     L.seed_everything(1)
-    resumed = make_module(method)
+    resumed = make_module(method, base_quantization=quantization)
     init = SVDInit()
     trainer(tmp_path / "b", 2 * steps, limit_val_batches=0, callbacks=[init]).fit(
         resumed, datamodule=RandomTokensData(), ckpt_path=tmp_path / "ckpt" / f"epoch=0-step={steps}.ckpt"
@@ -246,6 +260,7 @@ def test_resume_equals_uninterrupted_run(method, tmp_path):
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6, msg=key)
     # and the residual base weights were rebuilt identically
     for (name, a), (_, b) in zip(adapter_layers(full.model), adapter_layers(resumed.model), strict=True):
+        assert a.quantized == b.quantized == (quantization is not None), name
         assert torch.equal(a.base_layer.weight, b.base_layer.weight), name
 
 

@@ -6,6 +6,7 @@ from lit_svd.adapters.base import AdapterLayer
 from lit_svd.adapters.corda import CorDALayer  # noqa: I001
 from lit_svd.adapters.dora import DoRALayer
 from lit_svd.adapters.eva import EVALayer
+from lit_svd.adapters.loftq import LoftQLayer
 from lit_svd.adapters.lora import LoRALayer
 from lit_svd.adapters.loraga import LoRAGALayer
 from lit_svd.adapters.milora import MiLoRALayer
@@ -21,6 +22,7 @@ __all__ = [
     "CorDALayer",
     "DoRALayer",
     "EVALayer",
+    "LoftQLayer",
     "LoRALayer",
     "LoRAGALayer",
     "MiLoRALayer",

@@ -20,6 +20,11 @@ bookkeeping: methods whose init moves the principal part out of the base weight 
 ``None``) keep a snapshot ``init_<name>`` of each trainable tensor. The residual is always
 ``W − delta(snapshot)`` formed in float32, so the exact base weight is rebuilt from the *original*
 checkpoint weights plus the adapter state dict, without storing any m×n matrix.
+
+With ``base_quantization="nf4"`` the frozen base is quantized to 4 bits *after* the exact init (QLoRA for
+LoRA, QPiSSA, QSORSA, … for the others; ``lit_svd.quantization``): the base layer becomes an ``NF4Linear``
+and the full-precision weight is dropped. On load the residual is re-derived from the original weight and
+quantized again, so the base is never stored.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lit_svd.linalg import full_tensor, residual_weight
+from lit_svd.quantization import NF4Linear
 
 __all__ = ["AdapterLayer", "BaseLinear", "default_adapter_dtype"]
 
@@ -65,6 +71,9 @@ class AdapterLayer(nn.Module):
             (float32 for a bf16/fp16 base).
         svd_method: Passed to ``linalg.top_r_svd`` by ``initialize_adapters``.
         name: Dotted path of the layer in the model, used in error messages.
+        base_quantization: ``"nf4"``: quantize the frozen base to 4-bit NF4 right after init (and after each
+            residual rebuild on load); ``None``: keep it in its own dtype.
+        double_quantization: With ``"nf4"``, store the per-block scales in 8 bits (QLoRA's double quantization).
     """
 
     method: ClassVar[str] = ""
@@ -75,9 +84,10 @@ class AdapterLayer(nn.Module):
     #: Factors whose orthonormality SORSA's regulariser penalises.
     orthonormal_names: ClassVar[tuple[str, ...]] = ()
     #: Which decomposition of ``W`` ``init_from_base`` consumes; ``None``: init leaves ``W`` unchanged;
-    #: ``"calibrated"``: init moves a part of ``W`` computed from calibration data into the adapter. (DoRA sets
-    #: it per instance: ``"svd"`` for its PiSSA-initialised variant.)
-    decomposition: ClassVar[Literal["svd", "minor_svd", "qr", "calibrated"] | None] = None
+    #: ``"calibrated"``: init moves a part of ``W`` computed from calibration data into the adapter;
+    #: ``"loftq"``: LoftQ's alternating quantize / SVD, run inside ``init_from_base``. (DoRA sets it per
+    #: instance: ``"svd"`` for its PiSSA-initialised variant.)
+    decomposition: ClassVar[Literal["svd", "minor_svd", "qr", "calibrated", "loftq"] | None] = None
     #: The statistic of calibration data a data-aware method needs (``lit_svd.calibration``), else ``None``.
     calibration_statistic: ClassVar[Literal["corda", "eva", "gradient"] | None] = None
     #: Trained per-dimension vectors whose drift from init ``SpectralMonitor`` reports (DoRA's magnitude,
@@ -99,6 +109,8 @@ class AdapterLayer(nn.Module):
         adapter_dtype: torch.dtype | None = None,
         svd_method: str = "auto",
         name: str = "",
+        base_quantization: str | None = None,
+        double_quantization: bool = True,
     ) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -115,6 +127,8 @@ class AdapterLayer(nn.Module):
         self.scaling = scaling
         self.svd_method = svd_method
         self.layer_name = name
+        self.base_quantization = base_quantization
+        self.double_quantization = double_quantization
         self.merged = False
         self.adapter_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         # A buffer, so checkpoints record that the residual was formed and resume never re-runs init.
@@ -187,14 +201,43 @@ class AdapterLayer(nn.Module):
         P, Q = self.low_rank_factors(self.factors() if tensors is None else tensors)
         return P @ Q.T
 
+    @property
+    def quantized(self) -> bool:
+        """Whether the frozen base is held in 4 bits (``NF4Linear``)."""
+        return isinstance(self.base_layer, NF4Linear)
+
     def weight_matrix(self) -> torch.Tensor:
-        """The base weight as ``(out_features, in_features)`` (a view for ``Conv1D``)."""
+        """The base weight as ``(out_features, in_features)`` (a view for ``Conv1D``; dequantized, a fresh
+        tensor, for a 4-bit base)."""
         weight = self.base_layer.weight
         return weight.T if self.is_conv1d else weight
 
     def _write_weight_matrix(self, matrix: torch.Tensor) -> None:
+        if self.quantized:
+            raise ValueError(
+                f"layer '{self.layer_name}' has a 4-bit (NF4) base, which cannot be changed in place; "
+                "merge_adapters() / export_merged() write deq(base) + delta in full precision instead"
+            )
         with torch.no_grad():
             self.base_layer.weight.copy_(matrix.T if self.is_conv1d else matrix)
+
+    def frozen_residual(self, original: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """The base weight init leaves, ``W − delta_0`` (``original`` (m, n), ``delta`` the init delta (m, n)).
+
+        LoftQ overrides it: its base is the quantization of ``W`` minus the *previous* iteration's factors.
+        """
+        return residual_weight(original, delta)
+
+    @torch.no_grad()
+    def _quantize_base(self) -> None:
+        """Replace the full-precision base layer by its NF4 quantization, where it lives (the init device)."""
+        if self.base_quantization is None or self.quantized:
+            return
+        if self.base_quantization != "nf4":
+            raise ValueError(f"unknown base_quantization {self.base_quantization!r} for layer '{self.layer_name}'")
+        bias = getattr(self.base_layer, "bias", None)
+        matrix = self.weight_matrix().detach()
+        self.base_layer = NF4Linear.from_matrix(matrix, bias, self.is_conv1d, self.double_quantization)
 
     @torch.no_grad()
     def initialize(self, factors: Factors = None) -> float:
@@ -220,19 +263,23 @@ class AdapterLayer(nn.Module):
         for n in self._snapshotted:
             getattr(self, f"init_{n}").copy_(getattr(self, n))
         if self.decomposition is not None:
-            self._write_weight_matrix(residual_weight(original, delta))
+            self._write_weight_matrix(self.frozen_residual(original, delta))
         self.initialized.fill_(True)
         self.calibration = None  # no calibration state outlives the init (nor carries into another fit)
+        # With a 4-bit base the error reported is the model's as it will train: deq(Q(W_res)) + delta vs W.
+        self._quantize_base()
         rebuilt = self.weight_matrix().float() + delta
         return torch.linalg.norm(rebuilt - original.float()) / torch.linalg.norm(original.float())
 
     @torch.no_grad()
     def rebuild_residual(self) -> None:
-        """Turn an *original* base weight into the residual recorded by the init snapshot (on load)."""
+        """Turn an *original* base weight into the residual recorded by the init snapshot (on load), and
+        quantize it again when the base is 4-bit (the same arithmetic as at init, so the same codes)."""
         if self.decomposition is not None:
             original = self.weight_matrix().detach().clone()
-            self._write_weight_matrix(residual_weight(original, self.delta_weight(self.factors(initial=True))))
+            self._write_weight_matrix(self.frozen_residual(original, self.delta_weight(self.factors(initial=True))))
         self.initialized.fill_(True)
+        self._quantize_base()
 
     def weight_change_norm(self) -> torch.Tensor | None:
         """``‖W_t − W_0‖_F`` (0-dim) for methods whose effective weight is not ``W_base + P Qᵀ`` (DoRA);
@@ -254,6 +301,7 @@ class AdapterLayer(nn.Module):
         """Fold the adapter delta into the base weight (idempotent)."""
         if self.merged:
             return
+        self._refuse_quantized("merge")
         merged = self.merged_weight()
         if not torch.isfinite(merged).all():
             raise ValueError(f"adapter of layer '{self.layer_name}' has non-finite values; refusing to merge")
@@ -265,9 +313,18 @@ class AdapterLayer(nn.Module):
         """Subtract the adapter delta from the base weight again (idempotent)."""
         if not self.merged:
             return
+        self._refuse_quantized("unmerge")
         base = self.unmerged_weight(self.weight_matrix().float())
         self._write_weight_matrix(base.to(self.base_layer.weight.dtype))
         self.merged = False
+
+    def _refuse_quantized(self, what: str) -> None:
+        if self.quantized:
+            raise ValueError(
+                f"cannot {what} the adapter of layer '{self.layer_name}' into its 4-bit (NF4) base: the sum "
+                "would be rounded to 4 bits again; merge_adapters(model) or export_merged() give the merged "
+                "model in full precision (deq(base) + delta)"
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -290,4 +347,5 @@ class AdapterLayer(nn.Module):
         return (
             f"method={self.method}, in_features={self.in_features}, out_features={self.out_features}, "
             f"rank={self.rank}, scaling={self.scaling:g}, trainable={formula}{count}, merged={self.merged}"
+            + (f", base_quantization={self.base_quantization}" if self.base_quantization else "")
         )

@@ -48,7 +48,9 @@ class SVDInit(Callback):
     It runs on the device the module lives on (after the strategy moved it there), batched by weight
     shape. It does nothing when every adapter is already initialised, e.g. after restoring a checkpoint
     on resume. Under DDP each rank decomposes a share of the matrices and broadcasts its factors, and a
-    checksum of the adapters is compared across ranks after init and at the end of training.
+    checksum of the adapters is compared across ranks after init and at the end of training. With
+    ``AdapterConfig(base_quantization="nf4")`` each layer's residual is quantized to 4 bits right after its
+    init, on the same device, and the reported reconstruction error is that of the 4-bit model.
 
     Data-aware methods (CorDA, EVA, LoRA-GA) first run a calibration stage (``lit_svd.calibration``): the first
     ``calibration_batches`` batches of the train loader go through the frozen model, statistics of every
