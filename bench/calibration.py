@@ -69,9 +69,9 @@ def build_model(args: argparse.Namespace, vocab: int, device: torch.device) -> L
 def gsm8k_batches(args: argparse.Namespace) -> tuple[list[dict[str, torch.Tensor]], int]:
     """The first ``args.batches`` training batches of GSM8K (SmolLM2 tokenizer) and the tokenizer's vocabulary."""
     from lit_svd.data import GSM8KDataModule
-    from lit_svd.models import EMBEDDED_MODEL, load_tokenizer
+    from lit_svd.models import load_tokenizer
 
-    tokenizer = load_tokenizer(EMBEDDED_MODEL)
+    tokenizer = load_tokenizer(args.tokenizer)
     data = GSM8KDataModule(
         data_dir=str(args.data_dir),
         max_length=args.seq,
@@ -186,9 +186,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=512, help="max tokens per example (data.max_length)")
     p.add_argument("--max-bytes", type=int, default=None, help="ours: max_statistics_bytes (None: one pass)")
     p.add_argument("--data-dir", type=Path, default=DATA_DIR)
+    p.add_argument("--tokenizer", default=None, help="Hub id or local folder (default: the embedded SmolLM2)")
     p.add_argument("--cache-dir", type=Path, default=None)
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "calibration.json")
     args = p.parse_args()
+    if args.tokenizer is None:
+        from lit_svd.models import EMBEDDED_MODEL
+
+        args.tokenizer = EMBEDDED_MODEL
     if args.smoke:
         args.layers, args.hidden, args.intermediate, args.heads = 2, 64, 176, 4
         # GSM8K prompts are ~60 tokens: 256 leaves response tokens for EVA (it reads labelled tokens only).

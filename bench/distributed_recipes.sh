@@ -4,7 +4,8 @@
 #   ddp-bf16grads  the same with the gradient all-reduce in bf16 (AdapterDDPStrategy(gradient_dtype=...))
 #   fsdp       2 GPUs, one node (lit_svd's FSDP2: --strategy fsdp)
 #   multinode  2 "nodes" of 1 GPU on this host (--num-nodes 2 --node-rank {0,1}, one GPU each)
-#   single     1 GPU (the scaling baseline; the same global batch: 2x the per-device batch)
+#   single     1 GPU (the scaling baseline; the same global batch: 2x the per-device batch; GPU
+#              SINGLE_GPU, default 0)
 #   resume-R   resume run R (ddp, fsdp or single) from its last checkpoint and train to RESUME_STEPS
 #              (environment; default: 10 more steps than R's summary says it ran)
 # Each run trains, evaluates by generation, checkpoints and exports (merged + PEFT); its summary.json,
@@ -50,7 +51,7 @@ for run in $runs; do
             done
             wait "${nodes[0]}"; status0=$?; wait "${nodes[1]}"; [ $status0 -eq 0 ] ;;
         single)
-            CUDA_VISIBLE_DEVICES=0 lightning run --devices 1 --precision bf16-mixed recipes/gsm8k_sorsa.py \
+            CUDA_VISIBLE_DEVICES=${SINGLE_GPU:-0} lightning run --devices 1 --precision bf16-mixed recipes/gsm8k_sorsa.py \
                 "${args[@]}" --data.batch_size $((2 * batch)) 2>&1 | stamp >"$dir/log" ;;
         resume-*)
             from=${run#resume-}

@@ -180,6 +180,8 @@ def main() -> None:
         "meta": environment(device) | {"shapes": {k: getattr(args, k) for k in shapes}, "dtype": str(args.dtype)},
         "runs": [],
     }
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         folder = Path(tmp) / "random_llama"
         write_random_model(args, folder, device)
