@@ -203,13 +203,21 @@ def test_example_adapter_keeps_the_adapter_contract(svd_scale, input_ids):
 
 
 # ----- recipes/configs/overlays: settings layered over any recipe's own defaults ------------------------
-OVERLAY = REPO / "recipes" / "configs" / "overlays" / "fast_single_gpu.yaml"
+OVERLAYS = REPO / "recipes" / "configs" / "overlays"
 
 
-@pytest.mark.parametrize("recipe", ["gsm8k_sorsa", "commonsense_osora"])
-def test_fast_single_gpu_overlay_sets_its_keys_and_keeps_the_recipe(recipe):
+@pytest.mark.parametrize(
+    ("recipe", "overlay_name", "graphs"),
+    [
+        ("gsm8k_sorsa", "fast_single_gpu", True),
+        ("commonsense_osora", "fast_single_gpu", True),
+        ("gsm8k_sorsa", "fast_7b", False),  # a 7B layer is arithmetic-bound: packed rows, no graphs
+    ],
+)
+def test_fast_overlays_set_their_keys_and_keep_the_recipe(recipe, overlay_name, graphs):
+    path = OVERLAYS / f"{overlay_name}.yaml"
     done = subprocess.run(
-        [sys.executable, f"recipes/{recipe}.py", "fit", "--config", str(OVERLAY), "--print_config"],
+        [sys.executable, f"recipes/{recipe}.py", "fit", "--config", str(path), "--print_config"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -218,9 +226,9 @@ def test_fast_single_gpu_overlay_sets_its_keys_and_keeps_the_recipe(recipe):
     assert done.returncode == 0, done.stderr[-2000:]
     merged = yaml.safe_load(done.stdout)
     own = yaml.safe_load((REPO / "recipes" / "configs" / f"{recipe}.yaml").read_text())
-    overlay = yaml.safe_load(OVERLAY.read_text())
+    overlay = yaml.safe_load(path.read_text())
     assert merged["trainer"]["precision"] == "bf16-mixed"
-    assert merged["model"]["cuda_graph_layers"] is True
+    assert merged["model"]["cuda_graph_layers"] is graphs
     assert {k: merged["data"][k] for k in overlay["data"]} == overlay["data"]
     # Nested adapter keys merge: the recipe keeps its method, rank, targets …; only the storage dtype changes.
     for key, value in own["model"]["adapter"].items():
@@ -231,7 +239,7 @@ def test_fast_single_gpu_overlay_sets_its_keys_and_keeps_the_recipe(recipe):
 
 
 def test_small_gpu_4bit_overlay_quantizes_the_base_and_keeps_the_recipe():
-    overlay = REPO / "recipes" / "configs" / "overlays" / "small_gpu_4bit.yaml"
+    overlay = OVERLAYS / "small_gpu_4bit.yaml"
     done = subprocess.run(
         [sys.executable, "recipes/gsm8k_pissa.py", "fit", "--config", str(overlay), "--print_config"],
         cwd=REPO,
