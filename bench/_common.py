@@ -98,6 +98,37 @@ def gb(n_bytes: float) -> float:
     return round(n_bytes / 1e9, 2)
 
 
+def time_steps(step: Callable[[], None], device: torch.device, warmup: int, steps: int, tokens_per_step: int) -> dict:
+    """Run ``warmup`` untimed and ``steps`` timed calls of ``step`` from a clean allocator state.
+
+    Returns ``steps``, ``seconds``, ``step_ms``, ``tokens_per_s`` and, on CUDA, ``memory_before_steps_gb``
+    (allocated before the first step) and ``peak_memory_gb``/``peak_memory_gib`` (over warm-up and timed steps).
+    """
+    import gc
+
+    info: dict[str, Any] = {}
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        info["memory_before_steps_gb"] = gb(torch.cuda.memory_allocated(device))
+    for _ in range(warmup):
+        step()
+    with Timer(device) as timer:
+        for _ in range(steps):
+            step()
+    info |= {
+        "steps": steps,
+        "seconds": timer.seconds,
+        "step_ms": 1e3 * timer.seconds / steps,
+        "tokens_per_s": steps * tokens_per_step / timer.seconds,
+    }
+    if device.type == "cuda":
+        info["peak_memory_gb"] = gb(torch.cuda.max_memory_allocated(device))
+        info["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    return info
+
+
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     """Write ``payload`` atomically, so a run killed mid-way leaves the last complete file."""
     path.parent.mkdir(parents=True, exist_ok=True)

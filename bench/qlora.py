@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import RESULTS_DIR, Timer, environment, gb, synchronize, write_json
+from _common import RESULTS_DIR, environment, synchronize, time_steps, write_json
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lit_svd import AdapterConfig, LitSVDAdapter, initialize_adapters, load_causal_lm, orthonormal_regularizer
@@ -131,22 +131,7 @@ def measure(run: str, args: argparse.Namespace, folder: Path, device: torch.devi
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        info["memory_before_steps_gb"] = gb(torch.cuda.memory_allocated(device))
-    for _ in range(args.warmup):
-        step()
-    with Timer(device) as timer:
-        for _ in range(args.steps):
-            step()
-    info |= {
-        "step_ms": 1e3 * timer.seconds / args.steps,
-        "tokens_per_s": args.steps * args.batch * args.seq / timer.seconds,
-    }
-    if device.type == "cuda":
-        info["peak_memory_gb"] = gb(torch.cuda.max_memory_allocated(device))
+    info |= time_steps(step, device, args.warmup, args.steps, args.batch * args.seq)
     model = loss = optimizer = params = step = None  # free before the next run (the closure holds them)
     gc.collect()
     if device.type == "cuda":

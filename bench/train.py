@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import RESULTS_DIR, Timer, environment, format_table, gb, synchronize, write_json
+from _common import RESULTS_DIR, Timer, environment, format_table, synchronize, time_steps, write_json
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -231,26 +231,7 @@ def measure(run: str, args: argparse.Namespace, device: torch.device, profile_it
     model, info = prepare(run, args, device)
     model.train()
     step = make_step(model, run, args, device)
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        info["memory_before_steps_gb"] = gb(torch.cuda.memory_allocated(device))
-    for _ in range(args.warmup):
-        step()
-    with Timer(device) as t:
-        for _ in range(args.steps):
-            step()
-    tokens = args.steps * args.batch * args.seq
-    info |= {
-        "steps": args.steps,
-        "seconds": t.seconds,
-        "step_ms": 1e3 * t.seconds / args.steps,
-        "tokens_per_s": tokens / t.seconds,
-    }
-    if device.type == "cuda":
-        info["peak_memory_gb"] = gb(torch.cuda.max_memory_allocated(device))
-        info["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    info |= time_steps(step, device, args.warmup, args.steps, args.batch * args.seq)
     if profile_it:
         info["profile"] = kernel_profile(step, device)
     if run.startswith("ours:"):

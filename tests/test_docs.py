@@ -206,6 +206,19 @@ def test_example_adapter_keeps_the_adapter_contract(svd_scale, input_ids):
 OVERLAYS = REPO / "recipes" / "configs" / "overlays"
 
 
+def _config_with_overlay(recipe: str, overlay: Path) -> dict:
+    """The config ``recipes/<recipe>.py fit --config <overlay>`` resolves to (``--print_config``)."""
+    done = subprocess.run(
+        [sys.executable, f"recipes/{recipe}.py", "fit", "--config", str(overlay), "--print_config"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return yaml.safe_load(done.stdout)
+
+
 @pytest.mark.parametrize(
     ("recipe", "overlay_name", "graphs"),
     [
@@ -216,15 +229,7 @@ OVERLAYS = REPO / "recipes" / "configs" / "overlays"
 )
 def test_fast_overlays_set_their_keys_and_keep_the_recipe(recipe, overlay_name, graphs):
     path = OVERLAYS / f"{overlay_name}.yaml"
-    done = subprocess.run(
-        [sys.executable, f"recipes/{recipe}.py", "fit", "--config", str(path), "--print_config"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    merged = yaml.safe_load(done.stdout)
+    merged = _config_with_overlay(recipe, path)
     own = yaml.safe_load((REPO / "recipes" / "configs" / f"{recipe}.yaml").read_text())
     overlay = yaml.safe_load(path.read_text())
     assert merged["trainer"]["precision"] == "bf16-mixed"
@@ -239,16 +244,7 @@ def test_fast_overlays_set_their_keys_and_keep_the_recipe(recipe, overlay_name, 
 
 
 def test_small_gpu_4bit_overlay_quantizes_the_base_and_keeps_the_recipe():
-    overlay = OVERLAYS / "small_gpu_4bit.yaml"
-    done = subprocess.run(
-        [sys.executable, "recipes/gsm8k_pissa.py", "fit", "--config", str(overlay), "--print_config"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    merged = yaml.safe_load(done.stdout)
+    merged = _config_with_overlay("gsm8k_pissa", OVERLAYS / "small_gpu_4bit.yaml")
     own = yaml.safe_load((REPO / "recipes" / "configs" / "gsm8k_pissa.yaml").read_text())
     assert merged["model"]["adapter"]["base_quantization"] == "nf4"
     assert merged["model"]["gradient_checkpointing"] is True and merged["model"]["model_dtype"] == "bfloat16"
