@@ -2,8 +2,8 @@
 
 ```
 batches ──> frozen model (adapters bypassed) ──> forward pre-hooks on the adapted layers
-        ──> per-layer float32 sums on the model's device ──> all_reduce (sum) over ranks
-        ──> per-layer init factors (small) ──> initialize_adapters ──> statistics freed
+        ──> float32 sums per layer input on the model's device ──> all_reduce (sum) over ranks
+        ──> per-layer init factors (batched, small) ──> initialize_adapters ──> statistics freed
 ```
 
 What each method accumulates per adapted layer with input ``x`` (tokens × n), padding left out:
@@ -18,13 +18,16 @@ What each method accumulates per adapted layer with input ``x`` (tokens × n), p
   loss with respect to ``W`` (m×n) — to a float32 sum; divided by the number of batches, then
   ``linalg.loraga_factors``.
 
-Memory: the statistics live in float32 on the model's device, ``4 n²`` bytes per adapted layer (a
-Llama-2-7B layer set q,k,v,o,gate,up,down: 6·4096² + 11008² floats ≈ 0.87 GB per decoder layer, 28 GB for
-all 32); LoRA-GA's gradient sums take ``4 m n`` bytes per layer (the float32 size of the adapted weights:
-26 GB for all of a 7B model's). ``max_statistics_bytes`` caps them: the layers are split, in module order,
-into groups whose statistics fit, and the calibration batches run once per group (more forward passes, bounded memory).
-Each group's statistics become its small init factors right after its pass and are freed. Nothing here
-keeps state between calls: two fits never share statistics.
+Layers fed the very same input tensor (q/k/v_proj; gate/up_proj) share one CorDA/EVA sum: one n×n GEMM
+per batch and one buffer for the three, bitwise equal to their own (``_Collector`` checks it on every batch).
+
+Memory: the statistics live in float32 on the model's device, ``4 n²`` bytes per distinct layer input (a
+Llama-2-7B layer set q,k,v,o,gate,up,down reads 4 inputs: 3·4096² + 11008² floats ≈ 0.69 GB per decoder layer,
+22 GB for all 32; 28 GB if each layer kept its own); LoRA-GA's gradient sums take ``4 m n`` bytes per layer
+(the float32 size of the adapted weights: 26 GB for all of a 7B model's). ``max_statistics_bytes`` caps them:
+the layers are split, in module order, into groups whose statistics fit, and the calibration batches run once
+per group (more forward passes, bounded memory). Each group's statistics become its small init factors right
+after its pass and are freed. Nothing here keeps state between calls: two fits never share statistics.
 
 Determinism: for a given batch list (and order), sums run in a fixed order on one device, so the
 result is reproducible; under DDP every rank ends with the same all-reduced sums, hence identical factors.
@@ -52,7 +55,8 @@ Batch = Mapping[str, Any]
 
 
 def statistics_bytes(layer: AdapterLayer) -> int:
-    """Bytes of float32 statistics the calibration stage holds for ``layer`` while its group runs."""
+    """Bytes of float32 statistics the calibration stage holds for ``layer`` while its group runs (an upper
+    bound: layers that read one input share one statistic)."""
     m, n = layer.out_features, layer.in_features
     if layer.calibration_statistic == "gradient":
         return 4 * m * n
@@ -380,7 +384,9 @@ def calibrate(
 
     Returns:
         ``initialize_adapters``' report plus ``calibration_seconds``, ``calibration_batches``,
-        ``calibration_passes``, ``calibration_peak_bytes`` and ``eva_ranks`` (name → assigned rank, EVA only).
+        ``calibration_passes``, ``calibration_peak_bytes`` (statistics held at once),
+        ``calibration_shared_layers`` (layers that used another layer's input statistic) and ``eva_ranks``
+        (name → assigned rank, EVA only).
     """
     start = time.perf_counter()
     layers = [
