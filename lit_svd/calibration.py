@@ -2,8 +2,8 @@
 
 ```
 batches ──> frozen model (adapters bypassed) ──> forward pre-hooks on the adapted layers
-        ──> per-layer float32 sums on the model's device ──> all_reduce (sum) over ranks
-        ──> per-layer init factors (small) ──> initialize_adapters ──> statistics freed
+        ──> float32 sums per layer input on the model's device ──> all_reduce (sum) over ranks
+        ──> per-layer init factors (batched, small) ──> initialize_adapters ──> statistics freed
 ```
 
 What each method accumulates per adapted layer with input ``x`` (tokens × n), padding left out:
@@ -18,13 +18,16 @@ What each method accumulates per adapted layer with input ``x`` (tokens × n), p
   loss with respect to ``W`` (m×n) — to a float32 sum; divided by the number of batches, then
   ``linalg.loraga_factors``.
 
-Memory: the statistics live in float32 on the model's device, ``4 n²`` bytes per adapted layer (a
-Llama-2-7B layer set q,k,v,o,gate,up,down: 6·4096² + 11008² floats ≈ 0.87 GB per decoder layer, 28 GB for
-all 32); LoRA-GA's gradient sums take ``4 m n`` bytes per layer (the float32 size of the adapted weights:
-26 GB for all of a 7B model's). ``max_statistics_bytes`` caps them: the layers are split, in module order,
-into groups whose statistics fit, and the calibration batches run once per group (more forward passes, bounded memory).
-Each group's statistics become its small init factors right after its pass and are freed. Nothing here
-keeps state between calls: two fits never share statistics.
+Layers fed the very same input tensor (q/k/v_proj; gate/up_proj) share one CorDA/EVA sum: one n×n GEMM
+per batch and one buffer for the three, bitwise equal to their own (``_Collector`` checks it on every batch).
+
+Memory: the statistics live in float32 on the model's device, ``4 n²`` bytes per distinct layer input (a
+Llama-2-7B layer set q,k,v,o,gate,up,down reads 4 inputs: 3·4096² + 11008² floats ≈ 0.69 GB per decoder layer,
+22 GB for all 32; 28 GB if each layer kept its own); LoRA-GA's gradient sums take ``4 m n`` bytes per layer
+(the float32 size of the adapted weights: 26 GB for all of a 7B model's). ``max_statistics_bytes`` caps them:
+the layers are split, in module order, into groups whose statistics fit, and the calibration batches run once
+per group (more forward passes, bounded memory). Each group's statistics become its small init factors right
+after its pass and are freed. Nothing here keeps state between calls: two fits never share statistics.
 
 Determinism: for a given batch list (and order), sums run in a fixed order on one device, so the
 result is reproducible; under DDP every rank ends with the same all-reduced sums, hence identical factors.
@@ -42,8 +45,8 @@ import torch
 from torch import nn
 
 from lit_svd.adapters import AdapterLayer
-from lit_svd.inject import adapter_layers, initialize_adapters
-from lit_svd.linalg import corda_factors, loraga_factors, pca_components
+from lit_svd.inject import _MAX_BATCH_BYTES, adapter_layers, initialize_adapters
+from lit_svd.linalg import corda_factors, damped_inverse, loraga_factors, pca_components
 from lit_svd.losses import IGNORE_INDEX
 
 __all__ = ["calibrate", "statistics_bytes"]
@@ -52,7 +55,8 @@ Batch = Mapping[str, Any]
 
 
 def statistics_bytes(layer: AdapterLayer) -> int:
-    """Bytes of float32 statistics the calibration stage holds for ``layer`` while its group runs."""
+    """Bytes of float32 statistics the calibration stage holds for ``layer`` while its group runs (an upper
+    bound: layers that read one input share one statistic)."""
     m, n = layer.out_features, layer.in_features
     if layer.calibration_statistic == "gradient":
         return 4 * m * n
@@ -106,61 +110,164 @@ def _base_model_only(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-class _LayerStatistics:
-    """Float32 sums for one layer; ``__call__`` is its forward pre-hook, ``after_forward`` (gradients) its
-    forward hook."""
+class _NotShared(Exception):
+    """Raised by the hooks when layers that shared an input on the first batch stop sharing it."""
 
-    def __init__(self, layer: AdapterLayer, masks: dict[str, torch.Tensor]) -> None:
+
+class _Sums:
+    """Float32 sums of one statistic: one layer's gradient (LoRA-GA), or the inputs of every layer that reads
+    the very same input tensor (CorDA, EVA: q/k/v_proj read one tensor, gate/up_proj another)."""
+
+    def __init__(self, layer: AdapterLayer) -> None:
         m, n, device = layer.out_features, layer.in_features, layer.weight_matrix().device
         self.kind = layer.calibration_statistic
-        self.masks = masks  # the current batch's token masks, set by the runner before each forward
         gradient = self.kind == "gradient"
         self.outer = torch.zeros(m if gradient else n, n, dtype=torch.float32, device=device)
         self.total = torch.zeros(0 if gradient else n, dtype=torch.float32, device=device)
         self.count = torch.zeros((), dtype=torch.float64, device=device)
-        self.name = layer.layer_name
+        self.layers = [layer]  # the first one accumulates; the others were checked to read the same tensor
+        self.steps: list[int] = []  # this batch's accumulations, by the collector's step number
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.outer, self.total))
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.outer, self.total, self.count]
+
+    def add_inputs(self, x: torch.Tensor, tokens: _Tokens) -> None:
+        selected = x.reshape(-1, x.shape[-1]).index_select(0, tokens.index).float()
+        if self.kind == "corda":
+            # PEFT divides each sequence's inputs by |max| (not the max of |x|) before XᵀX; kept for parity.
+            # The max over each sequence's real tokens, as a scatter over the tokens already selected.
+            peak = selected.new_full((x.shape[0],), float("-inf"))
+            peak = peak.scatter_reduce(0, tokens.sequence, selected.amax(-1), "amax").abs()
+            selected = selected / peak[tokens.sequence, None]
+            self.count += tokens.sequences
+        else:
+            self.total += selected.sum(0)
+            self.count += tokens.count
+        self.outer.addmm_(selected.T, selected)
+
+
+class _Tokens:
+    """One batch's real tokens for one statistic: a mask (B, T), their flat indices, and their sequences.
+
+    The indices come from one ``nonzero`` per batch (one host synchronisation), so the hooks select tokens
+    with ``index_select`` without synchronising: padding never enters the float32 GEMMs."""
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        self.mask = mask
+        self.index = mask.reshape(-1).nonzero().squeeze(-1)
+        self.count = self.index.numel()
+        self.sequence = self.index // mask.shape[-1]
+        self.sequences = mask.any(-1).sum(dtype=torch.float64)
+
+
+class _Collector:
+    """The hooks of one pass over the calibration batches and the sums they fill.
+
+    CorDA and EVA sum ``xᵀx`` over a layer's input ``x``; layers fed the very same tensor (same object and
+    in-place version, seen one right after the other) share one sum, so q/k/v_proj cost one n×n GEMM and one
+    n×n buffer instead of three. Who shares with whom is fixed on the first batch and checked on every batch
+    after it (each follower must read exactly the tensors its leader summed); if that ever fails the pass
+    is run again without sharing (``share=False``), so the statistics are always each layer's own.
+    """
+
+    def __init__(self, layers: list[AdapterLayer], share: bool) -> None:
+        self.share = share
+        self.sums: dict[AdapterLayer, _Sums] = {}
+        for layer in layers:
+            if not share or layer.calibration_statistic == "gradient":
+                self.sums[layer] = _Sums(layer)
+        self.tokens: dict[str, _Tokens] = {}
+        self.batch, self.step = 0, 0
+        self.last: tuple[torch.Tensor, int, _Sums, int] | None = None  # the input summed last, to compare with
+        self.matched: dict[AdapterLayer, list[int]] = {}
 
     def register(self, layer: AdapterLayer) -> torch.utils.hooks.RemovableHandle:
-        if self.kind == "gradient":
+        if layer.calibration_statistic == "gradient":
             return layer.register_forward_hook(self.after_forward)
-        return layer.register_forward_pre_hook(self)
+        return layer.register_forward_pre_hook(self.before_forward)
 
-    def after_forward(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+    def start_batch(self, batch: Batch) -> None:
+        masks = _token_masks(batch)
+        kinds = {sums.kind for sums in self.sums.values()} | ({"corda", "eva"} if self.share else set())
+        self.tokens = {kind: _Tokens(mask) for kind, mask in masks.items() if kind in kinds}
+
+    def end_batch(self) -> None:
+        for layer, sums in self.sums.items():
+            if sums.layers[0] is not layer and self.matched.get(layer, []) != sums.steps:
+                raise _NotShared(layer.layer_name)
+        for sums in self.sums.values():
+            sums.steps.clear()
+        self.matched.clear()
+        self.last = None  # drop the reference to the last input
+        self.batch += 1
+
+    def after_forward(self, module: AdapterLayer, args: tuple, output: torch.Tensor) -> None:
         # dL/dW = Σ_tokens g xᵀ with g = dL/dy: accumulated when the output's gradient arrives in backward.
         x = args[0].detach()
-        self.count += 1
+        sums = self.sums[module]
+        sums.count += 1
 
         def accumulate(g: torch.Tensor) -> None:
-            self.outer.addmm_(g.reshape(-1, g.shape[-1]).float().T, x.reshape(-1, x.shape[-1]).float())
+            _add_product(sums.outer, g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1]))
 
         if output.requires_grad:
             output.register_hook(accumulate)
 
     @torch.no_grad()
-    def __call__(self, module: nn.Module, args: tuple) -> None:
-        x = args[0]
-        mask = self.masks[self.kind]
-        if x.shape[:-1] != mask.shape:
+    def before_forward(self, module: AdapterLayer, args: tuple) -> None:
+        x, kind = args[0], module.calibration_statistic
+        tokens = self.tokens[kind]
+        if x.shape[:-1] != tokens.mask.shape:
             raise ValueError(
-                f"calibration: layer '{self.name}' got input of shape {tuple(x.shape)}, which does not match the "
-                f"batch's tokens {tuple(mask.shape)}; calibrate with (batch, sequence) input_ids"
+                f"calibration: layer '{module.layer_name}' got input of shape {tuple(x.shape)}, which does not match "
+                f"the batch's tokens {tuple(tokens.mask.shape)}; calibrate with (batch, sequence) input_ids"
             )
-        x = x.float()
-        if self.kind == "corda":
-            rows = mask.any(-1)
-            x, mask = x[rows], mask[rows]
-            # PEFT divides each sequence's inputs by |max| (not the max of |x|) before XᵀX; kept for parity.
-            peak = x.masked_fill(~mask[..., None], float("-inf")).amax(dim=(-2, -1)).abs()
-            tokens = (x / peak[:, None, None])[mask]
-            self.count += rows.sum()
-        else:
-            tokens = x[mask]
-            self.total += tokens.sum(0)
-            self.count += tokens.shape[0]
-        self.outer.addmm_(tokens.T, tokens)
+        last = self.last
+        same = last is not None and last[0] is x and last[1] == x._version and last[2].kind == kind
+        sums = self.sums.get(module)
+        if sums is None:  # first call of this layer (sharing on): join the sums of the tensor just summed
+            if same and self.batch == 0:
+                sums = last[2]
+                sums.layers.append(module)
+            else:
+                sums = _Sums(module)
+            self.sums[module] = sums
+        if sums.layers[0] is module:
+            sums.add_inputs(x, tokens)
+            self.step += 1
+            sums.steps.append(self.step)
+            self.last = (x, x._version, sums, self.step)
+            return
+        matched = self.matched.setdefault(module, [])
+        if not (same and last[2] is sums and (not matched or matched[-1] < last[3])):
+            raise _NotShared(module.layer_name)
+        matched.append(last[3])
 
-    def tensors(self) -> list[torch.Tensor]:
-        return [self.outer, self.total, self.count]
+    def distinct(self) -> list[_Sums]:
+        """Each sum once, in the order of its first layer (the same on every rank when the plans agree)."""
+        return list({id(sums): sums for sums in self.sums.values()}.values())
+
+    def plan(self, layers: list[AdapterLayer]) -> torch.Tensor:
+        """Per layer, the position of the layer whose sums it uses; the ranks must agree on it."""
+        position = {layer: i for i, layer in enumerate(layers)}
+        return torch.tensor([position[self.sums[layer].layers[0]] for layer in layers], dtype=torch.float64)
+
+
+def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``out += aᵀ b`` in float32 for ``a`` (k, m), ``b`` (k, n).
+
+    bf16/fp16 CUDA inputs go to a tensor-core GEMM with float32 output (products of bf16 numbers are exact in
+    float32, so this rounds like the float32 GEMM of their float32 copies), without the two float32 copies."""
+    if out.is_cuda and a.dtype == b.dtype and a.dtype in (torch.bfloat16, torch.float16):
+        try:
+            torch.addmm(out, a.T, b, out_dtype=torch.float32, out=out)
+            return
+        except (RuntimeError, TypeError):  # a torch without the out_dtype overload
+            pass
+    out.addmm_(a.float().T, b.float())
 
 
 def _token_masks(batch: Batch) -> dict[str, torch.Tensor]:
@@ -201,6 +308,57 @@ def _eva_ranks(ratios: list[torch.Tensor], budget: int) -> list[int]:
     return torch.bincount(owner[order], minlength=len(ratios)).tolist()
 
 
+def _run_pass(
+    model: nn.Module,
+    group: list[AdapterLayer],
+    batches: list[Batch],
+    run: Callable[[Batch], Any],
+    device: torch.device,
+    all_reduce: Callable[[torch.Tensor], None] | None,
+) -> _Collector:
+    """All batches through the model once with ``group``'s hooks; again without shared inputs if sharing
+    broke on this rank (``_NotShared``) or the ranks' sharing plans differ (then every rank runs again)."""
+    gradients = any(layer.calibration_statistic == "gradient" for layer in group)
+    passes = 0
+    for share in (True, False):
+        collector = _Collector(group, share)
+        handles = [collector.register(layer) for layer in group]
+        passes += 1
+        try:
+            with (
+                _base_model_only(model),
+                _activations_require_grad(model) if gradients else contextlib.nullcontext(),
+            ):
+                for batch in batches:
+                    batch = _to_device(batch, device)
+                    collector.start_batch(batch)
+                    output = run(batch)
+                    if gradients:
+                        _loss(output).backward()
+                    del output
+                    collector.end_batch()
+        except _NotShared:
+            continue  # this rank's sums are incomplete: run again, each layer on its own
+        finally:
+            for handle in handles:
+                handle.remove()
+            collector.tokens.clear()
+        for layer in group:  # never called: empty sums, reported as such by _finalize
+            collector.sums.setdefault(layer, _Sums(layer))
+        if not share or all_reduce is None or _plans_agree(collector.plan(group).to(device), all_reduce):
+            break
+    collector.passes = passes
+    return collector
+
+
+def _plans_agree(plan: torch.Tensor, all_reduce: Callable[[torch.Tensor], None]) -> bool:
+    """Whether every rank has the same sharing plan: ``world · Σ p² == (Σ p)²`` per entry only if all equal."""
+    summed = torch.cat([torch.ones(1, dtype=plan.dtype, device=plan.device), plan, plan * plan])
+    all_reduce(summed)
+    world, total, squares = summed[0], summed[1 : 1 + len(plan)], summed[1 + len(plan) :]
+    return bool((world * squares == total * total).all())
+
+
 @torch.no_grad()
 def calibrate(
     model: nn.Module,
@@ -226,7 +384,9 @@ def calibrate(
 
     Returns:
         ``initialize_adapters``' report plus ``calibration_seconds``, ``calibration_batches``,
-        ``calibration_passes``, ``calibration_peak_bytes`` and ``eva_ranks`` (name → assigned rank, EVA only).
+        ``calibration_passes``, ``calibration_peak_bytes`` (statistics held at once),
+        ``calibration_shared_layers`` (layers that used another layer's input statistic) and ``eva_ranks``
+        (name → assigned rank, EVA only).
     """
     start = time.perf_counter()
     layers = [
@@ -255,37 +415,21 @@ def calibrate(
         device = layers[0].weight_matrix().device
         compute_dtype = initialize_kwargs.get("compute_dtype", torch.float32)
         payloads: dict[AdapterLayer, tuple[torch.Tensor, ...]] = {}
-        masks: dict[str, torch.Tensor] = {}
+        report["calibration_shared_layers"] = 0
         for group in _groups(layers, max_statistics_bytes):
-            statistics = {layer: _LayerStatistics(layer, masks) for layer in group}
+            collector = _run_pass(model, group, batches, run, device, all_reduce)
+            report["calibration_passes"] += collector.passes
+            distinct = collector.distinct()
             report["calibration_peak_bytes"] = max(
-                report["calibration_peak_bytes"], sum(statistics_bytes(layer) for layer in group)
+                report["calibration_peak_bytes"], sum(sums.nbytes() for sums in distinct)
             )
-            handles = [stat.register(layer) for layer, stat in statistics.items()]
-            gradients = any(stat.kind == "gradient" for stat in statistics.values())
-            try:
-                with (
-                    _base_model_only(model),
-                    _activations_require_grad(model) if gradients else contextlib.nullcontext(),
-                ):
-                    for batch in batches:
-                        batch = _to_device(batch, device)
-                        masks.update(_token_masks(batch))
-                        output = run(batch)
-                        if gradients:
-                            _loss(output).backward()
-                        del output
-            finally:
-                for handle in handles:
-                    handle.remove()
-                masks.clear()
-            report["calibration_passes"] += 1
-            for layer, stat in statistics.items():
-                if all_reduce is not None:
-                    for tensor in stat.tensors():
+            report["calibration_shared_layers"] += len(group) - len(distinct)
+            if all_reduce is not None:
+                for sums in distinct:
+                    for tensor in sums.tensors():
                         all_reduce(tensor)
-                payloads[layer] = _finalize(layer, stat, config.corda_mode, compute_dtype)
-            del statistics  # the n×n sums go before the next group's are allocated
+            payloads |= _finalize(distinct, config.corda_mode, compute_dtype)
+            del collector, distinct  # the n×n sums go before the next group's are allocated
         eva = [layer for layer in layers if layer.calibration_statistic == "eva"]
         if eva:
             ranks = _eva_ranks([payloads[layer][1] for layer in eva], config.rank * len(eva))
@@ -305,20 +449,85 @@ def calibrate(
     return report
 
 
-def _finalize(layer: AdapterLayer, stat: _LayerStatistics, mode: str, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    """The small per-layer init factors from the reduced sums (see the module docstring)."""
-    count = stat.count.item()
-    if count == 0:
-        raise ValueError(
-            f"calibration saw no tokens for layer '{layer.layer_name}' ({layer.method}): every calibration token "
-            "was padding" + (" or label-masked (labels == -100)" if stat.kind == "eva" else "")
-        )
-    if stat.kind == "corda":
-        return corda_factors(layer.weight_matrix(), stat.outer / count, layer.rank, mode, dtype=dtype)
-    if stat.kind == "gradient":
-        return loraga_factors(stat.outer / count, layer.rank, dtype=dtype)
-    if count < 2:
-        raise ValueError(f"calibration saw 1 token for layer '{layer.layer_name}' (eva); it needs at least 2")
-    mean = stat.total.double() / count
-    covariance = (stat.outer.double() - count * torch.outer(mean, mean)) / (count - 1)
-    return pca_components(covariance, layer.rank)
+def _finalize(distinct: list[_Sums], mode: str, dtype: torch.dtype) -> dict[AdapterLayer, tuple[torch.Tensor, ...]]:
+    """The small per-layer init factors from the reduced sums (see the module docstring).
+
+    One decomposition per statistic, not per layer (q/k/v_proj share their input's), batched over
+    same-shape statistics in chunks of ``_MAX_BATCH_BYTES``, and only the top components that are used:
+    EVA ``pca_components`` (top k eigenpairs), CorDA ``corda_factors`` (top or bottom r of W C_d),
+    LoRA-GA ``loraga_factors`` (top 2r of G).
+    """
+    counts = torch.stack([sums.count for sums in distinct]).tolist()  # one transfer for all of them
+    for sums, count in zip(distinct, counts, strict=True):
+        layer = sums.layers[0]
+        if count == 0:
+            raise ValueError(
+                f"calibration saw no tokens for layer '{layer.layer_name}' ({layer.method}): every calibration "
+                "token was padding" + (" or label-masked (labels == -100)" if sums.kind == "eva" else "")
+            )
+        if sums.kind == "eva" and count < 2:
+            raise ValueError(f"calibration saw 1 token for layer '{layer.layer_name}' (eva); it needs at least 2")
+    count_of = {id(sums): count for sums, count in zip(distinct, counts, strict=True)}
+    payloads: dict[AdapterLayer, tuple[torch.Tensor, ...]] = {}
+    for kind in ("eva", "corda", "gradient"):
+        batchable = [sums for sums in distinct if sums.kind == kind]
+        for chunk in _same_shape_chunks(batchable, 8 if kind == "eva" else 4):
+            if kind == "eva":
+                payloads |= _eva_payloads(chunk, [count_of[id(sums)] for sums in chunk])
+            elif kind == "corda":
+                payloads |= _corda_payloads(chunk, [count_of[id(sums)] for sums in chunk], mode, dtype)
+            else:
+                payloads |= _loraga_payloads(chunk, [count_of[id(sums)] for sums in chunk], dtype)
+            for sums in chunk:  # release each statistic once its factors exist (7B: 22 GB of them)
+                sums.outer = sums.total = None
+    return payloads
+
+
+def _same_shape_chunks(sums: list[_Sums], element_bytes: int) -> Iterator[list[_Sums]]:
+    """Consecutive runs of same-shape statistics whose stacked copies take at most ``_MAX_BATCH_BYTES``."""
+    by_shape: dict[tuple[int, ...], list[_Sums]] = {}
+    for item in sums:
+        by_shape.setdefault(tuple(item.outer.shape), []).append(item)
+    for shape, items in by_shape.items():
+        per_chunk = max(1, _MAX_BATCH_BYTES // (element_bytes * shape[0] * shape[1]))
+        for start in range(0, len(items), per_chunk):
+            yield items[start : start + per_chunk]
+
+
+def _eva_payloads(chunk: list[_Sums], counts: list[float]) -> dict[AdapterLayer, tuple[torch.Tensor, ...]]:
+    covariances = []
+    for sums, count in zip(chunk, counts, strict=True):
+        mean = sums.total.double() / count
+        covariances.append((sums.outer.double() - count * torch.outer(mean, mean)) / (count - 1))
+    rank = max(layer.rank for sums in chunk for layer in sums.layers)
+    V, ratios = pca_components(torch.stack(covariances), rank)
+    return {
+        layer: (V[i, :, : layer.rank], ratios[i, : layer.rank]) for i, sums in enumerate(chunk) for layer in sums.layers
+    }
+
+
+def _corda_payloads(
+    chunk: list[_Sums], counts: list[float], mode: str, dtype: torch.dtype
+) -> dict[AdapterLayer, tuple[torch.Tensor, ...]]:
+    payloads = {}
+    for sums, count in zip(chunk, counts, strict=True):
+        # One damped inverse per input; the weights reading it (q, k, v) are decomposed together.
+        damped = damped_inverse((sums.outer / count).to(dtype))
+        by_shape: dict[tuple[int, int], list[AdapterLayer]] = {}
+        for layer in sums.layers:
+            by_shape.setdefault((layer.out_features, layer.in_features), []).append(layer)
+        for same in by_shape.values():
+            weights = torch.stack([layer.weight_matrix().to(dtype) for layer in same])
+            rank = same[0].rank
+            U, S, V = corda_factors(weights, damped[0], rank, mode, dtype=dtype, damped=damped)
+            payloads |= {layer: (U[i], S[i], V[i]) for i, layer in enumerate(same)}
+    return payloads
+
+
+def _loraga_payloads(
+    chunk: list[_Sums], counts: list[float], dtype: torch.dtype
+) -> dict[AdapterLayer, tuple[torch.Tensor, ...]]:
+    mean = torch.stack([sums.outer / count for sums, count in zip(chunk, counts, strict=True)])
+    layers = [sums.layers[0] for sums in chunk]
+    A, B = loraga_factors(mean, layers[0].rank, dtype=dtype)
+    return {layer: (A[i], B[i]) for i, layer in enumerate(layers)}

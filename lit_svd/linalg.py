@@ -22,6 +22,7 @@ __all__ = [
     "bottom_r_svd",
     "thin_qr",
     "corda_factors",
+    "damped_inverse",
     "pca_components",
     "loraga_factors",
     "principal_weight",
@@ -295,22 +296,51 @@ def top_r_svd(
     return U.to(work_dtype), S.to(work_dtype), V.to(work_dtype)
 
 
-def _damped_inverse(C: torch.Tensor, damp: float = 0.01, tolerance: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
+def damped_inverse(C: torch.Tensor, damp: float = 0.01, tolerance: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
     """``(C_d, C_d⁻¹)`` with ``C_d = C + δ·mean(diag C)·I``: δ starts at ``damp`` and doubles until
     ``‖C_d C_d⁻¹ − I‖_F < tolerance`` (CorDA's regularisation of a covariance that may be rank-deficient,
-    e.g. from fewer calibration tokens than features; PEFT's rule, kept so factors match)."""
-    eye = torch.eye(C.shape[-1], dtype=C.dtype, device=C.device)
-    mean_diagonal = C.diagonal().mean()
-    while True:
-        damped = C + eye * (mean_diagonal * damp)
-        inverse = torch.linalg.inv(damped)
-        if torch.dist(damped @ inverse, eye).item() < tolerance:
-            return damped, inverse
+    e.g. from fewer calibration tokens than features; PEFT's rule, kept so factors match).
+
+    Args:
+        C: Covariances ``(..., n, n)``; each matrix of a batch gets its own δ.
+
+    Returns:
+        ``C_d`` and ``C_d⁻¹``, both ``(..., n, n)``; compute them once for weights that share one ``C``
+        (CorDA's q/k/v projections read the same input) and pass them to ``corda_factors(damped=...)``.
+    """
+    n = C.shape[-1]
+    flat = C.reshape(-1, n, n)
+    eye = torch.eye(n, dtype=C.dtype, device=C.device)
+    mean_diagonal = flat.diagonal(dim1=-2, dim2=-1).mean(-1)
+    damped = inverse = None
+    pending = list(range(flat.shape[0]))
+    while pending:  # one batched inverse per doubling of δ, for the matrices not yet accepted
+        index = torch.tensor(pending, device=C.device)
+        trial = flat[index] + eye * (mean_diagonal[index] * damp)[:, None, None]
+        trial_inverse = torch.linalg.inv(trial)
+        errors = torch.linalg.matrix_norm(trial @ trial_inverse - eye).tolist()  # one transfer per round
+        if damped is None:
+            if max(errors) < tolerance:  # the usual case: every matrix accepted at once, no copies
+                return trial.reshape(C.shape), trial_inverse.reshape(C.shape)
+            damped, inverse = torch.empty_like(flat), torch.empty_like(flat)
+        for position, (i, error) in enumerate(zip(pending, errors, strict=True)):
+            if error < tolerance:
+                damped[i], inverse[i] = trial[position], trial_inverse[position]
+        pending = [i for i, error in zip(pending, errors, strict=True) if error >= tolerance]
         damp *= 2
+    return damped.reshape(C.shape), inverse.reshape(C.shape)
+
+
+_damped_inverse = damped_inverse  # the name before batching; kept for callers that imported it
 
 
 def corda_factors(
-    w: torch.Tensor, C: torch.Tensor, r: int, mode: Literal["ipm", "kpm"] = "ipm", dtype: torch.dtype | None = None
+    w: torch.Tensor,
+    C: torch.Tensor,
+    r: int,
+    mode: Literal["ipm", "kpm"] = "ipm",
+    dtype: torch.dtype | None = None,
+    damped: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """CorDA's context-oriented decomposition (Yang et al. 2024, arXiv 2406.05223, §3.2) of one weight.
 
@@ -321,20 +351,22 @@ def corda_factors(
     frozen in the residual.
 
     Args:
-        w: Weight ``(m, n)``.
-        C: Input covariance ``(n, n)`` (symmetric positive semi-definite).
+        w: Weight ``(..., m, n)``; a batch of weights is decomposed in one call.
+        C: Input covariance ``(..., n, n)`` (symmetric positive semi-definite), broadcast against ``w``: one
+            ``(n, n)`` matrix serves a whole batch of weights that read the same input.
         r: Number of components, ``1 <= r <= min(m, n)``.
         mode: ``"ipm"`` (largest r) or ``"kpm"`` (smallest r).
         dtype: Working precision; default float32 (float64 if ``w`` is float64).
+        damped: ``damped_inverse(C)`` in the working precision, if already computed (``C`` is then not read).
 
     Returns:
-        ``U`` ``(m, r)``, ``S`` ``(r,)``, ``V̂ = C_d⁻¹ V`` ``(n, r)`` (not orthonormal) with the
+        ``U`` ``(..., m, r)``, ``S`` ``(..., r)``, ``V̂ = C_d⁻¹ V`` ``(..., n, r)`` (not orthonormal) with the
         component ``U diag(S) V̂ᵀ`` of ``W``.
     """
     if mode not in ("ipm", "kpm"):
         raise ValueError(f"CorDA mode must be 'ipm' or 'kpm', got {mode!r}")
     work = _compute_dtype(w, dtype)
-    damped, inverse = _damped_inverse(C.to(work))
+    damped, inverse = damped_inverse(C.to(work)) if damped is None else damped
     product = w.to(work) @ damped
     U, S, V = top_r_svd(product, r, dtype=work) if mode == "ipm" else bottom_r_svd(product, r, dtype=work)
     # V̂ᵀ = Vᵀ C_d⁻¹ with the explicit inverse the damping loop accepted.
@@ -352,39 +384,59 @@ def loraga_factors(
     full fine-tuning gradient.
 
     Args:
-        G: Gradient of the loss with respect to ``W`` ``(m, n)``, averaged over the calibration batches.
+        G: Gradient of the loss with respect to ``W`` ``(..., m, n)``, averaged over the calibration batches;
+            a batch of same-shape gradients is decomposed in one call.
         r: Adapter rank; ``2r <= min(m, n)``.
         gamma: γ of the stable scale.
         dtype: Working precision; default float32 (float64 if ``G`` is float64).
 
     Returns:
-        ``A`` ``(r, n)`` and ``B`` ``(m, r)``.
+        ``A`` ``(..., r, n)`` and ``B`` ``(..., m, r)``.
     """
     work = _compute_dtype(G, dtype)
     U, S, V = top_r_svd(G.to(work), 2 * r, dtype=work)
-    scale = G.shape[0] ** 0.25 / gamma**0.5
-    return V[:, :r].T.contiguous(), (U[:, r:] * S[r:] * scale).contiguous()
+    scale = G.shape[-2] ** 0.25 / gamma**0.5
+    return V[..., :r].mT.contiguous(), (U[..., r:] * S[..., None, r:] * scale).contiguous()
 
 
-def pca_components(covariance: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-``r`` principal directions of data whose (centred) covariance is ``covariance`` (n, n).
+def pca_components(
+    covariance: torch.Tensor, r: int, method: Literal["auto", "eigh", "subspace"] = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``r`` principal directions of data whose (centred) covariance is ``covariance`` (..., n, n).
 
     They are the right singular vectors of the centred activation matrix (EVA, Paischer et al. 2024,
-    arXiv 2410.07170), computed exactly from the n×n covariance by a float64 eigendecomposition. Each
-    direction's sign is fixed so that its largest-magnitude entry is positive (determinism across runs
-    and ranks).
+    arXiv 2410.07170), computed in float64 from the n×n covariance. Each direction's sign is fixed so that
+    its largest-magnitude entry is positive (determinism across runs and ranks).
+
+    Args:
+        covariance: ``(..., n, n)`` symmetric positive semi-definite; a batch is decomposed in one call.
+        r: Number of directions, ``1 <= r <= n``.
+        method: ``"eigh"``: the full eigendecomposition, exact; ``"subspace"``: only the top ``r`` eigenpairs,
+            by ``top_r_svd``'s filtered subspace iteration (for a positive semi-definite matrix the singular
+            triplets are the eigenpairs), a few dozen (n×n)·(n×k) products instead of an n×n ``eigh`` (tens
+            of seconds per 7B model on a GPU in float64); ``"auto"``: ``"subspace"`` on GPUs when
+            ``r + 16 <= n / 4`` (as ``top_r_svd`` chooses), else ``"eigh"``.
 
     Returns:
-        ``V`` ``(n, r)`` orthonormal columns, and the explained-variance ratios ``(r,)`` (eigenvalue over
-        the trace, descending).
+        ``V`` ``(..., n, r)`` orthonormal columns, and the explained-variance ratios ``(..., r)`` (eigenvalue
+        over the trace, descending).
     """
     n = covariance.shape[-1]
     if not 1 <= r <= n:
         raise ValueError(f"r={r} components must be between 1 and n={n}")
-    evals, evecs = torch.linalg.eigh(covariance.double())
-    evals, evecs = evals.flip(-1)[:r], evecs.flip(-1)[:, :r]
-    signs = torch.sign(evecs.gather(0, evecs.abs().argmax(0, keepdim=True)))
-    ratio = evals.clamp_min(0) / covariance.double().diagonal().sum().clamp_min(torch.finfo(torch.float64).tiny)
+    if method not in ("auto", "eigh", "subspace"):
+        raise ValueError(f"unknown pca method {method!r}; choose one of: auto, eigh, subspace")
+    if method == "auto":
+        method = "subspace" if covariance.device.type != "cpu" and r + max(16, r // 2) <= n // 4 else "eigh"
+    work = covariance.double()
+    if method == "eigh":
+        evals, evecs = torch.linalg.eigh(work)
+        evals, evecs = evals.flip(-1)[..., :r], evecs.flip(-1)[..., :r]
+    else:
+        _, evals, evecs = top_r_svd(work, r, method="subspace")
+    signs = torch.sign(evecs.gather(-2, evecs.abs().argmax(-2, keepdim=True)))
+    trace = work.diagonal(dim1=-2, dim2=-1).sum(-1, keepdim=True)
+    ratio = evals.clamp_min(0) / trace.clamp_min(torch.finfo(torch.float64).tiny)
     out = covariance.dtype if covariance.dtype == torch.float64 else torch.float32
     return (evecs * signs).to(out), ratio.to(out)
 

@@ -89,21 +89,24 @@ def test_loraga_sums_the_mean_full_weight_gradient_without_weight_gradients(monk
         w.requires_grad_(True)
     for b in data:
         reference(**b).loss.backward()
-    seen = {}
+    seen = []
     factors = calibration.loraga_factors
 
-    def capture(G, r, dtype=None):
-        seen[len(seen)] = G.clone()
+    def capture(G, r, dtype=None):  # called once per batch of same-shape gradients
+        seen.extend(G.reshape(-1, *G.shape[-2:]).clone())
         return factors(G, r, dtype=dtype)
 
     monkeypatch.setattr(calibration, "loraga_factors", capture)
     model, _ = calibrated("loraga", data=data)
-    for i, (name, layer) in enumerate(adapter_layers(model)):
-        torch.testing.assert_close(seen[i], weights[name].grad / len(data), rtol=1e-4, atol=1e-6)
+    assert len(seen) == len(weights)
+    for name, layer in adapter_layers(model):
+        expected = weights[name].grad / len(data)
+        match = [G for G in seen if G.shape == expected.shape and torch.allclose(G, expected, rtol=1e-4, atol=1e-6)]
+        assert len(match) == 1, name  # each layer's own mean gradient, no other layer's
         assert layer.base_layer.weight.grad is None and layer.A.grad is None and layer.B.grad is None
         # A = V_{:r}ᵀ: orthonormal rows; B = U_{r:2r} diag(S_{r:2r}) · m^{1/4}/√16
         torch.testing.assert_close(layer.A @ layer.A.T, torch.eye(4), rtol=0, atol=1e-5)
-        S = torch.linalg.svdvals(seen[i].double())[4:8] * layer.out_features**0.25 / 4
+        S = torch.linalg.svdvals(match[0].double())[4:8] * layer.out_features**0.25 / 4
         torch.testing.assert_close(layer.B.norm(dim=0).double(), S, rtol=1e-4, atol=0)
 
 
@@ -117,9 +120,102 @@ def test_memory_cap_splits_the_layers_into_passes_with_the_same_result():
     split = calibrate(model, batches(), max_statistics_bytes=2 * per_layer[0])
     # Per decoder layer: [q, v], [gate] (q, v, gate would exceed the cap), [down] (alone above the cap).
     assert split["calibration_passes"] == 6 and split["calibration_peak_bytes"] == per_layer[3]
-    assert one["calibration_peak_bytes"] == sum(per_layer)
+    # Unsplit, q and v of each decoder layer read one input and share one statistic.
+    assert one["calibration_peak_bytes"] == sum(per_layer) - 2 * per_layer[0]
+    assert one["calibration_shared_layers"] == 2 and split["calibration_shared_layers"] == 2
     a, b = state(whole), state(model)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("method", ["corda", "eva"])
+def test_layers_reading_one_input_share_a_statistic_equal_to_their_own(method):
+    import lit_svd.calibration as calibration
+
+    model = inject_adapters(
+        make_tiny_model("llama"), AdapterConfig(method=method, rank=4, target_modules=TARGETS), initialize=False
+    )
+    layers = [layer for _, layer in adapter_layers(model)]
+    data = [{**b, "attention_mask": (torch.rand(b["input_ids"].shape) > 0.2).long()} for b in batches()]
+    data[0]["attention_mask"][1] = 0  # a sequence with no real token
+    run = calibration._default_forward(model)
+    collectors = {}
+    for share in (True, False):
+        collectors[share] = calibration._Collector(layers, share)
+        handles = [collectors[share].register(layer) for layer in layers]
+        with calibration._base_model_only(model):
+            for batch in data:
+                collectors[share].start_batch(batch)
+                run(batch)
+                collectors[share].end_batch()
+        for handle in handles:
+            handle.remove()
+    shared, separate = collectors[True].sums, collectors[False].sums
+    assert [shared[layer].layers[0].layer_name.rsplit(".", 1)[-1] for layer in layers[:4]] == [
+        "q_proj",
+        "q_proj",  # v_proj reads q_proj's input
+        "gate_proj",
+        "down_proj",
+    ]
+    for layer in layers:  # the same GEMMs on the same tokens: bitwise equal
+        for mine, own in zip(shared[layer].tensors(), separate[layer].tensors(), strict=True):
+            assert torch.equal(mine, own), layer.layer_name
+
+
+class Twins(torch.nn.Module):
+    """Two linear layers that read one tensor on the first batch only (``same_first``), equal values after it."""
+
+    def __init__(self, same_first: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.a, self.b = torch.nn.Embedding(101, 16), torch.nn.Linear(16, 12), torch.nn.Linear(16, 12)
+        self.same_first, self.calls = same_first, 0
+
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        x = self.embed(input_ids)
+        y = x if self.same_first and self.calls == 0 else x.clone()
+        y = y if self.calls == 0 else y * 2  # later batches: b reads other values than a
+        self.calls += 1
+        return self.a(x) + self.b(y)
+
+
+def test_inputs_that_stop_being_shared_are_summed_again_each_layer_on_its_own():
+    results = {}
+    for same_first in (True, False):
+        model = inject_adapters(
+            Twins(same_first), AdapterConfig(method="corda", rank=4, target_modules=["a", "b"]), False
+        )
+        report = calibrate(model, batches())
+        results[same_first] = (state(model), report["calibration_passes"])
+    assert results[True][1] == 2 and results[False][1] == 1  # sharing broke on the second batch: one more pass
+    assert all(torch.equal(v, results[False][0][k]) for k, v in results[True][0].items())
+
+
+def test_batched_finalize_equals_each_matrix_on_its_own():
+    from lit_svd.linalg import damped_inverse, loraga_factors
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(3, 400, 300, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3, 300, dtype=torch.float64)
+    C = X.mT @ X / 400
+    W = torch.randn(3, 200, 300, generator=g, dtype=torch.float64)
+    # Batched = per matrix, in float64 (tolerance: LAPACK's batched and single calls agree to rounding).
+    damped = damped_inverse(C)
+    for i in range(3):
+        one = damped_inverse(C[i])
+        torch.testing.assert_close((damped[0][i], damped[1][i]), one, rtol=0, atol=1e-12)
+    for mode in ("ipm", "kpm"):
+        batched = corda_factors(W, C, 8, mode)
+        for i in range(3):
+            for mine, own in zip(batched, corda_factors(W[i], C[i], 8, mode), strict=True):
+                torch.testing.assert_close(mine[i].abs(), own.abs(), rtol=0, atol=1e-8)
+    A, B = loraga_factors(W, 4)
+    for i in range(3):
+        A_i, B_i = loraga_factors(W[i], 4)
+        torch.testing.assert_close(B[i] @ A[i], B_i @ A_i, rtol=0, atol=1e-9)  # signs cancel in the product
+    # The top-k eigenpairs by subspace iteration (the GPU path) against the full eigendecomposition.
+    V_full, ratio_full = pca_components(C, 12, method="eigh")
+    V_top, ratio_top = pca_components(C, 12, method="subspace")
+    torch.testing.assert_close(ratio_top, ratio_full, rtol=1e-9, atol=0)
+    torch.testing.assert_close(V_top, V_full, rtol=0, atol=1e-6)  # same signs: the largest entry is positive
 
 
 def test_calibration_reads_only_real_tokens():
