@@ -275,7 +275,7 @@ def test_grid_table_is_read():
 
 
 # Methods not in the study's grid yet: their recipes borrow the tuned rate of the nearest studied method.
-UNTUNED = {"dora": "lora", "vera": "osora"}
+UNTUNED = {"dora": "lora", "vera": "osora", "milora": "pissa", "corda": "pissa", "eva": "lora", "loraga": "lora"}
 
 
 @pytest.mark.parametrize("config_file", CONFIGS, ids=lambda p: p.stem)
@@ -287,7 +287,7 @@ def test_recipe_learning_rate_is_the_studys_tuned_value(config_file):
     assert config["model"]["learning_rate"] == tuned[UNTUNED.get(method, method)]
     # the study script's default (used when no grid is given) is the same value
     study = (REPO / "recipes" / "studies" / "gsm8k_methods.py").read_text()
-    defaults = re.search(r"^DEFAULT_LR = (\{.*\})$", study, re.MULTILINE).group(1)
+    defaults = re.search(r"^DEFAULT_LR = (\{.*?\})", study, re.MULTILINE | re.DOTALL).group(1)
     assert float(re.search(rf'"{method}": ([0-9.e-]+)', defaults).group(1)) == config["model"]["learning_rate"]
     # and the README's recipe table says so
     row = next(line for line in README.splitlines() if line.startswith(f"| `{config_file.stem}` |"))

@@ -63,8 +63,12 @@ def data_args(recipe: str, metamathqa: Path) -> tuple[list[str], int]:
 def test_every_recipe_is_covered():
     assert RECIPES == [
         "commonsense_osora",
+        "gsm8k_corda",
         "gsm8k_dora",
+        "gsm8k_eva",
         "gsm8k_lora",
+        "gsm8k_loraga",
+        "gsm8k_milora",
         "gsm8k_olora",
         "gsm8k_osora",
         "gsm8k_pissa",

@@ -81,8 +81,12 @@ from lit_svd.module import LitSVDAdapter
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # Learning rates at batch 32 for SmolLM2 (r=16) when no grid is given: the best of the grid in
 # docs/results/gsm8k_lr_grid.jsonl (100 steps, 500 held-out problems). Override with --lr method=value.
-# DoRA and VeRA are not in the grid yet: LoRA's and OSoRA's rates (same factors / vectors only) until they are.
-DEFAULT_LR = {"lora": 5e-3, "pissa": 1e-3, "olora": 5e-4, "sorsa": 2e-4, "osora": 2e-2, "dora": 5e-3, "vera": 2e-2}
+# Methods not in the grid yet borrow the nearest studied method's rate until they are: DoRA, EVA and LoRA-GA
+# LoRA's; VeRA OSoRA's (vectors only); MiLoRA and CorDA PiSSA's (SVD factors moved out of W).
+DEFAULT_LR = {
+    "lora": 5e-3, "pissa": 1e-3, "olora": 5e-4, "sorsa": 2e-4, "osora": 2e-2,
+    "dora": 5e-3, "vera": 2e-2, "milora": 1e-3, "corda": 1e-3, "eva": 5e-3, "loraga": 5e-3,
+}  # fmt: skip
 PEFT_INIT = {"peft-lora": True, "peft-pissa": "pissa", "peft-olora": "olora"}
 ALL_METHODS = "base,lora,pissa,olora,sorsa,osora,peft-lora,peft-pissa,peft-olora"
 
