@@ -88,8 +88,9 @@ def test_quantization_comes_after_the_exact_init_and_keeps_no_full_precision_cop
         assert stored < 0.6 * q.out_features * q.in_features, (name, stored)
 
 
-def test_forward_and_backward_save_no_m_by_n_tensor_and_give_the_dequantized_gradient():
-    model = adapted("llama", "sorsa", base_quantization="nf4")
+@pytest.mark.parametrize("method", ["sorsa", "dora", "vera"])  # DoRA and VeRA have their own forward
+def test_forward_and_backward_save_no_m_by_n_tensor_and_give_the_dequantized_gradient(method):
+    model = adapted("llama", method, base_quantization="nf4")
     layer = dict(adapter_layers(model))["model.layers.0.mlp.gate_proj"]  # m=48, n=32
     x = torch.randn(3, 5, layer.in_features, requires_grad=True)
     saved: list[tuple[int, ...]] = []
@@ -104,10 +105,10 @@ def test_forward_and_backward_save_no_m_by_n_tensor_and_give_the_dequantized_gra
     assert not [s for s in saved if s[-2:] in big], saved
     grad = torch.randn_like(out)
     out.backward(grad)
-    W = layer.weight_matrix().float() + layer.delta_weight()
+    W = layer.merged_weight()  # deq(base) + delta; DoRA's rows rescaled by its magnitude
     torch.testing.assert_close(out, x @ W.T, rtol=0, atol=TOLERANCE[torch.float32])
     torch.testing.assert_close(x.grad, grad @ W, rtol=0, atol=TOLERANCE[torch.float32])
-    assert layer.U.grad is not None and layer.base_layer.bias is None
+    assert all(getattr(layer, n).grad is not None for n in layer.trainable_names) and layer.base_layer.bias is None
 
 
 @pytest.mark.parametrize("method", ["pissa", "sorsa", "osora", "olora", "loftq"])
