@@ -98,6 +98,44 @@ def gb(n_bytes: float) -> float:
     return round(n_bytes / 1e9, 2)
 
 
+def random_llama(
+    *,
+    layers: int,
+    hidden: int,
+    intermediate: int,
+    heads: int,
+    vocab: int,
+    device: torch.device,
+    dtype: torch.dtype = torch.bfloat16,
+    max_positions: int = 4096,
+):
+    """A randomly initialised Llama (seed 0) built directly on ``device`` in ``dtype`` (no float32 copy, no
+    meta tensors), SDPA attention, untied embeddings, no KV cache."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=False,
+    )
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    model.config.use_cache = False
+    return model
+
+
 def time_steps(step: Callable[[], None], device: torch.device, warmup: int, steps: int, tokens_per_step: int) -> dict:
     """Run ``warmup`` untimed and ``steps`` timed calls of ``step`` from a clean allocator state.
 

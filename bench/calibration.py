@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import RESULTS_DIR, Timer, environment, format_table, gb, write_json
-from transformers import LlamaConfig, LlamaForCausalLM
+from _common import RESULTS_DIR, Timer, environment, format_table, gb, random_llama, write_json
+from transformers import LlamaForCausalLM
 
 from lit_svd import AdapterConfig, inject_adapters
 from lit_svd.calibration import calibrate
@@ -43,26 +43,10 @@ DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
 
 def build_model(args: argparse.Namespace, vocab: int, device: torch.device) -> LlamaForCausalLM:
     """A random bf16 Llama of the requested shape, built directly on ``device``."""
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.heads,
-        max_position_embeddings=4096,
-        tie_word_embeddings=False,
-    )
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(default)
-    model.config.use_cache = False
+    model = random_llama(
+        layers=args.layers, hidden=args.hidden, intermediate=args.intermediate, heads=args.heads, vocab=vocab,
+        device=device,
+    )  # fmt: skip
     return model.requires_grad_(False).eval()
 
 

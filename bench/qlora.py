@@ -34,8 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import RESULTS_DIR, environment, synchronize, time_steps, write_json
-from transformers import LlamaConfig, LlamaForCausalLM
+from _common import RESULTS_DIR, environment, random_llama, synchronize, time_steps, write_json
 
 from lit_svd import AdapterConfig, LitSVDAdapter, initialize_adapters, load_causal_lm, orthonormal_regularizer
 
@@ -45,24 +44,10 @@ GAMMA, LR = 4e-4, 1e-4
 
 def write_random_model(args: argparse.Namespace, folder: Path, device: torch.device) -> None:
     """A random Llama of the bench's shapes saved as a Hugging Face checkpoint in ``dtype`` (built on ``device``)."""
-    config = LlamaConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.heads,
-        max_position_embeddings=max(args.seq, 4096),
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(args.dtype)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(default)
+    model = random_llama(
+        layers=args.layers, hidden=args.hidden, intermediate=args.intermediate, heads=args.heads, vocab=args.vocab,
+        device=device, dtype=args.dtype, max_positions=max(args.seq, 4096),
+    )  # fmt: skip
     model.save_pretrained(folder)
     del model
 

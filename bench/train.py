@@ -38,9 +38,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import RESULTS_DIR, Timer, environment, format_table, synchronize, time_steps, write_json
+from _common import RESULTS_DIR, Timer, environment, format_table, random_llama, synchronize, time_steps, write_json
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from lit_svd import AdapterConfig, adapter_layers, inject_adapters, orthonormal_regularizer
 
@@ -66,27 +66,10 @@ LR = 1e-4
 # ----- model ----------------------------------------------------------------------------------------------------
 def build_model(args: argparse.Namespace, device: torch.device) -> LlamaForCausalLM:
     """A randomly initialised bf16 Llama built directly on ``device`` (no float32 copy, no meta tensors)."""
-    config = LlamaConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.heads,
-        max_position_embeddings=max(args.seq, 4096),
-        tie_word_embeddings=False,
-    )
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(default_dtype)
-    model.config.use_cache = False
-    return model
+    return random_llama(
+        layers=args.layers, hidden=args.hidden, intermediate=args.intermediate, heads=args.heads, vocab=args.vocab,
+        device=device, max_positions=max(args.seq, 4096),
+    )  # fmt: skip
 
 
 def prepare(run: str, args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
