@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import TOLERANCE, make_tiny_model
+from conftest import TINY_TARGETS, TOLERANCE, calibration_batches, make_tiny_model
 from lightning.pytorch.loggers import Logger
 from lightning_helpers import RandomTokens, RandomTokensData, quiet_cpu_trainer
 
@@ -375,3 +375,21 @@ def test_calibration_does_not_change_the_training_batch_order(tmp_path):
         trainer.fit(module, datamodule=Shuffled())
         orders.append(module.seen)
     assert orders[0] == orders[1] and len(orders[0]) == 2
+
+
+@pytest.mark.parametrize("method", ["loraga", "corda"])
+def test_gradient_checkpointing_does_not_change_the_calibration(method):
+    """Checkpointing re-runs each layer's forward in backward; statistics counted per forward would be counted
+    twice. Calibration runs the model in eval mode, where transformers does not checkpoint: same factors."""
+    states = []
+    for checkpointing in (False, True):
+        model = make_tiny_model("llama")
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        config = AdapterConfig(method=method, rank=4, target_modules=TINY_TARGETS["llama"])
+        calibrate(inject_adapters(model, config, initialize=False), calibration_batches())
+        states.append(adapter_state_dict(model))
+        assert model.training  # calibration leaves the mode as it found it
+    for key in states[0]:
+        assert torch.equal(states[0][key], states[1][key]), key
