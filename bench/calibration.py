@@ -82,6 +82,8 @@ def run_ours(method: str, model, batches, args, device) -> dict[str, Any]:
     return {
         "seconds": t.seconds,
         "calibration_seconds": report["calibration_seconds"],
+        "pass_seconds": report["calibration_pass_seconds"],
+        "finalize_seconds": report["calibration_finalize_seconds"],
         "init_seconds": report["seconds"],
         "passes": report["calibration_passes"],
         "statistics_gb": gb(report["calibration_peak_bytes"]),
@@ -212,7 +214,8 @@ def main() -> None:
         if row["impl"] == "ours" and ("peft", row["method"]) in seconds:
             row["speedup_vs_peft"] = seconds[("peft", row["method"])] / row["seconds"]
     write_json(args.out, results)
-    columns = ["run", "seconds", "calibration_seconds", "init_seconds", "passes", "statistics_gb", "peak_extra_gb"]
+    columns = ["run", "seconds", "calibration_seconds", "pass_seconds", "finalize_seconds", "init_seconds", "passes"]
+    columns += ["statistics_gb", "peak_extra_gb"]
     print(format_table(results["runs"], [*columns, "speedup_vs_peft"]))
 
 

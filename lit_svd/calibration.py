@@ -385,8 +385,10 @@ def calibrate(
     Returns:
         ``initialize_adapters``' report plus ``calibration_seconds``, ``calibration_batches``,
         ``calibration_passes``, ``calibration_peak_bytes`` (statistics held at once),
-        ``calibration_shared_layers`` (layers that used another layer's input statistic) and ``eva_ranks``
-        (name → assigned rank, EVA only).
+        ``calibration_shared_layers`` (layers that used another layer's input statistic), the stage times
+        ``calibration_pass_seconds`` (batches through the model, statistics summed) and
+        ``calibration_finalize_seconds`` (statistics → init factors), and ``eva_ranks`` (name → assigned rank,
+        EVA only).
     """
     start = time.perf_counter()
     layers = [
@@ -416,8 +418,11 @@ def calibrate(
         compute_dtype = initialize_kwargs.get("compute_dtype", torch.float32)
         payloads: dict[AdapterLayer, tuple[torch.Tensor, ...]] = {}
         report["calibration_shared_layers"] = 0
+        report["calibration_pass_seconds"] = report["calibration_finalize_seconds"] = 0.0
         for group in _groups(layers, max_statistics_bytes):
+            stage = _synchronized_clock(device)
             collector = _run_pass(model, group, batches, run, device, all_reduce)
+            report["calibration_pass_seconds"] += _synchronized_clock(device) - stage
             report["calibration_passes"] += collector.passes
             distinct = collector.distinct()
             report["calibration_peak_bytes"] = max(
@@ -428,7 +433,9 @@ def calibrate(
                 for sums in distinct:
                     for tensor in sums.tensors():
                         all_reduce(tensor)
+            stage = _synchronized_clock(device)
             payloads |= _finalize(distinct, config.corda_mode, compute_dtype)
+            report["calibration_finalize_seconds"] += _synchronized_clock(device) - stage
             del collector, distinct  # the n×n sums go before the next group's are allocated
         eva = [layer for layer in layers if layer.calibration_statistic == "eva"]
         if eva:
@@ -447,6 +454,13 @@ def calibrate(
         for layer in layers:  # also after a failed init: no statistics outlive this call
             layer.calibration = None
     return report
+
+
+def _synchronized_clock(device: torch.device) -> float:
+    """``time.perf_counter()`` after the device's queued work is done (CUDA), so stage times are the stage's."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def _finalize(distinct: list[_Sums], mode: str, dtype: torch.dtype) -> dict[AdapterLayer, tuple[torch.Tensor, ...]]:

@@ -74,6 +74,8 @@ def test_calibration_is_deterministic_and_depends_on_the_batches(method, options
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], c[k]) for k in a if k.endswith(".A"))
     assert report["calibration_batches"] == 3 and report["calibration_passes"] == 1
+    stages = report["calibration_pass_seconds"] + report["calibration_finalize_seconds"]
+    assert 0 < report["calibration_finalize_seconds"] and 0 < stages <= report["calibration_seconds"]
     assert all(layer.calibration is None for _, layer in adapter_layers(first))  # nothing kept after init
 
 
