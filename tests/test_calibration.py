@@ -327,6 +327,8 @@ def test_fit_calibrates_on_the_first_train_batches_and_logs_its_cost(method, tmp
     trainer = quiet_cpu_trainer(tmp_path, max_steps=1, callbacks=[svd_init], logger=logger, limit_val_batches=0)
     trainer.fit(module, datamodule=RandomTokensData(count=16, batch_size=4))
     assert logger.logged["init/calibration_s"] > 0 and svd_init.report["calibration_batches"] == 2
+    stages = logger.logged["init/calibration_pass_s"] + logger.logged["init/calibration_finalize_s"]
+    assert 0 < stages <= logger.logged["init/calibration_s"]
     # The same init as calibrating by hand on the loader's first two batches (labels mask EVA's tokens).
     loader = RandomTokensData(count=16, batch_size=4).train_dataloader()
     reference = inject_adapters(copy.deepcopy(base), config, initialize=False)

@@ -56,8 +56,9 @@ class SVDInit(Callback):
     ``calibration_batches`` batches of the train loader go through the frozen model, statistics of every
     adapted layer's inputs are summed over all ranks (rank ``q`` of ``W`` takes batches ``q, q + W, …`` of
     the first ``W × calibration_batches``, so a run on W GPUs sees the same batches as one on 1 GPU with
-    W times as many), turned into init factors and freed; ``init/calibration_s`` logs its cost. It runs
-    here, not in a callback of its own, because its only product is the init this callback performs (in
+    W times as many), turned into init factors and freed; ``init/calibration_s`` logs its cost
+    (``init/calibration_pass_s`` and ``init/calibration_finalize_s`` its two stages). It runs here, not in a
+    callback of its own, because its only product is the init this callback performs (in
     the same place: at fit start, or before FSDP shards the model) and resume must skip both alike.
 
     Example::
@@ -138,6 +139,8 @@ class SVDInit(Callback):
             }
             if "calibration_seconds" in self.report:
                 metrics["init/calibration_s"] = self.report["calibration_seconds"]
+                metrics["init/calibration_pass_s"] = self.report["calibration_pass_seconds"]
+                metrics["init/calibration_finalize_s"] = self.report["calibration_finalize_seconds"]
             trainer.logger.log_metrics(metrics, step=0)
         if distributed and self.verify_across_ranks:
             self._verify(trainer, pl_module, "init")
@@ -180,8 +183,9 @@ class SVDInit(Callback):
         )
         rank_zero_info(
             f"SVDInit: calibrated {method} on {report['calibration_batches']} batch(es) per rank x {ranks} rank(s) "
-            f"in {report['calibration_seconds']:.2f}s ({report['calibration_passes']} pass(es), statistics peak "
-            f"{report['calibration_peak_bytes'] / 2**20:.1f} MiB)"
+            f"in {report['calibration_seconds']:.2f}s ({report['calibration_passes']} pass(es) "
+            f"{report['calibration_pass_seconds']:.2f}s, factors {report['calibration_finalize_seconds']:.2f}s, "
+            f"statistics peak {report['calibration_peak_bytes'] / 2**20:.1f} MiB)"
         )
         return report
 
