@@ -33,7 +33,4 @@ class CorDALayer(LowRankProductLayer):
     calibration_statistic = "corda"
 
     def init_from_base(self, weight: torch.Tensor, factors: Factors) -> None:
-        U, S, V = self.calibration  # (m, r), (r,), (n, r): lit_svd.linalg.corda_factors
-        root = (S / self.scaling).sqrt()
-        self.A.copy_(root[:, None] * V.T)  # (r, n)
-        self.B.copy_(U * root)  # (m, r)
+        self.set_from_triplets(*self.calibration)  # U, S, V̂ of lit_svd.linalg.corda_factors

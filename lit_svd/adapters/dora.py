@@ -76,10 +76,7 @@ class DoRALayer(LoRALayer):
     def init_from_base(self, weight: torch.Tensor, factors: Factors) -> None:
         super().init_from_base(weight, factors)
         if factors is not None:  # SVD-initialised DoRA: PiSSA's factors on the direction
-            U, S, V = factors
-            root = (S / self.scaling).sqrt()
-            self.A.copy_(root[:, None] * V.T)  # (r, n)
-            self.B.copy_(U * root)  # (m, r)
+            self.set_from_triplets(*factors)
         self.magnitude.copy_(torch.linalg.vector_norm(weight, dim=1))  # ‖W_i,:‖ of the original W
 
     # ----- the row norm from low-rank terms -------------------------------------------------------------

@@ -36,6 +36,13 @@ class LowRankProductLayer(AdapterLayer):
     def low_rank_factors(self, t: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         return self.scaling * t["B"], t["A"].T
 
+    def set_from_triplets(self, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor) -> None:
+        """Set ``s·B A = U diag(S) Vᵀ``, split evenly as PiSSA does: ``A = diag(√(S/s)) Vᵀ`` (r, n) and
+        ``B = U diag(√(S/s))`` (m, r), from ``U`` (m, r), ``S`` (r,), ``V`` (n, r)."""
+        root = (S / self.scaling).sqrt()
+        self.A.copy_(root[:, None] * V.T)
+        self.B.copy_(U * root)
+
 
 @register("lora")
 class LoRALayer(LowRankProductLayer):

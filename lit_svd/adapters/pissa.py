@@ -26,7 +26,4 @@ class PiSSALayer(LowRankProductLayer):
     decomposition = "svd"
 
     def init_from_base(self, weight: torch.Tensor, factors: Factors) -> None:
-        U, S, V = factors
-        root = (S / self.scaling).sqrt()
-        self.A.copy_(root[:, None] * V.T)  # (r, n)
-        self.B.copy_(U * root)  # (m, r)
+        self.set_from_triplets(*factors)
