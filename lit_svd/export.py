@@ -121,21 +121,25 @@ def merged_state_dict(
         layer_name = owner.removesuffix(".base_layer")
         if owner.endswith(".base_layer") and layer_name in layers:
             if leaf == "weight":
-                layer = layers[layer_name]
-                with _visiting(layer, device):
-                    merged = layer.merged_weight() if with_delta else layer.weight_matrix().float()
-                    merged = (merged.T if layer.is_conv1d else merged).to(tensor.dtype).contiguous()
-                tensor = merged.to(tensor.device)
+                tensor = _merged_weight(layers[layer_name], device, with_delta, tensor.dtype, tensor.device)
             key = f"{layer_name}.{leaf}"
         state[key] = tensor
     for name, layer in layers.items():
         if layer.quantized:  # a 4-bit base is not in the state dict: its merged weight is formed here
-            with _visiting(layer, device):
-                merged = layer.merged_weight() if with_delta else layer.weight_matrix().float()
-                merged = merged.to(layer.base_layer.dtype)
-                merged = (merged.T if layer.is_conv1d else merged).contiguous()
-            state[f"{name}.weight"] = merged.to(layer.initialized.device)
+            home = layer.initialized.device
+            state[f"{name}.weight"] = _merged_weight(layer, device, with_delta, layer.base_layer.dtype, home)
     return state
+
+
+def _merged_weight(
+    layer: AdapterLayer, device: torch.device | str | None, with_delta: bool, dtype: torch.dtype, home: torch.device
+) -> torch.Tensor:
+    """``layer``'s merged weight (``W_base`` alone without ``with_delta``) in its module's layout ((in, out) for
+    ``Conv1D``) and ``dtype``, formed on ``device`` and returned on ``home``."""
+    with _visiting(layer, device):
+        merged = layer.merged_weight() if with_delta else layer.weight_matrix().float()
+        merged = (merged.T if layer.is_conv1d else merged).to(dtype).contiguous()
+    return merged.to(home)
 
 
 def export_merged(
