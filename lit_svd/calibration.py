@@ -526,14 +526,15 @@ def _corda_payloads(
     payloads = {}
     for sums, count in zip(chunk, counts, strict=True):
         # One damped inverse per input; the weights reading it (q, k, v) are decomposed together.
-        damped = damped_inverse((sums.outer / count).to(dtype))
+        covariance = (sums.outer / count).to(dtype)
+        damped = damped_inverse(covariance)
         by_shape: dict[tuple[int, int], list[AdapterLayer]] = {}
         for layer in sums.layers:
             by_shape.setdefault((layer.out_features, layer.in_features), []).append(layer)
         for same in by_shape.values():
             weights = torch.stack([layer.weight_matrix().to(dtype) for layer in same])
             rank = same[0].rank
-            U, S, V = corda_factors(weights, damped[0], rank, mode, dtype=dtype, damped=damped)
+            U, S, V = corda_factors(weights, covariance, rank, mode, dtype=dtype, damped=damped)
             payloads |= {layer: (U[i], S[i], V[i]) for i, layer in enumerate(same)}
     return payloads
 
