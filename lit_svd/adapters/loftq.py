@@ -24,7 +24,7 @@ from lit_svd.adapters.base import Factors
 from lit_svd.adapters.pissa import PiSSALayer
 from lit_svd.adapters.registry import register
 from lit_svd.linalg import residual_weight, top_r_svd
-from lit_svd.quantization import NF4Linear
+from lit_svd.quantization import nf4_round_trip
 
 __all__ = ["LoftQLayer"]
 
@@ -64,6 +64,6 @@ class LoftQLayer(PiSSALayer):
                 self.prior_A.copy_(self.A)
                 self.prior_B.copy_(self.B)
             residual = self.frozen_residual(original, None).contiguous()
-            base = NF4Linear.from_matrix(residual, double_quantization=self.double_quantization).dequantized()
+            base = nf4_round_trip(residual, self.double_quantization)
             error = weight - base.to(weight.dtype)
             self.set_from_triplets(*top_r_svd(error, self.rank, method=self.svd_method, dtype=weight.dtype))
