@@ -55,6 +55,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import itertools
 import json
 import math
 import time
@@ -81,33 +82,137 @@ from lit_svd.module import LitSVDAdapter
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # Learning rates at batch 32 for SmolLM2 (r=16) when no grid is given: the best of the grid in
 # docs/results/gsm8k_lr_grid.jsonl (100 steps, 500 held-out problems). Override with --lr method=value.
-# Methods not in the grid yet borrow the nearest studied method's rate until they are: DoRA, EVA and LoRA-GA
-# LoRA's; VeRA OSoRA's (vectors only); MiLoRA and CorDA PiSSA's (SVD factors moved out of W).
+# Methods not in that grid borrow the nearest studied method's rate until --lr-from-grid gives their own:
+# DoRA, EVA, LoRA-GA and LoftQ LoRA's; VeRA OSoRA's (vectors only); MiLoRA and CorDA PiSSA's.
 DEFAULT_LR = {
     "lora": 5e-3, "pissa": 1e-3, "olora": 5e-4, "sorsa": 2e-4, "osora": 2e-2,
-    "dora": 5e-3, "vera": 2e-2, "milora": 1e-3, "corda": 1e-3, "eva": 5e-3, "loraga": 5e-3,
+    "dora": 5e-3, "vera": 2e-2, "milora": 1e-3, "corda": 1e-3, "eva": 5e-3, "loraga": 5e-3, "loftq": 5e-3,
 }  # fmt: skip
-PEFT_INIT = {"peft-lora": True, "peft-pissa": "pissa", "peft-olora": "olora"}
+# 4-bit NF4 bases (docs/quantization.md): the full-precision method, its frozen base (residual) quantized after
+# the exact init. They train the same tensors at the same scale, so they take that method's learning rate.
+QUANTIZED = {"qlora": "lora", "qpissa": "pissa", "qolora": "olora", "qsorsa": "sorsa", "qosora": "osora"}
+# PEFT 0.21's implementation of a method, injected through ``PEFTAdapterModule``. ``mica`` (PEFT's Minor
+# Component Adaptation: B = the minor left singular vectors, frozen) is not ours MiLoRA (docs/methods/milora.md):
+# it has no ``ours`` row and borrows MiLoRA's rate unless the grid has its own.
+PEFT_METHODS = ("lora", "pissa", "olora", "dora", "vera", "mica", "corda", "eva", "loraga")
+PEFT_CALIBRATED = ("corda", "eva", "loraga")  # PEFT's preprocessing needs the train loader
+LR_SOURCE = {"mica": "milora", **QUANTIZED}
 ALL_METHODS = "base,lora,pissa,olora,sorsa,osora,peft-lora,peft-pissa,peft-olora"
 
 
-class PEFTAdapterModule(LitSVDAdapter):
-    """The same LightningModule, with PEFT's LoRA variants injected instead of ours."""
+def peft_config(method: str, adapter: AdapterConfig):
+    """PEFT's configuration of ``method`` (a name of ``PEFT_METHODS``) for ``adapter``'s rank and targets.
 
-    peft_init: bool | str = True
+    Scale 1 (``lora_alpha = r``) and no dropout as ours; CorDA's mode, EVA's ρ and VeRA's seed and ``d_initial``
+    taken from ``adapter``; LoRA-GA at PEFT's defaults, which are ours (docs/methods/loraga.md).
+    """
+    import peft
+
+    if method == "vera":
+        return peft.VeraConfig(
+            r=adapter.rank,
+            target_modules=adapter.target_modules,
+            projection_prng_key=adapter.vera_seed,
+            d_initial=adapter.vera_d_initial,
+        )
+    init: dict[str, Any] = {
+        "lora": {"init_lora_weights": True},
+        "pissa": {"init_lora_weights": "pissa"},
+        "olora": {"init_lora_weights": "olora"},
+        "dora": {"init_lora_weights": True, "use_dora": True},
+        "mica": {"init_lora_weights": "mica"},
+        "corda": {"init_lora_weights": "corda"},
+        "eva": {"init_lora_weights": "eva"},
+        "loraga": {"init_lora_weights": "lora_ga"},
+    }[method]
+    if method == "corda":
+        from peft.tuners.lora.config import CordaConfig
+
+        init["corda_config"] = CordaConfig(corda_method=adapter.corda_mode)
+    elif method == "eva":
+        init["eva_config"] = peft.EvaConfig(rho=adapter.eva_rho)
+    elif method == "loraga":
+        init["lora_ga_config"] = peft.LoraGAConfig()
+    return peft.LoraConfig(
+        r=adapter.rank, lora_alpha=adapter.rank, target_modules=adapter.target_modules, lora_dropout=0.0, **init
+    )
+
+
+class PEFTAdapterModule(LitSVDAdapter):
+    """The same LightningModule, with PEFT's implementation of ``peft_method`` injected instead of ours."""
+
+    peft_method: str = "lora"
 
     def inject(self, model):
         import peft
 
-        config = self.adapter_config()
-        lora = peft.LoraConfig(
-            r=config.rank,
-            lora_alpha=config.rank,
-            target_modules=config.target_modules,
-            lora_dropout=0.0,
-            init_lora_weights=self.peft_init,
-        )
-        return peft.get_peft_model(model, lora)
+        return peft.get_peft_model(model, peft_config(self.peft_method, self.adapter_config()))
+
+
+class PEFTCalibratedModule(PEFTAdapterModule):
+    """PEFT's data-aware inits (CorDA, EVA, LoRA-GA), preprocessed on the batches ``SVDInit`` calibrates ours on.
+
+    The model stays bare until ``configure_model`` — the first hook where the train loader exists and the
+    optimizer does not yet — which runs PEFT's preprocessing on the loader's first ``calibration_batches``
+    batches (the length-grouped sampler's order is seeded, so these are the batches ``SVDInit`` takes) through
+    ``compute_loss``, the same packed forward as training and as ours, then wraps the model.
+    """
+
+    calibration_batches: int = 8
+    calibration_seconds: float | None = None
+
+    def inject(self, model):
+        return model  # wrapped in configure_model
+
+    def configure_model(self) -> None:
+        import peft
+        from lightning.fabric.utilities.apply_func import move_data_to_device
+
+        if isinstance(self.model, peft.PeftModel):
+            return
+        device = self.trainer.strategy.root_device
+        self.model.to(device)
+        with torch.random.fork_rng(devices=[]):
+            loader = self.trainer.datamodule.train_dataloader()
+            batches = [move_data_to_device(b, device) for b in itertools.islice(loader, self.calibration_batches)]
+        config = peft_config(self.peft_method, self.adapter_config())
+        start = time.perf_counter()
+        if self.peft_method == "corda":
+            from peft.tuners.lora.corda import preprocess_corda
+
+            def run_model() -> None:
+                with torch.no_grad():
+                    for batch in batches:  # packed rows: PEFT's hook squeezes the batch dimension of 1
+                        self.compute_loss(batch)
+
+            preprocess_corda(self.model, config, run_model=run_model)
+            self.model = peft.get_peft_model(self.model, config)
+        elif self.peft_method == "eva":
+            self.model = peft.get_peft_model(self.model, config, low_cpu_mem_usage=True)
+            # PEFT's default input mask: tokens with a label (as ours); the forward is ours for packed rows.
+            peft.initialize_lora_eva_weights(
+                self.model, batches, forward_fn=lambda _, batch: self.compute_loss(batch), show_progress_bar=False
+            )
+        elif self.peft_method == "loraga":
+            from peft.tuners.lora.loraga import preprocess_loraga
+
+            def train_step() -> None:
+                for batch in batches:
+                    self.compute_loss(batch).backward()
+
+            preprocess_loraga(self.model, config, train_step)
+            self.model = peft.get_peft_model(self.model, config)
+        else:
+            raise ValueError(f"{self.peft_method!r} is not one of PEFT's data-aware inits {PEFT_CALIBRATED}")
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        self.calibration_seconds = time.perf_counter() - start
+
+
+def method_names(method: str) -> tuple[str, bool]:
+    """``method`` of the study → (lit_svd method or PEFT method name, whether the base is 4-bit NF4)."""
+    name = method.removeprefix("peft-")
+    return QUANTIZED.get(name, name), name in QUANTIZED or name == "loftq"
 
 
 @torch.no_grad()
@@ -242,16 +347,18 @@ def choose_lr(method: str, args: argparse.Namespace) -> tuple[float, str]:
     """The learning rate of ``method`` and where it came from.
 
     Precedence: ``--lr`` (method, then its base name for ``peft-*``), then the grid (the method's own rows,
-    then, for ``peft-*`` not in the grid, our implementation's best), then ``DEFAULT_LR``.
+    then, for ``peft-*`` not in the grid, our implementation's best; for ``q*`` and ``peft-mica`` the method of
+    ``LR_SOURCE``), then ``DEFAULT_LR``.
     """
     name = method.removeprefix("peft-")
-    for key in (method, name):
+    keys = list(dict.fromkeys([method, name, LR_SOURCE.get(name, name)]))
+    for key in keys:
         if key in args.lr:
             return args.lr[key], "cli"
-    for key in (method, name):
+    for key in keys:
         if key in args.grid_best:
             return args.grid_best[key]["lr"], "grid" if key == method else f"grid:{key}"
-    return DEFAULT_LR[name], "default"
+    return DEFAULT_LR[keys[-1]], "default"
 
 
 def release_memory() -> None:
@@ -280,11 +387,18 @@ def gsm8k_data(args: argparse.Namespace, seed: int, **kwargs: Any) -> GSM8KDataM
 
 def build_module(method: str, lr: float, args: argparse.Namespace, base_model, tokenizer) -> LitSVDAdapter:
     """A ``LitSVDAdapter`` (or its PEFT subclass) around a fresh copy of the base model."""
-    name = method.removeprefix("peft-")
-    adapter = AdapterConfig(method=name, rank=args.rank, target_modules=TARGETS, adapter_dtype="float32")
+    name, quantized = method_names(method)
+    adapter = AdapterConfig(
+        method="lora" if method.startswith("peft-") else name,
+        rank=args.rank,
+        target_modules=TARGETS,
+        adapter_dtype="float32",
+        base_quantization="nf4" if quantized else None,
+    )
     cls = LitSVDAdapter
-    if method in PEFT_INIT:
-        cls = type("PEFT", (PEFTAdapterModule,), {"peft_init": PEFT_INIT[method]})
+    if method.startswith("peft-"):
+        base = PEFTCalibratedModule if name in PEFT_CALIBRATED else PEFTAdapterModule
+        cls = type("PEFT", (base,), {"peft_method": name})
     model = copy.deepcopy(base_model)  # PEFT's PiSSA/OLoRA and our SVD inits rewrite the base weights
     module = cls(model, adapter, tokenizer=None, learning_rate=lr, scheduler="cosine", warmup_ratio=0.03)
     module.tokenizer = tokenizer
@@ -375,7 +489,9 @@ def run_one(method: str, seed: int, args: argparse.Namespace, base_model, tokeni
         if tokens and trainer.global_step * args.batch_size >= len(data.train_dataset):
             record["tokens_per_second"] = round(tokens / seconds)
         model = module.model
-        model = model.merge_and_unload() if method in PEFT_INIT else merge_adapters(model)
+        if getattr(module, "calibration_seconds", None) is not None:
+            record["peft_calibration_seconds"] = round(module.calibration_seconds, 2)
+        model = model.merge_and_unload() if method.startswith("peft-") else merge_adapters(model)
         del module, trainer
     model.to(device)
     record["test_loss"] = round(test_loss(model, data.eval_dataloader(args.loss_batch_size), device), 5)
@@ -514,10 +630,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.grid = [float(v) for v in args.grid.split(",") if v] if args.grid else None
     args.methods = [m for m in args.methods.split(",") if m]
     args.seeds = [int(s) for s in args.seeds.split(",") if s]
-    unknown = [m for m in args.methods if m != "base" and m.removeprefix("peft-") not in DEFAULT_LR]
-    unknown += [m for m in args.methods if m.startswith("peft-") and m not in PEFT_INIT]
+    known = ["base", *DEFAULT_LR, *QUANTIZED, *(f"peft-{m}" for m in PEFT_METHODS)]
+    unknown = [m for m in args.methods if m not in known]
     if unknown:
-        parser.error(f"unknown methods {unknown}; choose from {ALL_METHODS}")
+        parser.error(f"unknown methods {unknown}; choose from {', '.join(known)}")
     if args.precision is None:
         args.precision = "bf16-mixed" if torch.cuda.is_available() else "32-true"
     args.math_batch_size = args.math_batch_size or args.eval_batch_size
