@@ -610,7 +610,9 @@ class LengthGroupedSampler(DistributedSampler):
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator()
         generator.manual_seed(self.seed + self.epoch)
-        order = torch.randperm(len(self.lengths), generator=generator).numpy()
+        # device="cpu": the generator's; inside a default-device context (Lightning's configure_model runs in
+        # torch.device("cuda")) randperm would otherwise pair a CPU generator with a CUDA tensor and fail.
+        order = torch.randperm(len(self.lengths), generator=generator, device="cpu").numpy()
         mega_batches = [
             order[start : start + self.mega_batch_size] for start in range(0, len(order), self.mega_batch_size)
         ]

@@ -172,38 +172,40 @@ class PEFTCalibratedModule(PEFTAdapterModule):
             return
         device = self.trainer.strategy.root_device
         self.model.to(device)
-        with torch.random.fork_rng(devices=[]):
-            loader = self.trainer.datamodule.train_dataloader()
-            batches = [move_data_to_device(b, device) for b in itertools.islice(loader, self.calibration_batches)]
-        config = peft_config(self.peft_method, self.adapter_config())
-        start = time.perf_counter()
-        if self.peft_method == "corda":
-            from peft.tuners.lora.corda import preprocess_corda
+        # configure_model runs inside torch.device(root_device); PEFT's preprocessing expects the usual CPU default.
+        with torch.device("cpu"):
+            with torch.random.fork_rng(devices=[]):
+                loader = self.trainer.datamodule.train_dataloader()
+                batches = [move_data_to_device(b, device) for b in itertools.islice(loader, self.calibration_batches)]
+            config = peft_config(self.peft_method, self.adapter_config())
+            start = time.perf_counter()
+            if self.peft_method == "corda":
+                from peft.tuners.lora.corda import preprocess_corda
 
-            def run_model() -> None:
-                with torch.no_grad():
-                    for batch in batches:  # packed rows: PEFT's hook squeezes the batch dimension of 1
-                        self.compute_loss(batch)
+                def run_model() -> None:
+                    with torch.no_grad():
+                        for batch in batches:  # packed rows: PEFT's hook squeezes the batch dimension of 1
+                            self.compute_loss(batch)
 
-            preprocess_corda(self.model, config, run_model=run_model)
-            self.model = peft.get_peft_model(self.model, config)
-        elif self.peft_method == "eva":
-            self.model = peft.get_peft_model(self.model, config, low_cpu_mem_usage=True)
-            # PEFT's default input mask: tokens with a label (as ours); the forward is ours for packed rows.
-            peft.initialize_lora_eva_weights(
-                self.model, batches, forward_fn=lambda _, batch: self.compute_loss(batch), show_progress_bar=False
-            )
-        elif self.peft_method == "loraga":
-            from peft.tuners.lora.loraga import preprocess_loraga
+                preprocess_corda(self.model, config, run_model=run_model)
+                self.model = peft.get_peft_model(self.model, config)
+            elif self.peft_method == "eva":
+                self.model = peft.get_peft_model(self.model, config, low_cpu_mem_usage=True)
+                # PEFT's default input mask: tokens with a label (as ours); the forward is ours for packed rows.
+                peft.initialize_lora_eva_weights(
+                    self.model, batches, forward_fn=lambda _, batch: self.compute_loss(batch), show_progress_bar=False
+                )
+            elif self.peft_method == "loraga":
+                from peft.tuners.lora.loraga import preprocess_loraga
 
-            def train_step() -> None:
-                for batch in batches:
-                    self.compute_loss(batch).backward()
+                def train_step() -> None:
+                    for batch in batches:
+                        self.compute_loss(batch).backward()
 
-            preprocess_loraga(self.model, config, train_step)
-            self.model = peft.get_peft_model(self.model, config)
-        else:
-            raise ValueError(f"{self.peft_method!r} is not one of PEFT's data-aware inits {PEFT_CALIBRATED}")
+                preprocess_loraga(self.model, config, train_step)
+                self.model = peft.get_peft_model(self.model, config)
+            else:
+                raise ValueError(f"{self.peft_method!r} is not one of PEFT's data-aware inits {PEFT_CALIBRATED}")
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         self.calibration_seconds = time.perf_counter() - start
