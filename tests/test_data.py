@@ -604,3 +604,13 @@ def test_datamodules_are_constructible_from_lightning_cli(monkeypatch):
     assert cli.datamodule.max_length == 256 and cli.datamodule.overlength == "drop"
     with pytest.raises(SystemExit):
         LightningCLI(Model, GSM8KDataModule, run=False, args=["--data.overlength=cut", "--trainer.logger=false"])
+
+
+def test_length_grouped_sampler_order_ignores_the_default_device():
+    # Lightning's configure_model runs inside torch.device(<accelerator>); a loader iterated there (e.g. to take
+    # calibration batches) must give the same order. Under "meta" an order drawn on the default device has no
+    # values at all; on CUDA randperm refused the CPU generator.
+    lengths = np.arange(10, 74)
+    expected = list(LengthGroupedSampler(lengths, 4, seed=5))
+    with torch.device("meta"):
+        assert list(LengthGroupedSampler(lengths, 4, seed=5)) == expected

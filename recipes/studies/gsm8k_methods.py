@@ -1,4 +1,9 @@
-"""Reproduction study: our LoRA/PiSSA/OLoRA/SORSA/OSoRA vs PEFT's LoRA/PiSSA/OLoRA on SmolLM2, GSM8K.
+"""Reproduction study on SmolLM2, GSM8K: every lit_svd method against PEFT's implementation of the same one.
+
+Methods: ours ``lora pissa olora sorsa osora dora vera milora corda eva loraga loftq``, the 4-bit
+``qlora qpissa qolora qsorsa qosora`` (NF4 base), and PEFT's ``peft-{lora,pissa,olora,dora,vera,mica,corda,
+eva,loraga}`` (``mica`` is PEFT's MiCA, which has no ours; PEFT's data-aware inits run PEFT's preprocessing on
+the batches ``SVDInit`` calibrates ours on).
 
 Every method is trained by the same Lightning loop (same data order, steps, LR schedule, precision);
 PEFT's adapters enter through the ``inject`` hook of ``LitSVDAdapter``. For each (method, seed) the script
@@ -82,11 +87,9 @@ from lit_svd.module import LitSVDAdapter
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # Learning rates at batch 32 for SmolLM2 (r=16) when no grid is given: the best of the grid in
 # docs/results/gsm8k_lr_grid.jsonl (100 steps, 500 held-out problems). Override with --lr method=value.
-# Methods not in that grid borrow the nearest studied method's rate until --lr-from-grid gives their own:
-# DoRA, EVA, LoRA-GA and LoftQ LoRA's; VeRA OSoRA's (vectors only); MiLoRA and CorDA PiSSA's.
 DEFAULT_LR = {
     "lora": 5e-3, "pissa": 1e-3, "olora": 5e-4, "sorsa": 2e-4, "osora": 2e-2,
-    "dora": 5e-3, "vera": 2e-2, "milora": 1e-3, "corda": 1e-3, "eva": 5e-3, "loraga": 5e-3, "loftq": 5e-3,
+    "dora": 5e-3, "vera": 1e-1, "milora": 5e-3, "corda": 1e-4, "eva": 5e-3, "loraga": 5e-3, "loftq": 5e-3,
 }  # fmt: skip
 # 4-bit NF4 bases (docs/quantization.md): the full-precision method, its frozen base (residual) quantized after
 # the exact init. They train the same tensors at the same scale, so they take that method's learning rate.

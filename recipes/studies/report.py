@@ -41,10 +41,33 @@ LABELS = {
     "peft-lora": "PEFT LoRA",
     "peft-pissa": "PEFT PiSSA",
     "peft-olora": "PEFT OLoRA",
+    "dora": "ours DoRA",
+    "peft-dora": "PEFT DoRA",
+    "vera": "ours VeRA",
+    "peft-vera": "PEFT VeRA",
+    "milora": "ours MiLoRA",
+    "peft-mica": "PEFT MiCA",
+    "corda": "ours CorDA (IPM)",
+    "peft-corda": "PEFT CorDA (IPM)",
+    "eva": "ours EVA",
+    "peft-eva": "PEFT EVA",
+    "loraga": "ours LoRA-GA",
+    "peft-loraga": "PEFT LoRA-GA",
+    "qlora": "ours QLoRA (NF4)",
+    "qpissa": "ours QPiSSA (NF4)",
+    "qsorsa": "ours QSORSA (NF4)",
+    "qolora": "ours QOLoRA (NF4)",
+    "qosora": "ours QOSoRA (NF4)",
+    "loftq": "ours LoftQ (NF4)",
 }
 ORDER = list(LABELS)
-# One colour per method family; ours solid, PEFT dashed, so that pairs are easy to compare in the figure.
-COLOURS = {"lora": "C0", "pissa": "C1", "olora": "C2", "sorsa": "C3", "osora": "C4", "base": "C7"}
+# One colour per method family; ours solid, PEFT dashed, 4-bit dotted, so that pairs are easy to compare in the figure.
+COLOURS = {
+    "lora": "C0", "pissa": "C1", "olora": "C2", "sorsa": "C3", "osora": "C4", "base": "C7", "dora": "C5",
+    "vera": "C6", "milora": "C8", "mica": "C8", "corda": "C9", "eva": "tab:olive", "loraga": "tab:cyan", "loftq": "k",
+}  # fmt: skip
+# A 4-bit variant and the full-precision method it quantizes (paired by seed like ours and PEFT's).
+QUANTIZED_OF = {"qlora": "lora", "qpissa": "pissa", "qsorsa": "sorsa", "qolora": "olora", "qosora": "osora"}
 
 # Two-sided 95% quantiles t_{0.975, df} of Student's t for df = 1..30 (beyond that a series in 1/df is exact
 # to 1e-4); a table keeps this script free of scipy.
@@ -203,25 +226,13 @@ def summarise(results: list[dict], grid: list[dict]) -> dict[str, Any]:
             entry["math500_seeds"] = sorted(r["seed"] for r in records if r.get("math500_accuracy") is not None)
         summary["methods"][method] = entry
     for method in methods:
-        if not method.startswith("peft-") or method.removeprefix("peft-") not in by_method:
-            continue
-        ours = {r["seed"]: r for r in by_method[method.removeprefix("peft-")]}
-        theirs = {r["seed"]: r for r in by_method[method]}
-        seeds = sorted(ours.keys() & theirs.keys())  # same seed = same data order: pair them
-        pair: dict[str, Any] = {"seeds": seeds}
-        for key in ("test_loss", "accuracy", "math500_accuracy"):
-            diffs = [
-                ours[s][key] - theirs[s][key]
-                for s in seeds
-                if ours[s].get(key) is not None and theirs[s].get(key) is not None
-            ]
-            if diffs:
-                pair[key] = mean_ci(diffs)
-        for verdict_key in ("gsm8k_correct", "math500_correct"):
-            per_question = discordant_answers([ours[s] for s in seeds], [theirs[s] for s in seeds], verdict_key)
-            if per_question is not None:
-                pair[verdict_key.replace("_correct", "_mcnemar")] = per_question
-        summary["ours_vs_peft"][method.removeprefix("peft-")] = pair
+        if method.startswith("peft-") and method.removeprefix("peft-") in by_method:
+            pair = paired_differences(by_method[method.removeprefix("peft-")], by_method[method])
+            summary["ours_vs_peft"][method.removeprefix("peft-")] = pair
+        if method in QUANTIZED_OF and QUANTIZED_OF[method] in by_method:
+            summary.setdefault("nf4_vs_full", {})[method] = paired_differences(
+                by_method[method], by_method[QUANTIZED_OF[method]]
+            )
     if grid:
         summary["grid"] = {
             "best": {
@@ -233,6 +244,26 @@ def summarise(results: list[dict], grid: list[dict]) -> dict[str, Any]:
             "heldout_examples": sorted({r.get("heldout_examples") for r in grid if r.get("heldout_examples")}),
         }
     return summary
+
+
+def paired_differences(first: list[dict], second: list[dict]) -> dict[str, Any]:
+    """``first − second`` over the seeds both have (same seed = same data order): loss and accuracy differences
+    (mean ± 95% t-interval) and, from the per-question verdicts, the discordant answers with McNemar's p."""
+    one = {r["seed"]: r for r in first}
+    other = {r["seed"]: r for r in second}
+    seeds = sorted(one.keys() & other.keys())
+    pair: dict[str, Any] = {"seeds": seeds}
+    for key in ("test_loss", "accuracy", "math500_accuracy"):
+        diffs = [
+            one[s][key] - other[s][key] for s in seeds if one[s].get(key) is not None and other[s].get(key) is not None
+        ]
+        if diffs:
+            pair[key] = mean_ci(diffs)
+    for verdict_key in ("gsm8k_correct", "math500_correct"):
+        per_question = discordant_answers([one[s] for s in seeds], [other[s] for s in seeds], verdict_key)
+        if per_question is not None:
+            pair[verdict_key.replace("_correct", "_mcnemar")] = per_question
+    return pair
 
 
 # ----- markdown ----------------------------------------------------------------------------------------------
@@ -322,6 +353,21 @@ def markdown(summary: dict[str, Any], grid: list[dict], figure: Path | None, tab
             "*Ours only / PEFT only*: questions that one side of a same-seed pair answered right and the other",
             "wrong, summed over seeds; *p*: two-sided exact McNemar test on them (seeds pooled).",
         ]
+    quantized = {k: v for k, v in summary.get("nf4_vs_full", {}).items() if len(v) > 1}
+    if quantized:
+        lines += ["", "## 4-bit NF4 base − full precision, paired by seed", ""]
+        rows = [
+            [
+                f"{LABELS.get(m, m)} − {LABELS.get(QUANTIZED_OF[m], QUANTIZED_OF[m])}",
+                str(len(p["seeds"])),
+                _fmt(p.get("test_loss")),
+                _fmt(p.get("accuracy"), 100, 2, " pt"),
+                _fmt_discordant(p.get("gsm8k_mcnemar")),
+            ]
+            for m, p in quantized.items()
+        ]
+        header = ["pair", "seeds", "Δ test loss", "Δ GSM8K acc.", "GSM8K 4-bit only / full only (McNemar p)"]
+        lines += _markdown_table(header, rows)
     if grid:
         info = summary["grid"]
         lrs = sorted({float(r["lr"]) for r in grid if r.get("lr") is not None})
@@ -464,10 +510,10 @@ def plot_curves(curves: dict[str, dict[str, Any]], path: Path, smoothing: float)
         train_ax = None
     for method in sorted(curves, key=lambda m: ORDER.index(m) if m in ORDER else len(ORDER)):
         entry = curves[method]
-        family = method.removeprefix("peft-")
+        family = QUANTIZED_OF.get(method, method.removeprefix("peft-"))
         style = {
             "color": COLOURS.get(family),
-            "linestyle": "--" if method.startswith("peft-") else "-",
+            "linestyle": "--" if method.startswith("peft-") else ":" if method in QUANTIZED_OF else "-",
             "label": f"{LABELS.get(method, method)} (n={len(entry['seeds'])})",
         }
         steps, raw = entry["train"]
@@ -487,13 +533,15 @@ def plot_curves(curves: dict[str, dict[str, Any]], path: Path, smoothing: float)
     handles, labels = heldout_ax.get_legend_handles_labels()
     if not handles and train_ax is not None:
         handles, labels = train_ax.get_legend_handles_labels()
-    if handles:
+    if len(handles) > 10:  # many methods: one legend beside the panels instead of over the curves
+        fig.legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    elif handles:
         heldout_ax.legend(handles, labels, fontsize=8)
     if train_ax is not None and any(e["train_seeds"] != e["seeds"] for e in curves.values() if e["train"][0]):
         train_ax.legend(fontsize=8)  # its seed counts differ from the held-out panel's
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
