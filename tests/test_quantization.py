@@ -111,6 +111,31 @@ def test_forward_and_backward_save_no_m_by_n_tensor_and_give_the_dequantized_gra
     assert all(getattr(layer, n).grad is not None for n in layer.trainable_names) and layer.base_layer.bias is None
 
 
+def test_dora_on_a_4bit_base_dequantizes_for_its_norm_only_when_the_norm_is_stale(monkeypatch):
+    # Every read of a 4-bit base's weight dequantizes into a fresh tensor; DoRA's caches must follow the packed
+    # codes, not that tensor, or generation recomputes ‖W + s·BA‖ (one pass over W) at every token.
+    from lit_svd import adapter_layers
+
+    model = adapted("llama", "dora", base_quantization="nf4")
+    perturb(model)
+    layer = next(layer for _, layer in adapter_layers(model))
+    reads = []
+    dequantize = NF4Linear.dequantized
+    monkeypatch.setattr(NF4Linear, "dequantized", lambda self, *a, **k: reads.append(1) or dequantize(self, *a, **k))
+    x = torch.randn(5, layer.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        first = layer(x)
+        before = len(reads)
+        again = layer(x)
+    assert len(reads) - before == 1  # the base layer's own forward; the norm came from the cache
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    row_norms = layer._row_norms_sq[1]
+    trained = layer(x)  # with gradients: the norm is recomputed (A, B may have changed), ‖W_i‖² is not
+    layer(x)
+    assert layer._row_norms_sq[1] is row_norms
+    torch.testing.assert_close(trained, first, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("method", ["pissa", "sorsa", "osora", "olora", "loftq"])
 def test_the_quantized_residual_is_closer_to_W_than_qlora(method):
     """‖W − (deq(Q(W_res)) + delta)‖_F / ‖W − deq(Q(W))‖_F < 1 (QLoRA = 1), summed over the tiny Llama."""

@@ -18,7 +18,8 @@ low-rank terms, never forming the m×n matrix ``W_base + s·B A``:
 
     ‖W_i + s(BA)_i‖² = ‖W_i‖² + 2s·(W Aᵀ)_i·B_i + s²·B_i (A Aᵀ) B_iᵀ
 
-``‖W_i‖²`` is cached (``W_base`` is frozen; the cache follows the weight's version counter), ``W Aᵀ`` (m×r)
+``‖W_i‖²`` is cached (``W_base`` is frozen; the cache follows the stored weight's version counter, for a 4-bit base
+the packed codes'), ``W Aᵀ`` (m×r)
 is one pass over ``W`` per step and ``A Aᵀ`` is r×r. PEFT instead forms ``B A`` through an n×n identity
 and then ``W + s·B A``. Merge: ``W ← diag(m / ‖W + s·B A‖_row) (W + s·B A)``, exact (the norm is formed
 densely there, once).
@@ -96,10 +97,11 @@ class DoRALayer(LoRALayer):
         return value
 
     def _base_row_norms_sq(self, W: torch.Tensor) -> torch.Tensor:
-        """``‖W_i‖²`` (m,) float32 of the frozen base weight, computed once per weight (version)."""
+        """``‖W_i‖²`` (m,) float32 of the frozen base weight ``W`` (its current value), computed once per base
+        weight (version; for a 4-bit base, once per quantization, not once per dequantization)."""
         return self._cached(
             "_row_norms_sq",
-            self._identity(W),
+            self.base_weight_key(),
             lambda: torch.linalg.vector_norm(W, dim=1, dtype=torch.float32).square(),
         )
 
@@ -113,11 +115,13 @@ class DoRALayer(LoRALayer):
                 and clear it: a fused optimizer step changes ``A``, ``B`` without bumping their version counters,
                 and every step follows such a forward.
         """
-        W, A, B = self.weight_matrix(), self.A, self.B
+        A, B = self.A, self.B
         if not reuse:
             self._norm = None
-            return self._direction_norm(W, A, B)
-        return self._cached("_norm", (*self._identity(W, A, B), self.scaling), lambda: self._direction_norm(W, A, B))
+            return self._direction_norm(self.weight_matrix(), A, B)
+        # The base is read (for a 4-bit base: dequantized) only when the cached norm is stale.
+        key = (self.base_weight_key(), *self._identity(A, B), self.scaling)
+        return self._cached("_norm", key, lambda: self._direction_norm(self.weight_matrix(), A, B))
 
     def _direction_norm(self, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         with torch.autocast(W.device.type, enabled=False):
