@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from lit_svd.adapters import AdapterLayer
-from lit_svd.inject import _MAX_BATCH_BYTES, adapter_layers, initialize_adapters
+from lit_svd.inject import adapter_layers, initialize_adapters, stacked_chunks
 from lit_svd.linalg import corda_factors, damped_inverse, loraga_factors, pca_components
 from lit_svd.losses import IGNORE_INDEX
 
@@ -467,7 +467,7 @@ def _finalize(distinct: list[_Sums], mode: str, dtype: torch.dtype) -> dict[Adap
     """The small per-layer init factors from the reduced sums (see the module docstring).
 
     One decomposition per statistic, not per layer (q/k/v_proj share their input's), batched over
-    same-shape statistics in chunks of ``_MAX_BATCH_BYTES``, and only the top components that are used:
+    same-shape statistics in chunks of ``inject._MAX_BATCH_BYTES``, and only the top components that are used:
     EVA ``pca_components`` (top k eigenpairs), CorDA ``corda_factors`` (top or bottom r of W C_d),
     LoRA-GA ``loraga_factors`` (top 2r of G).
     """
@@ -498,14 +498,12 @@ def _finalize(distinct: list[_Sums], mode: str, dtype: torch.dtype) -> dict[Adap
 
 
 def _same_shape_chunks(sums: list[_Sums], element_bytes: int) -> Iterator[list[_Sums]]:
-    """Consecutive runs of same-shape statistics whose stacked copies take at most ``_MAX_BATCH_BYTES``."""
+    """Consecutive runs of same-shape statistics whose stacked copies take at most ``inject._MAX_BATCH_BYTES``."""
     by_shape: dict[tuple[int, ...], list[_Sums]] = {}
     for item in sums:
         by_shape.setdefault(tuple(item.outer.shape), []).append(item)
     for shape, items in by_shape.items():
-        per_chunk = max(1, _MAX_BATCH_BYTES // (element_bytes * shape[0] * shape[1]))
-        for start in range(0, len(items), per_chunk):
-            yield items[start : start + per_chunk]
+        yield from stacked_chunks(items, shape, element_bytes)
 
 
 def _eva_payloads(chunk: list[_Sums], counts: list[float]) -> dict[AdapterLayer, tuple[torch.Tensor, ...]]:

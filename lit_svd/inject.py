@@ -13,7 +13,8 @@ import contextlib
 import re
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -51,6 +52,17 @@ __all__ = [
 _DECOMPOSITIONS = ("svd", "minor_svd", "qr")
 # Stacking same-shape weights for one batched decomposition is capped so CPU runs don't double RAM.
 _MAX_BATCH_BYTES = 2 * 1024**3
+_T = TypeVar("_T")
+
+
+def stacked_chunks(
+    items: Sequence[_T], matrix_shape: tuple[int, ...], element_bytes: int = 4
+) -> Iterator[Sequence[_T]]:
+    """Consecutive slices of ``items`` whose (m, n) matrices, stacked, take at most ``_MAX_BATCH_BYTES``
+    (at least one item per slice): the batches in which same-shape decompositions run."""
+    per_chunk = max(1, _MAX_BATCH_BYTES // (element_bytes * matrix_shape[0] * matrix_shape[1]))
+    for start in range(0, len(items), per_chunk):
+        yield items[start : start + per_chunk]
 
 
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
@@ -279,12 +291,10 @@ def initialize_adapters(
     plan: list[tuple[tuple, list[AdapterLayer], int]] = []  # (group key, chunk of layers, owner)
     for key, layers in groups.items():
         decomposition, shape = key[0], key[1]
-        per_chunk = max(1, _MAX_BATCH_BYTES // (shape[0] * shape[1] * 4))
         shared = decomposition in _DECOMPOSITIONS
         for owner in range(process_count if shared else 1):
             first, stop = _share(layers, owner, process_count) if shared else (0, len(layers))
-            for chunk_start in range(first, stop, per_chunk):
-                plan.append((key, layers[chunk_start : min(stop, chunk_start + per_chunk)], owner))
+            plan += [(key, chunk, owner) for chunk in stacked_chunks(layers[first:stop], shape)]
     # Pass 1: this process decomposes its own share of every group and forms those layers' adapters and
     # residuals right away (no communication, so all processes work at once). Pass 2: every share's
     # factors are broadcast from its owner, in the same order on every process, and the other processes
