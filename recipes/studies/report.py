@@ -25,6 +25,7 @@ import math
 import os
 import statistics
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -293,6 +294,27 @@ def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
+def _pairs_section(
+    title: str, pairs: dict[str, dict], other_of: Callable[[str], str], sides: str, math500: bool
+) -> list[str]:
+    """A markdown section of paired differences ``method − other_of(method)`` (``paired_differences`` entries)."""
+    rows = [
+        [
+            f"{LABELS.get(m, m)} − {LABELS.get(other_of(m), other_of(m))}",
+            str(len(p["seeds"])),
+            _fmt(p.get("test_loss")),
+            _fmt(p.get("accuracy"), 100, 2, " pt"),
+            *([_fmt(p.get("math500_accuracy"), 100, 2, " pt")] if math500 else []),
+            _fmt_discordant(p.get("gsm8k_mcnemar")),
+            *([_fmt_discordant(p.get("math500_mcnemar"))] if math500 else []),
+        ]
+        for m, p in pairs.items()
+    ]
+    header = ["pair", "seeds", "Δ test loss", "Δ GSM8K acc.", *(["Δ MATH-500 acc."] if math500 else [])]
+    header += [f"GSM8K {sides} (McNemar p)", *([f"MATH-500 {sides} (McNemar p)"] if math500 else [])]
+    return ["", f"## {title}", "", *_markdown_table(header, rows)]
+
+
 def markdown(summary: dict[str, Any], grid: list[dict], figure: Path | None, table_path: Path) -> str:
     """The report page: results table, ours − PEFT differences, learning-rate grid, figure."""
     methods = summary["methods"]
@@ -332,22 +354,9 @@ def markdown(summary: dict[str, Any], grid: list[dict], figure: Path | None, tab
         ]
     pairs = {k: v for k, v in summary["ours_vs_peft"].items() if len(v) > 1}
     if pairs:
-        lines += ["", "## Ours − PEFT, paired by seed", ""]
-        pair_rows = [
-            [
-                f"{LABELS.get(m, m)} − {LABELS.get('peft-' + m, 'peft-' + m)}",
-                str(len(p["seeds"])),
-                _fmt(p.get("test_loss")),
-                _fmt(p.get("accuracy"), 100, 2, " pt"),
-                _fmt(p.get("math500_accuracy"), 100, 2, " pt"),
-                _fmt_discordant(p.get("gsm8k_mcnemar")),
-                _fmt_discordant(p.get("math500_mcnemar")),
-            ]
-            for m, p in pairs.items()
-        ]
-        pair_header = ["pair", "seeds", "Δ test loss", "Δ GSM8K acc.", "Δ MATH-500 acc."]
-        pair_header += ["GSM8K ours only / PEFT only (McNemar p)", "MATH-500 ours only / PEFT only (McNemar p)"]
-        lines += _markdown_table(pair_header, pair_rows)
+        lines += _pairs_section(
+            "Ours − PEFT, paired by seed", pairs, lambda m: "peft-" + m, "ours only / PEFT only", True
+        )
         lines += [
             "",
             "*Ours only / PEFT only*: questions that one side of a same-seed pair answered right and the other",
@@ -355,19 +364,8 @@ def markdown(summary: dict[str, Any], grid: list[dict], figure: Path | None, tab
         ]
     quantized = {k: v for k, v in summary.get("nf4_vs_full", {}).items() if len(v) > 1}
     if quantized:
-        lines += ["", "## 4-bit NF4 base − full precision, paired by seed", ""]
-        rows = [
-            [
-                f"{LABELS.get(m, m)} − {LABELS.get(QUANTIZED_OF[m], QUANTIZED_OF[m])}",
-                str(len(p["seeds"])),
-                _fmt(p.get("test_loss")),
-                _fmt(p.get("accuracy"), 100, 2, " pt"),
-                _fmt_discordant(p.get("gsm8k_mcnemar")),
-            ]
-            for m, p in quantized.items()
-        ]
-        header = ["pair", "seeds", "Δ test loss", "Δ GSM8K acc.", "GSM8K 4-bit only / full only (McNemar p)"]
-        lines += _markdown_table(header, rows)
+        title = "4-bit NF4 base − full precision, paired by seed"
+        lines += _pairs_section(title, quantized, QUANTIZED_OF.get, "4-bit only / full only", False)
     if grid:
         info = summary["grid"]
         lrs = sorted({float(r["lr"]) for r in grid if r.get("lr") is not None})
