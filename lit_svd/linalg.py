@@ -11,7 +11,7 @@ Notation (SPEC §2): a weight ``W`` has shape ``(m, n) = (out_features, in_featu
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -29,6 +29,7 @@ __all__ = [
     "residual_weight",
     "full_tensor",
     "local_tensor",
+    "row_shard",
     "orthonormality_error",
     "optimal_residual_norm",
     "low_rank_svd",
@@ -491,6 +492,25 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's part of a ``DTensor`` (an FSDP2 shard; no communication); any other tensor as it is."""
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def row_shard(matrix: torch.Tensor) -> tuple[torch.Tensor, slice, Any]:
+    """The rows of ``matrix`` (m, n) held by this rank, which rows of the whole they are, and the process
+    group whose ranks hold the rest: ``(rows, slice of range(m), group)``.
+
+    For an FSDP2 ``DTensor`` sharded along dim 0 no communication happens (a row-wise quantity summed over
+    ``group`` is the whole's); any other ``DTensor`` layout is gathered (``group`` None), and an ordinary
+    tensor is all rows.
+    """
+    if not isinstance(matrix, DTensor):
+        return matrix, slice(None), None
+    if matrix.device_mesh.ndim != 1 or not (matrix.placements[0].is_shard() and matrix.placements[0].dim == 0):
+        return matrix.full_tensor(), slice(None), None
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    local = matrix.to_local()
+    _, offset = compute_local_shape_and_global_offset(matrix.shape, matrix.device_mesh, matrix.placements)
+    return local, slice(offset[0], offset[0] + local.shape[0]), matrix.device_mesh.get_group()
 
 
 def orthonormality_error(X: torch.Tensor) -> torch.Tensor:

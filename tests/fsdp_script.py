@@ -1,8 +1,9 @@
 """Run by test_fsdp.py: a 2-process fit (gloo, CPU) under FSDP2 (``AdapterFSDPStrategy``) or DDP.
 
-Usage: ``fsdp_script.py OUT_DIR NAME STRATEGY MAX_STEPS GAMMA [CKPT]``: STRATEGY ``fsdp`` or ``ddp``; CKPT
-resumes. The base model is the saved tiny model in ``OUT_DIR/base``. A checkpoint is kept every 2 steps
-(one epoch). Writes to OUT_DIR, from rank 0:
+Usage: ``fsdp_script.py OUT_DIR NAME STRATEGY MAX_STEPS GAMMA [CKPT] [--export] [--method=M]``: STRATEGY
+``fsdp`` or ``ddp``; CKPT resumes; M the adapter method (default ``sorsa``; the regulariser gap is SORSA's).
+The base model is the saved tiny model in ``OUT_DIR/base``. A checkpoint is kept every 2 steps (one epoch).
+Writes to OUT_DIR, from rank 0:
 
 - ``adapter_<NAME>.pt``: the gathered adapter tensors after fit;
 - ``spectra_<NAME>.pt``: SpectralMonitor's last measurement per layer;
@@ -52,7 +53,9 @@ def regularizer_gap(module: LitSVDAdapter) -> float:
     return max(gaps)
 
 
-def main(out: Path, name: str, strategy: str, max_steps: int, gamma: float, ckpt: str | None, export: bool) -> None:
+def main(
+    out: Path, name: str, strategy: str, max_steps: int, gamma: float, ckpt: str | None, export: bool, method: str
+) -> None:
     calls = {"weight_norm": 0}
     measure = lit_svd.spectral._weight_norm
 
@@ -62,7 +65,7 @@ def main(out: Path, name: str, strategy: str, max_steps: int, gamma: float, ckpt
 
     lit_svd.spectral._weight_norm = counting_weight_norm
     L.seed_everything(0)
-    config = AdapterConfig(method="sorsa", rank=4, target_modules=TARGETS, gamma=gamma)
+    config = AdapterConfig(method=method, rank=4, target_modules=TARGETS, gamma=gamma)
     module = LitSVDAdapter(str(out / "base"), config, learning_rate=1e-2, warmup_ratio=0.0)
     monitor = SpectralMonitor(every_n_steps=1, log_images=False)
     trainer = L.Trainer(
@@ -86,7 +89,7 @@ def main(out: Path, name: str, strategy: str, max_steps: int, gamma: float, ckpt
     trainer.fit(module, datamodule=RandomTokensData(count=8, batch_size=2), ckpt_path=ckpt)
     state = module.adapter_state()  # a collective under FSDP: every rank
     info = {"weight_norm_calls": calls["weight_norm"]}
-    if strategy == "fsdp":
+    if strategy == "fsdp" and method == "sorsa":
         info["regularizer_gap"] = regularizer_gap(module)
     if export:  # under FSDP every rank takes part (the adapter is gathered); rank 0 writes
         module.export_merged(out / f"merged_{name}")
@@ -104,7 +107,8 @@ def main(out: Path, name: str, strategy: str, max_steps: int, gamma: float, ckpt
 
 
 if __name__ == "__main__":
-    args = [a for a in sys.argv[1:] if a != "--export"]
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    methods = [a.removeprefix("--method=") for a in sys.argv[1:] if a.startswith("--method=")]
     main(
         Path(args[0]),
         args[1],
@@ -113,4 +117,5 @@ if __name__ == "__main__":
         float(args[4]),
         args[5] if len(args) > 5 else None,
         export="--export" in sys.argv,
+        method=methods[0] if methods else "sorsa",
     )

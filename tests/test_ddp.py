@@ -12,8 +12,10 @@ import pytest
 SCRIPT = Path(__file__).with_name("ddp_script.py")
 
 
-@pytest.mark.parametrize("method", ["sorsa", "pissa"])
-def test_ddp_ranks_hold_identical_adapters(method, tmp_path):
+# DoRA (magnitude vector, LoRA init) and VeRA (projections re-derived from the seed on every rank) decompose
+# nothing; the SVD methods share their decompositions.
+@pytest.mark.parametrize(("method", "decomposed"), [("sorsa", 2), ("pissa", 2), ("dora", 0), ("vera", 0)])
+def test_ddp_ranks_hold_identical_adapters(method, decomposed, tmp_path):
     result = subprocess.run(
         [sys.executable, str(SCRIPT), str(tmp_path), method], capture_output=True, text=True, timeout=600
     )
@@ -23,7 +25,7 @@ def test_ddp_ranks_hold_identical_adapters(method, tmp_path):
     assert ranks[0]["after_fit"] == ranks[1]["after_fit"]
     assert ranks[0]["after_fit"] != ranks[0]["after_init"]  # training did move the adapters
     # The decompositions were shared: each rank did its half of the 4 matrices (2 layers × q_proj, down_proj).
-    assert [r["decomposed"] for r in ranks] == [2, 2] and ranks[0]["count"] == 4
+    assert [r["decomposed"] for r in ranks] == [decomposed, decomposed] and ranks[0]["count"] == 4
     # Factors were broadcast, and checksums all-gathered after init and after training, under the guard.
     assert ranks[0]["collectives"]["broadcast"] >= 2 and ranks[0]["collectives"]["all_gather"] >= 2
     # AdapterDDPStrategy sends no buffers in training steps (Lightning's default DDP sends them all, the init

@@ -97,6 +97,39 @@ def test_export_from_the_sharded_run_equals_a_single_process_export(runs):
         torch.testing.assert_close(served(ids).logits, expected, rtol=0, atol=1e-4)
 
 
+@pytest.fixture(scope="module", params=["dora", "vera"])
+def method_runs(request, runs) -> tuple[str, Path]:
+    """DoRA (magnitude vector; its monitor needs the base rows) and VeRA (projections shared by every layer):
+    FSDP (+ export) and DDP, 4 steps each, on the saved tiny Llama of ``runs``."""
+    method = request.param
+    _run(runs, f"fsdp_{method}", "fsdp", "4", "0", "--export", f"--method={method}")
+    _run(runs, f"ddp_{method}", "ddp", "4", "0", f"--method={method}")
+    return method, runs
+
+
+@pytest.mark.timeout(600)
+def test_dora_and_vera_train_monitor_and_export_under_fsdp_as_under_ddp(method_runs):
+    method, runs = method_runs
+    fsdp, ddp = (torch.load(runs / f"adapter_{n}_{method}.pt") for n in ("fsdp", "ddp"))
+    assert _max_difference(fsdp, ddp) < 1e-5
+    # The monitor's measurements (DoRA's weight change from the base rows each rank holds, summed over ranks)
+    # equal DDP's, and no base weight was gathered for them.
+    spectra_fsdp, spectra_ddp = (torch.load(runs / f"spectra_{n}_{method}.pt") for n in ("fsdp", "ddp"))
+    assert spectra_fsdp.keys() == spectra_ddp.keys() and len(spectra_fsdp) == 6
+    for key in spectra_fsdp:
+        assert spectra_fsdp[key][3] > 0  # the weight did change
+        assert max(abs(a - b) for a, b in zip(spectra_fsdp[key], spectra_ddp[key], strict=True)) < 1e-6, key
+    assert json.loads((runs / f"info_fsdp_{method}.json").read_text())["weight_norm_calls"] == 0
+    single = AutoModelForCausalLM.from_pretrained(runs / "base")
+    inject_adapters(single, AdapterConfig(method=method, rank=4, target_modules=TARGETS), initialize=False)
+    load_adapter_state_dict(single, fsdp)
+    ids = torch.randint(0, 101, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = merge_adapters(single).eval()(ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(runs / f"merged_fsdp_{method}").eval()
+        torch.testing.assert_close(merged(ids).logits, expected, rtol=0, atol=1e-5)
+
+
 def test_strategy_names_on_the_command_line_mean_lit_svd_strategies():
     from lit_svd.cli import launcher_trainer_overrides, recipe_strategy
 

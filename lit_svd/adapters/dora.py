@@ -36,6 +36,7 @@ from torch import nn
 from lit_svd.adapters.base import BaseLinear, Factors
 from lit_svd.adapters.lora import LoRALayer
 from lit_svd.adapters.registry import register
+from lit_svd.linalg import row_shard
 
 __all__ = ["DoRALayer"]
 
@@ -196,23 +197,31 @@ class DoRALayer(LoRALayer):
         init), a combination of ``W_i`` and the rows of ``[A; A_0]``; its norm needs ``W [A; A_0]ᵀ`` and one
         2r×2r Gram matrix.
         """
-        W = self.weight_matrix()
+        # Under FSDP each rank takes the base rows it holds (the base is never gathered) and the row sums are
+        # added across ranks; the factors are small and gathered whole.
+        W, rows, group = row_shard(self.weight_matrix())
         f = self.factors()
         s, r = self.scaling, self.rank
         if self.decomposition is not None:
             f0 = self.factors(initial=True)
-            A0, B0 = f0["A"], f0["B"]
+            A0, B0 = f0["A"], f0["B"][rows]
         else:
-            A0, B0 = f["A"][:0], f["B"][:, :0]
+            A0, B0 = f["A"][:0], f["B"][rows, :0]
         stacked = torch.cat([f["A"], A0])  # (k, n)
         with torch.autocast(W.device.type, enabled=False):
             G = (W @ stacked.T.to(W.dtype)).float()  # (m, k): the one pass over W, shared with the norm below
         gram = stacked @ stacked.T  # (k, k); its first r×r block is A Aᵀ
-        base_sq = self._base_row_norms_sq(W)
-        B = f["B"]
+        if group is None:
+            base_sq = self._base_row_norms_sq(W)
+        else:
+            base_sq = torch.linalg.vector_norm(W, dim=1, dtype=torch.float32).square()
+        B = f["B"][rows]
         direction_sq = base_sq + 2 * s * (G[:, :r] * B).sum(1) + s * s * ((B @ gram[:r, :r]) * B).sum(1)
-        g = f["magnitude"] / direction_sq.clamp_min(0).sqrt()
+        g = f["magnitude"][rows] / direction_sq.clamp_min(0).sqrt()
         coeff = torch.cat([s * g[:, None] * B, -s * B0], dim=1)  # (m, k)
         c = g - 1
         squared = c.square() * base_sq + 2 * c * (G * coeff).sum(1) + ((coeff @ gram) * coeff).sum(1)
-        return squared.clamp_min(0).sum().sqrt()
+        total = squared.clamp_min(0).sum()
+        if group is not None:
+            torch.distributed.all_reduce(total, group=group)
+        return total.sqrt()
