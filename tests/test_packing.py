@@ -323,7 +323,7 @@ def test_a_peft_wrapped_model_gets_the_same_fast_loss():
 
 
 # ----- compiled decoder layers ---------------------------------------------------------------------------
-@pytest.mark.parametrize("method", ["lora", "sorsa", "osora"])
+@pytest.mark.parametrize("method", ["lora", "sorsa", "osora", "dora", "vera"])
 def test_adapter_layer_compiles_without_graph_breaks(method):
     """fullgraph=True raises on any graph break inside the adapter's forward (aot_eager: no C++ compiler)."""
     model = inject_adapters(make_tiny_model("llama"), AdapterConfig(method=method, rank=4))
@@ -334,16 +334,20 @@ def test_adapter_layer_compiles_without_graph_breaks(method):
     (grad_compiled,) = torch.autograd.grad(compiled(x).square().sum(), x)
     (grad_eager,) = torch.autograd.grad(layer(x).square().sum(), x)
     torch.testing.assert_close(grad_compiled, grad_eager)
+    with torch.no_grad():  # evaluation and generation (DoRA reuses its cached norm there when eager)
+        torch.testing.assert_close(compiled(x), layer(x))
 
 
-def test_compiled_training_equals_eager_and_ends_eager(tmp_path):
+@pytest.mark.parametrize("method", ["sorsa", "dora"])
+def test_compiled_training_equals_eager_and_ends_eager(method, tmp_path):
     base = make_tiny_model("llama")
     states = {}
     for compile_layers in (False, True):
         torch._dynamo.reset()
+        torch.manual_seed(0)  # DoRA's LoRA init draws A at random
         module = LitSVDAdapter(
             copy.deepcopy(base),
-            AdapterConfig(method="sorsa", rank=4),
+            AdapterConfig(method=method, rank=4),
             learning_rate=1e-2,
             compile=compile_layers,
             compile_backend="aot_eager",

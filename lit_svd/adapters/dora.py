@@ -89,6 +89,9 @@ class DoRALayer(LoRALayer):
         return tuple((t.data_ptr(), t.device, t._version) for t in tensors)
 
     def _cached(self, slot: str, key: tuple, compute) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            # Traced code computes it: a lookup keyed on data pointers and version counters breaks the graph.
+            return compute()
         entry = getattr(self, slot)
         # A value cached inside torch.inference_mode is an inference tensor: reused inside that mode only.
         if entry is not None and entry[0] == key and (torch.is_inference_mode_enabled() or not entry[1].is_inference()):
