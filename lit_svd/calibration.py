@@ -437,6 +437,17 @@ def calibrate(
             payloads |= _finalize(distinct, config.corda_mode, compute_dtype)
             report["calibration_finalize_seconds"] += _synchronized_clock(device) - stage
             del collector, distinct  # the n×n sums go before the next group's are allocated
+        broadcast = initialize_kwargs.get("broadcast")
+        if broadcast is not None:
+            # Every process finalised the same summed statistics, but eigensolvers need not round alike on every
+            # process (thread scheduling, devices), and ranks must hold bit-identical adapters: all take process
+            # 0's factors. NCCL sends device tensors only; a host model's (FSDP, before sharding) visit the device.
+            target = torch.device(initialize_kwargs.get("device") or device)
+            for layer in layers:
+                for tensor in payloads[layer]:
+                    work = tensor.to(target)
+                    broadcast(work, 0)
+                    tensor.copy_(work)
         eva = [layer for layer in layers if layer.calibration_statistic == "eva"]
         if eva:
             ranks = _eva_ranks([payloads[layer][1] for layer in eva], config.rank * len(eva))

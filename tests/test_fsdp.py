@@ -97,10 +97,11 @@ def test_export_from_the_sharded_run_equals_a_single_process_export(runs):
         torch.testing.assert_close(served(ids).logits, expected, rtol=0, atol=1e-4)
 
 
-@pytest.fixture(scope="module", params=["dora", "vera"])
+@pytest.fixture(scope="module", params=["dora", "vera", "corda", "loraga"])
 def method_runs(request, runs) -> tuple[str, Path]:
-    """DoRA (magnitude vector; its monitor needs the base rows) and VeRA (projections shared by every layer):
-    FSDP (+ export) and DDP, 4 steps each, on the saved tiny Llama of ``runs``."""
+    """DoRA (magnitude vector; its monitor needs the base rows), VeRA (projections shared by every layer) and
+    two data-aware inits calibrated before sharding (CorDA: input covariances; LoRA-GA: gradients, a backward
+    pass through the host model): FSDP (+ export) and DDP, 4 steps each, on the saved tiny Llama of ``runs``."""
     method = request.param
     _run(runs, f"fsdp_{method}", "fsdp", "4", "0", "--export", f"--method={method}")
     _run(runs, f"ddp_{method}", "ddp", "4", "0", f"--method={method}")
@@ -108,7 +109,7 @@ def method_runs(request, runs) -> tuple[str, Path]:
 
 
 @pytest.mark.timeout(600)
-def test_dora_and_vera_train_monitor_and_export_under_fsdp_as_under_ddp(method_runs):
+def test_more_methods_train_monitor_and_export_under_fsdp_as_under_ddp(method_runs):
     method, runs = method_runs
     fsdp, ddp = (torch.load(runs / f"adapter_{n}_{method}.pt") for n in ("fsdp", "ddp"))
     assert _max_difference(fsdp, ddp) < 1e-5
