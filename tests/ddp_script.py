@@ -110,8 +110,13 @@ class RecordChecksums(L.Callback):
 def main(out_dir: Path, method: str, strategy: str) -> None:
     L.seed_everything(0)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    method, _, quantization = method.partition(":")  # e.g. "sorsa:nf4": a 4-bit base
     config = AdapterConfig(
-        method=method, rank=4, target_modules=["q_proj", "down_proj"], svd_method=["full", "gram"][local_rank]
+        method=method,
+        rank=4,
+        target_modules=["q_proj", "down_proj"],
+        svd_method=["full", "gram"][local_rank],
+        base_quantization=quantization or None,
     )
     module = LitSVDAdapter(make_tiny_model("llama"), config, learning_rate=1e-2)
     # Data-aware methods (CorDA, EVA) calibrate on 3 batches per rank: rank 0 takes batches 0, 2, 4, rank 1 takes

@@ -13,8 +13,10 @@ SCRIPT = Path(__file__).with_name("ddp_script.py")
 
 
 # DoRA (magnitude vector, LoRA init) and VeRA (projections re-derived from the seed on every rank) decompose
-# nothing; the SVD methods share their decompositions.
-@pytest.mark.parametrize(("method", "decomposed"), [("sorsa", 2), ("pissa", 2), ("dora", 0), ("vera", 0)])
+# nothing; the SVD methods share their decompositions, also before quantizing the residual to 4 bits.
+@pytest.mark.parametrize(
+    ("method", "decomposed"), [("sorsa", 2), ("pissa", 2), ("dora", 0), ("vera", 0), ("sorsa:nf4", 2)]
+)
 def test_ddp_ranks_hold_identical_adapters(method, decomposed, tmp_path):
     result = subprocess.run(
         [sys.executable, str(SCRIPT), str(tmp_path), method], capture_output=True, text=True, timeout=600
