@@ -32,6 +32,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from lit_svd.adapters.base import BaseLinear, Factors
 from lit_svd.adapters.lora import LoRALayer
@@ -214,10 +215,10 @@ class DoRALayer(LoRALayer):
         with torch.autocast(W.device.type, enabled=False):
             G = (W @ stacked.T.to(W.dtype)).float()  # (m, k): the one pass over W, shared with the norm below
         gram = stacked @ stacked.T  # (k, k); its first r×r block is A Aᵀ
-        if group is None:
-            base_sq = self._base_row_norms_sq(W)
-        else:
+        if not self.quantized and isinstance(self.base_layer.weight, DTensor):  # sharded: no cache key of its own
             base_sq = torch.linalg.vector_norm(W, dim=1, dtype=torch.float32).square()
+        else:
+            base_sq = self._base_row_norms_sq(W)
         B = f["B"][rows]
         direction_sq = base_sq + 2 * s * (G[:, :r] * B).sum(1) + s * s * ((B @ gram[:r, :r]) * B).sum(1)
         g = f["magnitude"][rows] / direction_sq.clamp_min(0).sqrt()
