@@ -212,13 +212,6 @@ class AdapterLayer(nn.Module):
         weight = self.base_layer.weight
         return weight.T if self.is_conv1d else weight
 
-    def base_weight_key(self) -> tuple:
-        """Changes when the base weight does (replaced, moved, or modified in place by an autograd-visible op):
-        a cache key for quantities of the frozen base. Taken from the stored tensor — for a 4-bit base its
-        packed codes, since every read of its ``weight`` dequantizes into a fresh tensor."""
-        stored = self.base_layer.packed if self.quantized else self.base_layer.weight
-        return (stored.data_ptr(), stored.device, stored._version)
-
     def _write_weight_matrix(self, matrix: torch.Tensor) -> None:
         if self.quantized:
             raise ValueError(

@@ -89,9 +89,15 @@ class DoRALayer(LoRALayer):
         autograd-visible op (``copy_``, merge): the key of the caches below."""
         return tuple((t.data_ptr(), t.device, t._version) for t in tensors)
 
-    def _cached(self, slot: str, key: tuple, compute) -> torch.Tensor:
-        if torch.compiler.is_compiling():
-            # Traced code computes it: a lookup keyed on data pointers and version counters breaks the graph.
+    def _base_identity(self) -> tuple | None:
+        """``_identity`` of the stored base weight — for a 4-bit base its packed codes, since every read of its
+        ``weight`` dequantizes into a fresh tensor; ``None`` (nothing to key a cache on) for an FSDP shard."""
+        stored = self.base_layer.packed if self.quantized else self.base_layer.weight
+        return None if isinstance(stored, DTensor) else self._identity(stored)
+
+    def _cached(self, slot: str, key: tuple | None, compute) -> torch.Tensor:
+        if key is None or torch.compiler.is_compiling():
+            # No key, or traced code: a lookup keyed on data pointers and version counters breaks the graph.
             return compute()
         entry = getattr(self, slot)
         # A value cached inside torch.inference_mode is an inference tensor: reused inside that mode only.
@@ -106,7 +112,7 @@ class DoRALayer(LoRALayer):
         weight (version; for a 4-bit base, once per quantization, not once per dequantization)."""
         return self._cached(
             "_row_norms_sq",
-            self.base_weight_key(),
+            self._base_identity(),
             lambda: torch.linalg.vector_norm(W, dim=1, dtype=torch.float32).square(),
         )
 
@@ -125,7 +131,8 @@ class DoRALayer(LoRALayer):
             self._norm = None
             return self._direction_norm(self.weight_matrix(), A, B)
         # The base is read (for a 4-bit base: dequantized) only when the cached norm is stale.
-        key = (self.base_weight_key(), *self._identity(A, B), self.scaling)
+        base = self._base_identity()
+        key = None if base is None else (*base, *self._identity(A, B), self.scaling)
         return self._cached("_norm", key, lambda: self._direction_norm(self.weight_matrix(), A, B))
 
     def _direction_norm(self, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
@@ -215,10 +222,7 @@ class DoRALayer(LoRALayer):
         with torch.autocast(W.device.type, enabled=False):
             G = (W @ stacked.T.to(W.dtype)).float()  # (m, k): the one pass over W, shared with the norm below
         gram = stacked @ stacked.T  # (k, k); its first r×r block is A Aᵀ
-        if not self.quantized and isinstance(self.base_layer.weight, DTensor):  # sharded: no cache key of its own
-            base_sq = torch.linalg.vector_norm(W, dim=1, dtype=torch.float32).square()
-        else:
-            base_sq = self._base_row_norms_sq(W)
+        base_sq = self._base_row_norms_sq(W)  # of this rank's rows; not cached for a shard
         B = f["B"][rows]
         direction_sq = base_sq + 2 * s * (G[:, :r] * B).sum(1) + s * s * ((B @ gram[:r, :r]) * B).sum(1)
         g = f["magnitude"][rows] / direction_sq.clamp_min(0).sqrt()
