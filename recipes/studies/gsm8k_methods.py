@@ -72,7 +72,7 @@ import lightning as L
 import torch
 
 # ``collect`` sits next to this script (the script's folder is sys.path[0] when it is run as a script).
-from collect import KEYS, best_learning_rates, format_best, load_records, merge_records, read_jsonl
+from collect import KEYS, QUANTIZED, best_learning_rates, format_best, load_records, merge_records, read_jsonl
 from lightning.pytorch import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader
@@ -91,9 +91,6 @@ DEFAULT_LR = {
     "lora": 5e-3, "pissa": 1e-3, "olora": 5e-4, "sorsa": 2e-4, "osora": 2e-2,
     "dora": 5e-3, "vera": 1e-1, "milora": 5e-3, "corda": 1e-4, "eva": 5e-3, "loraga": 5e-3, "loftq": 5e-3,
 }  # fmt: skip
-# 4-bit NF4 bases (docs/quantization.md): the full-precision method, its frozen base (residual) quantized after
-# the exact init. They train the same tensors at the same scale, so they take that method's learning rate.
-QUANTIZED = {"qlora": "lora", "qpissa": "pissa", "qolora": "olora", "qsorsa": "sorsa", "qosora": "osora"}
 # PEFT 0.21's implementation of a method, injected through ``PEFTAdapterModule``. ``mica`` (PEFT's Minor
 # Component Adaptation: B = the minor left singular vectors, frozen) is not ours MiLoRA (docs/methods/milora.md):
 # it has no ``ours`` row and borrows MiLoRA's rate unless the grid has its own.

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 # ``collect`` sits next to this script (the script's folder is sys.path[0] when it is run as a script).
-from collect import KEYS, best_learning_rates, load_records, merge_records, read_jsonl
+from collect import KEYS, QUANTIZED, best_learning_rates, load_records, merge_records, read_jsonl
 
 LABELS = {
     "base": "untrained",
@@ -67,8 +67,6 @@ COLOURS = {
     "lora": "C0", "pissa": "C1", "olora": "C2", "sorsa": "C3", "osora": "C4", "base": "C7", "dora": "C5",
     "vera": "C6", "milora": "C8", "mica": "C8", "corda": "C9", "eva": "tab:olive", "loraga": "tab:cyan", "loftq": "k",
 }  # fmt: skip
-# A 4-bit variant and the full-precision method it quantizes (paired by seed like ours and PEFT's).
-QUANTIZED_OF = {"qlora": "lora", "qpissa": "pissa", "qsorsa": "sorsa", "qolora": "olora", "qosora": "osora"}
 
 # Two-sided 95% quantiles t_{0.975, df} of Student's t for df = 1..30 (beyond that a series in 1/df is exact
 # to 1e-4); a table keeps this script free of scipy.
@@ -230,9 +228,9 @@ def summarise(results: list[dict], grid: list[dict]) -> dict[str, Any]:
         if method.startswith("peft-") and method.removeprefix("peft-") in by_method:
             pair = paired_differences(by_method[method.removeprefix("peft-")], by_method[method])
             summary["ours_vs_peft"][method.removeprefix("peft-")] = pair
-        if method in QUANTIZED_OF and QUANTIZED_OF[method] in by_method:
+        if method in QUANTIZED and QUANTIZED[method] in by_method:
             summary.setdefault("nf4_vs_full", {})[method] = paired_differences(
-                by_method[method], by_method[QUANTIZED_OF[method]]
+                by_method[method], by_method[QUANTIZED[method]]
             )
     if grid:
         summary["grid"] = {
@@ -365,7 +363,7 @@ def markdown(summary: dict[str, Any], grid: list[dict], figure: Path | None, tab
     quantized = {k: v for k, v in summary.get("nf4_vs_full", {}).items() if len(v) > 1}
     if quantized:
         title = "4-bit NF4 base − full precision, paired by seed"
-        lines += _pairs_section(title, quantized, QUANTIZED_OF.get, "4-bit only / full only", False)
+        lines += _pairs_section(title, quantized, QUANTIZED.get, "4-bit only / full only", False)
     if grid:
         info = summary["grid"]
         lrs = sorted({float(r["lr"]) for r in grid if r.get("lr") is not None})
@@ -508,10 +506,10 @@ def plot_curves(curves: dict[str, dict[str, Any]], path: Path, smoothing: float)
         train_ax = None
     for method in sorted(curves, key=lambda m: ORDER.index(m) if m in ORDER else len(ORDER)):
         entry = curves[method]
-        family = QUANTIZED_OF.get(method, method.removeprefix("peft-"))
+        family = QUANTIZED.get(method, method.removeprefix("peft-"))
         style = {
             "color": COLOURS.get(family),
-            "linestyle": "--" if method.startswith("peft-") else ":" if method in QUANTIZED_OF else "-",
+            "linestyle": "--" if method.startswith("peft-") else ":" if method in QUANTIZED else "-",
             "label": f"{LABELS.get(method, method)} (n={len(entry['seeds'])})",
         }
         steps, raw = entry["train"]
