@@ -23,6 +23,7 @@ Usage (results in bench/results/calibration.json, printed as a table):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import traceback
 from pathlib import Path
@@ -147,7 +148,21 @@ def measure(run: str, batches, vocab: int, args, device) -> dict[str, Any]:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-    result = (run_ours if impl == "ours" else run_peft)(method, model, batches, args, device)
+    if args.warmup:  # CUDA context, cuBLAS handles and kernels loaded before the clock starts, for both impls
+        with torch.enable_grad():
+            first = _to(batches[0], device)
+            model.get_input_embeddings().weight.requires_grad_(True)
+            model(**first).loss.backward()
+            model.get_input_embeddings().weight.requires_grad_(False).grad = None
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    profiler = _profiler(device) if args.profile else contextlib.nullcontext()
+    with profiler:
+        result = (run_ours if impl == "ours" else run_peft)(method, model, batches, args, device)
+    if args.profile:
+        result["top_kernels"] = _top_kernels(profiler, device)
+        for row in result["top_kernels"]:
+            print(f"  {run} {row['ms']:9.1f} ms {row['calls']:6d}x  {row['name'][:110]}", flush=True)
     if device.type == "cuda":
         result["peak_extra_gb"] = gb(torch.cuda.max_memory_allocated(device) - base)
     del model
@@ -155,6 +170,20 @@ def measure(run: str, batches, vocab: int, args, device) -> dict[str, Any]:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return {"run": run, "impl": impl, "method": method} | result
+
+
+def _profiler(device: torch.device) -> torch.profiler.profile:
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    return torch.profiler.profile(activities=activities)
+
+
+def _top_kernels(profiler: torch.profiler.profile, device: torch.device, top: int = 15) -> list[dict[str, Any]]:
+    """The operators (CUDA: kernels) that took the most device (CPU: self) time, in milliseconds."""
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(profiler.key_averages(), key=lambda e: getattr(e, key), reverse=True)[:top]
+    return [{"name": e.key, "ms": getattr(e, key) / 1e3, "calls": e.count} for e in events]
 
 
 def parse_args() -> argparse.Namespace:
@@ -170,6 +199,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batches", type=int, default=32)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=512, help="max tokens per example (data.max_length)")
+    p.add_argument("--no-warmup", dest="warmup", action="store_false", help="time the first forward/backward too")
+    p.add_argument("--profile", action="store_true", help="print each run's top kernels (torch.profiler)")
     p.add_argument("--max-bytes", type=int, default=None, help="ours: max_statistics_bytes (None: one pass)")
     p.add_argument("--data-dir", type=Path, default=DATA_DIR)
     p.add_argument("--tokenizer", default=None, help="Hub id or local folder (default: the embedded SmolLM2)")

@@ -14,8 +14,9 @@ What each method accumulates per adapted layer with input ``x`` (tokens × n), p
   label mask), then the exact centred covariance and its top principal directions
   (``linalg.pca_components``), and EVA's rank redistribution over all layers;
 - ``"gradient"`` (LoRA-GA): the loss is back-propagated (to the activations only: no weight gradient is
-  formed by autograd) and a hook on each adapted layer's output adds ``gᵀ x`` — the batch's gradient of the
-  loss with respect to ``W`` (m×n) — to a float32 sum; divided by the number of batches, then
+  formed by autograd) and a hook on each adapted layer's output adds ``gᵀ x`` over the real tokens — the
+  batch's gradient of the loss with respect to ``W`` (m×n); padding, never a loss target, has ``g = 0`` — to a
+  float32 sum; divided by the number of batches, then
   ``linalg.loraga_factors``.
 
 Layers fed the very same input tensor (q/k/v_proj; gate/up_proj) share one CorDA/EVA sum: one n×n GEMM
@@ -65,7 +66,10 @@ def statistics_bytes(layer: AdapterLayer) -> int:
 
 def _default_forward(model: nn.Module) -> Callable[[Batch], Any]:
     def forward(batch: Batch) -> Any:
-        labels = batch.get("labels", batch["input_ids"])  # the LM loss LoRA-GA differentiates
+        labels = batch.get("labels")  # the LM loss LoRA-GA differentiates; padding is never a target
+        if labels is None:
+            mask = batch.get("attention_mask")
+            labels = batch["input_ids"] if mask is None else batch["input_ids"].masked_fill(mask == 0, IGNORE_INDEX)
         return model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=labels)
 
     return forward
@@ -206,25 +210,32 @@ class _Collector:
 
     def after_forward(self, module: AdapterLayer, args: tuple, output: torch.Tensor) -> None:
         # dL/dW = Σ_tokens g xᵀ with g = dL/dy: accumulated when the output's gradient arrives in backward.
+        # Padding positions are left out: nothing downstream reads them, so their g is exactly 0.
         x = args[0].detach()
+        index = self._tokens_of(module, x).index
+        x = x.reshape(-1, args[0].shape[-1]).index_select(0, index)
         sums = self.sums[module]
         sums.count += 1
 
         def accumulate(g: torch.Tensor) -> None:
-            _add_product(sums.outer, g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1]))
+            _add_product(sums.outer, g.reshape(-1, g.shape[-1]).index_select(0, index), x)
 
         if output.requires_grad:
             output.register_hook(accumulate)
 
-    @torch.no_grad()
-    def before_forward(self, module: AdapterLayer, args: tuple) -> None:
-        x, kind = args[0], module.calibration_statistic
-        tokens = self.tokens[kind]
+    def _tokens_of(self, module: AdapterLayer, x: torch.Tensor) -> _Tokens:
+        tokens = self.tokens[module.calibration_statistic]
         if x.shape[:-1] != tokens.mask.shape:
             raise ValueError(
                 f"calibration: layer '{module.layer_name}' got input of shape {tuple(x.shape)}, which does not match "
                 f"the batch's tokens {tuple(tokens.mask.shape)}; calibrate with (batch, sequence) input_ids"
             )
+        return tokens
+
+    @torch.no_grad()
+    def before_forward(self, module: AdapterLayer, args: tuple) -> None:
+        x, kind = args[0], module.calibration_statistic
+        tokens = self._tokens_of(module, x)
         last = self.last
         same = last is not None and last[0] is x and last[1] == x._version and last[2].kind == kind
         sums = self.sums.get(module)
@@ -276,7 +287,7 @@ def _token_masks(batch: Batch) -> dict[str, torch.Tensor]:
     tokens = torch.ones_like(ids, dtype=torch.bool) if tokens is None else tokens.bool()
     labels = batch.get("labels")
     labelled = tokens if labels is None else tokens & (labels != IGNORE_INDEX)
-    return {"corda": tokens, "eva": labelled}
+    return {"corda": tokens, "eva": labelled, "gradient": tokens}
 
 
 def _groups(layers: list[AdapterLayer], max_bytes: int | None) -> list[list[AdapterLayer]]:

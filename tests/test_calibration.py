@@ -82,8 +82,13 @@ def test_calibration_is_deterministic_and_depends_on_the_batches(method, options
 def test_loraga_sums_the_mean_full_weight_gradient_without_weight_gradients(monkeypatch):
     import lit_svd.calibration as calibration
 
-    data = [{**b, "labels": b["input_ids"]} for b in batches()]
-    # Reference: autograd's dL/dW of each target weight, averaged over the batches.
+    def padded(batch):  # row 1 ends in 3 padding positions: not attended to, not targets
+        mask = torch.ones_like(batch["input_ids"])
+        mask[1, -3:] = 0
+        return {**batch, "attention_mask": mask, "labels": batch["input_ids"].masked_fill(mask == 0, -100)}
+
+    data = [padded(b) for b in batches()]
+    # Reference: autograd's dL/dW of each target weight (padding rows of x included), averaged over the batches.
     reference = make_tiny_model("llama")
     reference.requires_grad_(False)
     weights = {n: m.weight for n, m in reference.named_modules() if n.rsplit(".", 1)[-1] in TARGETS}
@@ -110,6 +115,9 @@ def test_loraga_sums_the_mean_full_weight_gradient_without_weight_gradients(monk
         torch.testing.assert_close(layer.A @ layer.A.T, torch.eye(4), rtol=0, atol=1e-5)
         S = torch.linalg.svdvals(match[0].double())[4:8] * layer.out_features**0.25 / 4
         torch.testing.assert_close(layer.B.norm(dim=0).double(), S, rtol=1e-4, atol=0)
+    # Without labels the default forward predicts the input ids, padding excluded: the same statistic.
+    unlabelled, _ = calibrated("loraga", data=[{k: v for k, v in b.items() if k != "labels"} for b in data])
+    assert all(torch.equal(v, state(unlabelled)[k]) for k, v in state(model).items())
 
 
 def test_memory_cap_splits_the_layers_into_passes_with_the_same_result():
