@@ -157,12 +157,15 @@ def measure(run: str, batches, vocab: int, args, device) -> dict[str, Any]:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     profiler = _profiler(device) if args.profile else contextlib.nullcontext()
-    with profiler:
+    with profiler, _attention_backends(impl, args.sdpa):
         result = (run_ours if impl == "ours" else run_peft)(method, model, batches, args, device)
     if args.profile:
         result["top_kernels"] = _top_kernels(profiler, device)
-        for row in result["top_kernels"]:
-            print(f"  {run} {row['ms']:9.1f} ms {row['calls']:6d}x  {row['name'][:110]}", flush=True)
+        result["top_host"] = _top_kernels(profiler, torch.device("cpu"), top=25)
+        for title, rows in (("device", result["top_kernels"]), ("host (self)", result["top_host"])):
+            print(f"  {run}: top {title} time", flush=True)
+            for row in rows:
+                print(f"  {run} {row['ms']:9.1f} ms {row['calls']:6d}x  {row['name'][:110]}", flush=True)
     if device.type == "cuda":
         result["peak_extra_gb"] = gb(torch.cuda.max_memory_allocated(device) - base)
     del model
@@ -170,6 +173,23 @@ def measure(run: str, batches, vocab: int, args, device) -> dict[str, Any]:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return {"run": run, "impl": impl, "method": method} | result
+
+
+@contextlib.contextmanager
+def _attention_backends(impl: str, sdpa: str):
+    """``--sdpa``: "shipped" runs each implementation as it is (ours leaves cuDNN attention out during calibration,
+    PEFT takes PyTorch's choice); "default" gives both PyTorch's choice; "no-cudnn" gives both the same set as ours."""
+    import lit_svd.calibration as calibration
+    from lit_svd.attention import varying_shape_attention
+
+    shipped = calibration.varying_shape_attention
+    if sdpa == "default":
+        calibration.varying_shape_attention = contextlib.nullcontext
+    try:
+        with varying_shape_attention() if sdpa == "no-cudnn" and impl == "peft" else contextlib.nullcontext():
+            yield
+    finally:
+        calibration.varying_shape_attention = shipped
 
 
 def _profiler(device: torch.device) -> torch.profiler.profile:
@@ -200,6 +220,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=512, help="max tokens per example (data.max_length)")
     p.add_argument("--no-warmup", dest="warmup", action="store_false", help="time the first forward/backward too")
+    p.add_argument("--sdpa", choices=["shipped", "default", "no-cudnn"], default="shipped", help="attention backends")
     p.add_argument("--profile", action="store_true", help="print each run's top kernels (torch.profiler)")
     p.add_argument("--max-bytes", type=int, default=None, help="ours: max_statistics_bytes (None: one pass)")
     p.add_argument("--data-dir", type=Path, default=DATA_DIR)

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface, AttentionMaskInterface, PreTrainedModel
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "packed_causal_attention",
     "sequence_boundaries",
     "supports_packing",
+    "varying_shape_attention",
 ]
 
 VARLEN_ATTENTION = "lit_svd_varlen"
@@ -161,6 +163,18 @@ def _no_mask(*args: Any, **kwargs: Any) -> None:
 
 AttentionInterface.register(VARLEN_ATTENTION, _hf_varlen_attention)
 AttentionMaskInterface.register(VARLEN_ATTENTION, _no_mask)
+
+
+def varying_shape_attention() -> AbstractContextManager:
+    """``scaled_dot_product_attention`` without cuDNN's fused attention, for calls whose shapes keep changing.
+
+    cuDNN attention (which PyTorch prefers for masked bf16 attention on Hopper GPUs) builds an execution plan
+    for every new input shape — measured on an H200 at 13 ms of host time per forward call and 17 ms per
+    backward (bench/results/calibration_8layers_profile.json) — and only the same shape coming back reuses it.
+    Calibration batches change length from batch to batch, so each one paid that build in every layer.
+    FlashAttention, memory-efficient attention and the math path plan nothing.
+    """
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def supports_packing(model: PreTrainedModel) -> bool:

@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from lit_svd.adapters import AdapterLayer
+from lit_svd.attention import varying_shape_attention
 from lit_svd.inject import adapter_layers, initialize_adapters, stacked_chunks
 from lit_svd.linalg import corda_factors, damped_inverse, loraga_factors, pca_components
 from lit_svd.losses import IGNORE_INDEX
@@ -338,6 +339,7 @@ def _run_pass(
         try:
             with (
                 _base_model_only(model),
+                varying_shape_attention(),
                 _activations_require_grad(model) if gradients else contextlib.nullcontext(),
             ):
                 for batch in batches:
