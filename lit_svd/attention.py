@@ -165,6 +165,14 @@ AttentionInterface.register(VARLEN_ATTENTION, _hf_varlen_attention)
 AttentionMaskInterface.register(VARLEN_ATTENTION, _no_mask)
 
 
+_SDPA_BACKEND_FLAGS = {
+    SDPBackend.FLASH_ATTENTION: torch.backends.cuda.flash_sdp_enabled,
+    SDPBackend.EFFICIENT_ATTENTION: torch.backends.cuda.mem_efficient_sdp_enabled,
+    SDPBackend.MATH: torch.backends.cuda.math_sdp_enabled,
+    SDPBackend.CUDNN_ATTENTION: torch.backends.cuda.cudnn_sdp_enabled,
+}
+
+
 def varying_shape_attention() -> AbstractContextManager:
     """``scaled_dot_product_attention`` without cuDNN's fused attention, for calls whose shapes keep changing.
 
@@ -208,6 +216,12 @@ def _attention_implementation(config: Any, implementation: str | None) -> Iterat
         config._attn_implementation = previous
 
 
+@contextmanager
+def _attention_as_in_forward(config: Any, implementation: str | None, backends: list[SDPBackend]) -> Iterator[None]:
+    with _attention_implementation(config, implementation), sdpa_kernel(backends):
+        yield
+
+
 def checkpoint_context_fn(
     model: PreTrainedModel,
 ) -> Callable[[], tuple[AbstractContextManager, AbstractContextManager]]:
@@ -228,6 +242,8 @@ def checkpoint_context_fn(
     config = model.config
 
     def context_fn() -> tuple[AbstractContextManager, AbstractContextManager]:
-        return nullcontext(), _attention_implementation(config, config._attn_implementation)
+        # The SDPA backends too (varying_shape_attention): another backend saves other tensors.
+        backends = [backend for backend, enabled in _SDPA_BACKEND_FLAGS.items() if enabled()]
+        return nullcontext(), _attention_as_in_forward(config, config._attn_implementation, backends)
 
     return context_fn

@@ -32,7 +32,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformers import PreTrainedModel
 
 from lit_svd.adapters import get_adapter_class
-from lit_svd.attention import checkpoint_context_fn, packed_attention
+from lit_svd.attention import checkpoint_context_fn, packed_attention, varying_shape_attention
 from lit_svd.config import AdapterConfig
 from lit_svd.data import non_padding_tokens
 from lit_svd.export import export_merged, export_peft_lora
@@ -208,7 +208,8 @@ class LitSVDAdapter(LightningModule):
             }
         else:
             inputs["attention_mask"] = batch.get("attention_mask")
-        with packed_attention(model) if packed else contextlib.nullcontext():
+        # Padded rows change length from batch to batch: attention without cuDNN's per-shape plans.
+        with packed_attention(model) if packed else varying_shape_attention():
             if not _plain_lm_head(model):
                 logits = model(**inputs, use_cache=False).logits[:, :-1].float()
                 labels = batch["labels"][:, 1:]
@@ -230,14 +231,15 @@ class LitSVDAdapter(LightningModule):
         if self.tokenizer is None:
             raise ValueError("generation needs a tokenizer; pass tokenizer= to LitSVDAdapter")
         prompt = batch["prompt_input_ids"]
-        output = self.model.generate(
-            input_ids=prompt,
-            attention_mask=batch["prompt_attention_mask"],
-            max_new_tokens=self.hparams.max_new_tokens,
-            do_sample=False,
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
-        )
+        with varying_shape_attention():  # every decoding step attends over one more position: a new shape
+            output = self.model.generate(
+                input_ids=prompt,
+                attention_mask=batch["prompt_attention_mask"],
+                max_new_tokens=self.hparams.max_new_tokens,
+                do_sample=False,
+                pad_token_id=self.tokenizer.pad_token_id,
+                eos_token_id=self.tokenizer.eos_token_id,
+            )
         return self.tokenizer.batch_decode(output[:, prompt.shape[1] :], skip_special_tokens=True)
 
     # ----- Lightning hooks --------------------------------------------------------------------------------

@@ -490,6 +490,42 @@ def test_gradient_checkpointing_gives_the_gradients_of_the_plain_run(arch, metho
     assert module.model.config._attn_implementation != VARLEN_ATTENTION  # restored after backward too
 
 
+def test_padded_batches_calibration_and_generation_attend_without_cudnn_plans_also_when_recomputed(monkeypatch):
+    # cuDNN attention plans every new shape (170 ms per call on an H200, bench/results/sdpa_backends.json);
+    # padded rows, calibration batches and decoding steps change shape every call, so they leave it out —
+    # and a checkpointed layer's recomputation must use the forward's backends (others save other tensors).
+    from lit_svd.calibration import calibrate
+    from lit_svd.eval.evaluate import generate_batch
+
+    cudnn_enabled_at_call: list[bool] = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        cudnn_enabled_at_call.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # PyTorch's default, restored after each block below
+    batch = InstructionCollator(pad_token_id=0)(EXAMPLES)
+    module = LitSVDAdapter(make_tiny_model("llama"), AdapterConfig(rank=4), gradient_checkpointing=True)
+    initialize_adapters(module.model)
+    module.model.train()
+    module.compute_loss(batch).backward()
+    layers = len(decoder_layers(module.model))
+    assert cudnn_enabled_at_call == [False] * (2 * layers)  # forward, then the recomputation in backward
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+
+    cudnn_enabled_at_call.clear()
+    model = inject_adapters(make_tiny_model("llama"), AdapterConfig(method="loraga", rank=2), initialize=False)
+    calibrate(model, [{"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}])
+    assert cudnn_enabled_at_call == [False] * layers and torch.backends.cuda.cudnn_sdp_enabled()
+
+    cudnn_enabled_at_call.clear()
+    tokenizer = type("Tokenizer", (), {"pad_token_id": 0, "eos_token_id": 1, "batch_decode": lambda self, t, **k: []})()
+    generate_batch(module.model.eval(), tokenizer, batch["input_ids"][:, :4], batch["attention_mask"][:, :4], 3)
+    assert cudnn_enabled_at_call == [False] * (3 * layers) and torch.backends.cuda.cudnn_sdp_enabled()
+
+
 def test_gradient_checkpointing_and_cuda_graph_layers_are_refused_together():
     with pytest.raises(ValueError, match="cuda_graph_layers and gradient_checkpointing cannot be combined"):
         LitSVDAdapter(

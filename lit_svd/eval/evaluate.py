@@ -16,12 +16,14 @@ scores GSM8K, MATH or the commonsense suite the same way the ``LightningModule``
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from lit_svd.attention import varying_shape_attention
 from lit_svd.eval.answers import is_correct
 
 __all__ = ["evaluate", "generate_batch"]
@@ -51,21 +53,24 @@ def generate_batch(
         B decoded strings: the new tokens only, special tokens removed.
     """
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    output = model.generate(
-        input_ids=prompt_input_ids,
-        attention_mask=prompt_attention_mask,
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        num_beams=1,
-        use_cache=True,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=pad_token_id,
-        # Greedy decoding: neutralise sampling defaults that a checkpoint's generation_config may carry.
-        temperature=None,
-        top_p=None,
-        top_k=None,
-        **({"cache_implementation": "static"} if static_cache else {}),
-    )
+    # Each decoding step attends over one more position: a new shape for cuDNN attention to plan, unless the
+    # static cache keeps one shape (then its plan is reused).
+    with nullcontext() if static_cache else varying_shape_attention():
+        output = model.generate(
+            input_ids=prompt_input_ids,
+            attention_mask=prompt_attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            use_cache=True,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=pad_token_id,
+            # Greedy decoding: neutralise sampling defaults that a checkpoint's generation_config may carry.
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            **({"cache_implementation": "static"} if static_cache else {}),
+        )
     new_tokens = output[:, prompt_input_ids.shape[1] :]
     return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
 
