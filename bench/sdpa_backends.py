@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -54,7 +55,7 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--lengths", type=int, default=32, help="distinct sequence lengths (from 128 up, step 8)")
-    p.add_argument("--out", default=str(RESULTS_DIR / "sdpa_backends.json"))
+    p.add_argument("--out", type=Path, default=RESULTS_DIR / "sdpa_backends.json")
     args = p.parse_args()
     device = torch.device("cuda")
     attention_pass(args.batch, args.heads, args.dim, 64, device)  # CUDA context, cuBLAS: not timed
