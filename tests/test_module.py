@@ -128,6 +128,7 @@ def test_hook_order_and_regularizer_once_per_optimizer_step(tmp_path):
     run.fit(module, datamodule=RandomTokensData(count=32, batch_size=2))
     expected = ["on_before_optimizer_step", "clip", "regularizer", "step_done"] * 3
     assert calls == expected
+    assert run.optimizers[0].defaults["fused"] is True  # one fused AdamW kernel where PyTorch has it (CPU, CUDA)
 
 
 def test_regularizer_gradient_is_gamma_over_lr_after_clipping():
