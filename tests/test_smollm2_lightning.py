@@ -55,7 +55,8 @@ def test_export_round_trips(method, smollm2, tmp_path):
     module.eval()
     with torch.no_grad():
         base = smollm2(IDS).logits
-        assert (module.model(IDS).logits - base).abs().max() > 1e-3  # training changed the model
+        change = (module.model(IDS).logits - base).abs().max().item()
+        assert change > 1e-3, change  # training changed the model
         # Compare in float64: what remains is the export itself (fp32 storage of merged weights / PEFT
         # factors), not the float32 rounding of 30 layers of forward passes (~1.5e-4 on logits of ~20).
         trained = copy.deepcopy(module.model).double()(IDS).logits
@@ -71,6 +72,9 @@ def test_export_round_trips(method, smollm2, tmp_path):
     assert served.peft_config["default"].r == 16  # 2r: the change against the original weight
     with torch.no_grad():
         peft_diff = (served(IDS).logits - trained).abs().max().item()
-    print(f"{method}: merged max|Δlogit| {merged_diff:.2e}, PEFT LoRA max|Δlogit| {peft_diff:.2e}")
-    assert merged_diff < 1e-4
-    assert peft_diff < 1e-4
+    print(f"{method}: trained change {change:.2e}, merged max|Δlogit| {merged_diff:.2e}, PEFT {peft_diff:.2e}")
+    # float32 storage of the merged weights / the 2r PEFT factors: 2.7e-5 – 1.05e-4 measured on logits of ~20
+    # (the PEFT factors' products round more); a merge or export that dropped or mis-scaled the trained change
+    # would be off by the change itself (> 1e-3, asserted above).
+    assert merged_diff < 2e-4
+    assert peft_diff < 2e-4
