@@ -176,11 +176,12 @@ _SDPA_BACKEND_FLAGS = {
 def varying_shape_attention() -> AbstractContextManager:
     """``scaled_dot_product_attention`` without cuDNN's fused attention, for calls whose shapes keep changing.
 
-    cuDNN attention (which PyTorch prefers for masked bf16 attention on Hopper GPUs) builds an execution plan
-    for every new input shape — measured on an H200 at 13 ms of host time per forward call and 17 ms per
-    backward (bench/results/calibration_8layers_profile.json) — and only the same shape coming back reuses it.
-    Calibration batches change length from batch to batch, so each one paid that build in every layer.
-    FlashAttention, memory-efficient attention and the math path plan nothing.
+    cuDNN attention (which PyTorch 2.11 picks for masked bf16 attention on an H200) builds an execution plan
+    for every new input shape: 171 ms per forward + backward call at a new sequence length against 0.94 ms at a
+    length seen before (memory-efficient attention: 2.4 and 1.7 ms; bench/results/sdpa_backends.json).
+    Padded training batches, calibration batches and generation change length from call to call, so each paid
+    that plan in every layer; FlashAttention, memory-efficient attention and the math path plan nothing.
+    Used by ``LitSVDAdapter.compute_loss`` (padded batches), generation and ``calibrate``.
     """
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
