@@ -22,13 +22,13 @@ from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["KEYS", "best_learning_rates", "load_records", "merge_records", "read_jsonl", "write_jsonl"]
+__all__ = ["KEYS", "QUANTIZED", "best_learning_rates", "load_records", "merge_records", "read_jsonl", "write_jsonl"]
 
 KEYS: dict[str, tuple[str, ...]] = {"results": ("method", "seed"), "grid": ("method", "seed", "lr")}
-# The study's 4-bit methods and the full-precision method each quantizes (the NF4 base holds its residual):
-# gsm8k_methods.py runs them with that method's learning rate, report.py pairs them with it.
-QUANTIZED = {"qlora": "lora", "qpissa": "pissa", "qolora": "olora", "qsorsa": "sorsa", "qosora": "osora"}
 """Record identity per output kind: one line per key survives merging."""
+QUANTIZED = {"qlora": "lora", "qpissa": "pissa", "qolora": "olora", "qsorsa": "sorsa", "qosora": "osora"}
+"""The study's 4-bit methods and the full-precision method each quantizes (the NF4 base holds its residual):
+gsm8k_methods.py runs them with that method's learning rate, report.py pairs them with it."""
 
 
 def read_jsonl(path: Path) -> list[dict]:
