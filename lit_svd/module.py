@@ -35,6 +35,7 @@ from lit_svd.adapters import get_adapter_class
 from lit_svd.attention import checkpoint_context_fn, packed_attention, varying_shape_attention
 from lit_svd.config import AdapterConfig
 from lit_svd.data import non_padding_tokens
+from lit_svd.eval.evaluate import generate_batch
 from lit_svd.export import export_merged, export_peft_lora
 from lit_svd.graphs import LayerGraphs
 from lit_svd.inject import (
@@ -230,17 +231,13 @@ class LitSVDAdapter(LightningModule):
         """Greedy, KV-cached generation for the batch's left-padded prompts; returns the decoded continuations."""
         if self.tokenizer is None:
             raise ValueError("generation needs a tokenizer; pass tokenizer= to LitSVDAdapter")
-        prompt = batch["prompt_input_ids"]
-        with varying_shape_attention():  # every decoding step attends over one more position: a new shape
-            output = self.model.generate(
-                input_ids=prompt,
-                attention_mask=batch["prompt_attention_mask"],
-                max_new_tokens=self.hparams.max_new_tokens,
-                do_sample=False,
-                pad_token_id=self.tokenizer.pad_token_id,
-                eos_token_id=self.tokenizer.eos_token_id,
-            )
-        return self.tokenizer.batch_decode(output[:, prompt.shape[1] :], skip_special_tokens=True)
+        return generate_batch(
+            self.model,
+            self.tokenizer,
+            batch["prompt_input_ids"],
+            batch["prompt_attention_mask"],
+            max_new_tokens=self.hparams.max_new_tokens,
+        )
 
     # ----- Lightning hooks --------------------------------------------------------------------------------
     def forward(self, **batch: torch.Tensor) -> Any:
