@@ -167,6 +167,22 @@ def time_steps(step: Callable[[], None], device: torch.device, warmup: int, step
     return info
 
 
+def device_profiler(device: torch.device) -> torch.profiler.profile:
+    """A ``torch.profiler`` capture of host operators, and of CUDA kernels on a CUDA ``device``."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    return torch.profiler.profile(activities=activities)
+
+
+def top_operators(capture: torch.profiler.profile, device: torch.device, top: int = 15, steps: int = 1) -> list[dict]:
+    """The operators (CUDA: kernels) that took the most device (CPU: self) time: ``ms`` and ``calls`` per step of
+    the ``steps`` the capture covered."""
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(capture.key_averages(), key=lambda e: getattr(e, key), reverse=True)[:top]
+    return [{"name": e.key, "ms": getattr(e, key) / 1e3 / steps, "calls": e.count / steps} for e in events]
+
+
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     """Write ``payload`` atomically, so a run killed mid-way leaves the last complete file."""
     path.parent.mkdir(parents=True, exist_ok=True)

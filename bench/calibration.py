@@ -30,7 +30,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import RESULTS_DIR, Timer, environment, format_table, gb, random_llama, write_json
+from _common import (
+    RESULTS_DIR,
+    Timer,
+    device_profiler,
+    environment,
+    format_table,
+    gb,
+    random_llama,
+    top_operators,
+    write_json,
+)
 from transformers import LlamaForCausalLM
 
 from lit_svd import AdapterConfig, inject_adapters
@@ -156,16 +166,16 @@ def measure(run: str, batches, vocab: int, args, device) -> dict[str, Any]:
             model.get_input_embeddings().weight.requires_grad_(False).grad = None
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-    profiler = _profiler(device) if args.profile else contextlib.nullcontext()
-    with profiler, _attention_backends(impl, args.sdpa):
+    capture = device_profiler(device) if args.profile else contextlib.nullcontext()
+    with capture, _attention_backends(impl, args.sdpa):
         result = (run_ours if impl == "ours" else run_peft)(method, model, batches, args, device)
     if args.profile:
-        result["top_kernels"] = _top_kernels(profiler, device)
-        result["top_host"] = _top_kernels(profiler, torch.device("cpu"), top=25)
+        result["top_kernels"] = top_operators(capture, device)
+        result["top_host"] = top_operators(capture, torch.device("cpu"), top=25)
         for title, rows in (("device", result["top_kernels"]), ("host (self)", result["top_host"])):
             print(f"  {run}: top {title} time", flush=True)
             for row in rows:
-                print(f"  {run} {row['ms']:9.1f} ms {row['calls']:6d}x  {row['name'][:110]}", flush=True)
+                print(f"  {run} {row['ms']:9.1f} ms {row['calls']:6.0f}x  {row['name'][:110]}", flush=True)
     if device.type == "cuda":
         result["peak_extra_gb"] = gb(torch.cuda.max_memory_allocated(device) - base)
     del model
@@ -190,20 +200,6 @@ def _attention_backends(impl: str, sdpa: str):
             yield
     finally:
         calibration.varying_shape_attention = shipped
-
-
-def _profiler(device: torch.device) -> torch.profiler.profile:
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if device.type == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    return torch.profiler.profile(activities=activities)
-
-
-def _top_kernels(profiler: torch.profiler.profile, device: torch.device, top: int = 15) -> list[dict[str, Any]]:
-    """The operators (CUDA: kernels) that took the most device (CPU: self) time, in milliseconds."""
-    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    events = sorted(profiler.key_averages(), key=lambda e: getattr(e, key), reverse=True)[:top]
-    return [{"name": e.key, "ms": getattr(e, key) / 1e3, "calls": e.count} for e in events]
 
 
 def parse_args() -> argparse.Namespace:

@@ -58,7 +58,7 @@ from typing import Any, NamedTuple
 
 import lightning as L
 import torch
-from _common import RESULTS_DIR, environment, format_table, gb, synchronize, write_json
+from _common import RESULTS_DIR, device_profiler, environment, format_table, gb, synchronize, write_json
 from torch._dynamo.utils import counters
 from torch.utils.data import DataLoader
 
@@ -116,7 +116,7 @@ class LoopClock(L.Callback):
             synchronize(pl_module.device)
             self.steady_start = time.perf_counter()
         if self.profile_steps and batch_idx == self.profile_steps[0]:
-            self.profiler = torch.profiler.profile(activities=_profiler_activities())
+            self.profiler = device_profiler(pl_module.device)
             self.profiler.__enter__()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -135,13 +135,6 @@ class LoopClock(L.Callback):
         graphs = getattr(pl_module, "_layer_graphs", None)  # before the module's own on_train_end drops them
         self.layer_graph_captures = graphs.captures if graphs is not None else None
         self.layer_graph_capture_s = round(graphs.capture_seconds, 2) if graphs is not None else None
-
-
-def _profiler_activities() -> list[torch.profiler.ProfilerActivity]:
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if torch.cuda.is_available():
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    return activities
 
 
 def profile_table(profiler: torch.profiler.profile | None, rows: int = 15) -> str | None:
@@ -191,7 +184,7 @@ def peft_loop(args: argparse.Namespace, base_model, train_dataset, pad_token_id:
             synchronize(device)
             steady_start = time.perf_counter()
         if args.profile and step == args.profile_steps[0]:
-            profiler = torch.profiler.profile(activities=_profiler_activities())
+            profiler = device_profiler(device)
             profiler.__enter__()
         batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):

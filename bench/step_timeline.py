@@ -33,6 +33,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from _common import device_profiler, top_operators
 
 PHASES = ("forward", "zero_grad", "backward", "pre_step", "step", "between")
 MARKS = ("batch_start", "before_zero_grad", "before_backward", "after_backward", "before_optimizer_step", "batch_end")
@@ -66,8 +67,7 @@ class StepTimeline(pl.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.window and len(self.steps) == self.window[0]:
-            activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler = device_profiler(torch.device("cuda"))
             self.profiler.__enter__()
         if self.window and len(self.steps) == self.window[1] and self.profiler is not None:
             self._stop_profiler(self.window[1] - self.window[0])
@@ -76,11 +76,7 @@ class StepTimeline(pl.Callback):
     def _stop_profiler(self, steps: int) -> None:
         torch.cuda.synchronize()
         self.profiler.__exit__(None, None, None)
-        events = sorted(self.profiler.key_averages(), key=lambda e: e.self_device_time_total, reverse=True)
-        self.top_kernels = [
-            {"name": e.key, "ms_per_step": e.self_device_time_total / 1e3 / steps, "calls_per_step": e.count / steps}
-            for e in events[:40]
-        ]
+        self.top_kernels = top_operators(self.profiler, torch.device("cuda"), top=40, steps=steps)
         self.profiler = None
 
     def on_before_backward(self, trainer, pl_module, loss) -> None:
@@ -117,7 +113,7 @@ class StepTimeline(pl.Callback):
         report["top_kernels"] = self.top_kernels
         if trainer.global_rank == 0:
             for row in self.top_kernels[:30]:
-                print(f"  {row['ms_per_step']:8.2f} ms/step {row['calls_per_step']:7.1f}x  {row['name'][:120]}")
+                print(f"  {row['ms']:8.2f} ms/step {row['calls']:7.1f}x  {row['name'][:120]}")
         path = Path(f"{self.out}.rank{trainer.global_rank}.json")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=1))

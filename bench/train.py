@@ -38,7 +38,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import RESULTS_DIR, Timer, environment, format_table, random_llama, synchronize, time_steps, write_json
+from _common import (
+    RESULTS_DIR,
+    Timer,
+    device_profiler,
+    environment,
+    format_table,
+    random_llama,
+    synchronize,
+    time_steps,
+    write_json,
+)
 from torch import nn
 from transformers import LlamaForCausalLM
 
@@ -135,10 +145,7 @@ def make_step(model: nn.Module, run: str, args: argparse.Namespace, device: torc
 
 def kernel_profile(step, device: torch.device, steps: int = 2, top: int = 15) -> dict[str, Any]:
     """Top kernels by self device time over ``steps`` steps, plus time per kernel category."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with device_profiler(device) as prof:
         for _ in range(steps):
             step()
         synchronize(device)
