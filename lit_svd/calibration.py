@@ -214,7 +214,7 @@ class _Collector:
         # Padding positions are left out: nothing downstream reads them, so their g is exactly 0.
         x = args[0].detach()
         index = self._tokens_of(module, x).index
-        x = x.reshape(-1, args[0].shape[-1]).index_select(0, index)
+        x = x.reshape(-1, x.shape[-1]).index_select(0, index)
         sums = self.sums[module]
         sums.count += 1
 
