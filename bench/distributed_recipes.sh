@@ -2,6 +2,8 @@
 # The GSM8K SORSA recipe on several GPUs through `lightning run`, as docs/distributed.md reports it:
 #   ddp        2 GPUs, one node (DDP: lit_svd's AdapterDDPStrategy)
 #   ddp-bf16grads  the same with the gradient all-reduce in bf16 (AdapterDDPStrategy(gradient_dtype=...))
+#   ddp-opts   the same with AdapterDDPStrategy options from DDP_OPTIONS (environment), e.g.
+#              DDP_OPTIONS="--trainer.strategy.bucket_cap_mb 2048 --trainer.strategy.gradient_as_bucket_view true"
 #   fsdp       2 GPUs, one node (lit_svd's FSDP2: --strategy fsdp)
 #   multinode  2 "nodes" of 1 GPU on this host (--num-nodes 2 --node-rank {0,1}, one GPU each)
 #   single     1 GPU (the scaling baseline; the same global batch: 2x the per-device batch; GPU
@@ -36,10 +38,13 @@ for run in $runs; do
         ddp|fsdp)
             lightning run --devices 2 --strategy "$run" --precision bf16-mixed recipes/gsm8k_sorsa.py "${args[@]}" \
                 2>&1 | stamp >"$dir/log" ;;
-        ddp-bf16grads)
+        ddp-bf16grads|ddp-opts)
+            options=(--trainer.strategy.gradient_dtype bfloat16)
+            # shellcheck disable=SC2206  # DDP_OPTIONS is a list of words
+            [ "$run" = ddp-opts ] && options=(${DDP_OPTIONS:-})
             python3 -m torch.distributed.run --nproc_per_node 2 recipes/gsm8k_sorsa.py "${args[@]}" \
                 --trainer.accelerator gpu --trainer.devices 2 --trainer.precision bf16-mixed \
-                --trainer.strategy lit_svd.strategies.AdapterDDPStrategy --trainer.strategy.gradient_dtype bfloat16 \
+                --trainer.strategy lit_svd.strategies.AdapterDDPStrategy "${options[@]}" \
                 2>&1 | stamp >"$dir/log" ;;
         multinode)
             nodes=()

@@ -27,7 +27,8 @@ from typing import Any, Literal, get_args
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_warn
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import PreTrainedModel
 
@@ -337,8 +338,29 @@ class LitSVDAdapter(LightningModule):
         """
         if not self._gradients_are_finite(optimizer):
             return
-        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        plugin = self.trainer.precision_plugin
+        if (
+            gradient_clip_val
+            and isinstance(plugin, MixedPrecision)
+            and getattr(optimizer, "_step_supports_amp_scaling", False)
+            and not self._loss_scaled()
+        ):
+            # Lightning's mixed-precision plugin refuses to clip for an optimizer that unscales gradients inside
+            # its step (the fused AdamW), a guard for float16's loss scale; bf16-mixed has none, so the clip is
+            # the plain one, which the guard's base class does.
+            Precision.clip_gradients(
+                plugin,
+                optimizer,
+                gradient_clip_val,
+                GradClipAlgorithmType(gradient_clip_algorithm or GradClipAlgorithmType.NORM),
+            )
+        else:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
         self.apply_regularizer_gradient(optimizer)
+
+    def _loss_scaled(self) -> bool:
+        """Whether a float16 ``GradScaler`` scales the loss (its gradients are unscaled before clipping)."""
+        return getattr(self.trainer.precision_plugin, "scaler", None) is not None
 
     def _gradients_are_finite(self, optimizer: torch.optim.Optimizer) -> bool:
         """Apply ``on_nonfinite`` to this step's gradients; ``True`` when the step may go ahead.
@@ -346,7 +368,7 @@ class LitSVDAdapter(LightningModule):
         Under DDP the gradients are already all-reduced (a NaN on one rank is a NaN on all), so every rank
         decides alike; FSDP's shards are checked on each rank and the verdict summed across ranks.
         """
-        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+        if self._loss_scaled():
             return True  # float16 loss scaling: the GradScaler skips overflowing steps and lowers the scale
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if not grads:
@@ -422,12 +444,16 @@ class LitSVDAdapter(LightningModule):
         if singular:
             groups.append({"params": singular, "weight_decay": 0.0, "lr": hp.singular_value_lr or hp.learning_rate})
         groups = [g for g in groups if g["params"]]
-        try:
-            # One fused kernel pass over the adapter tensors instead of a dozen foreach passes: on a 7B model
-            # (320 M float32 adapter parameters at r=128) the optimizer step is part of a fixed per-step cost
-            # that more GPUs do not divide (docs/distributed.md).
-            optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=tuple(hp.betas), fused=True)
-        except RuntimeError:  # a device or tensor type without the fused kernel: PyTorch's default
+        optimizer = None
+        if not self._loss_scaled():  # under a float16 GradScaler the fused step would clip scaled gradients
+            try:
+                # One fused kernel pass over the adapter tensors instead of a dozen foreach passes: on a 7B model
+                # (320 M float32 adapter parameters at r=128) the optimizer step is part of a fixed per-step
+                # cost that more GPUs do not divide (docs/distributed.md).
+                optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=tuple(hp.betas), fused=True)
+            except RuntimeError:  # a device or tensor type without the fused kernel: PyTorch's default
+                pass
+        if optimizer is None:
             optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=tuple(hp.betas))
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(hp.warmup_ratio * total)

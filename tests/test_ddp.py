@@ -75,5 +75,8 @@ def test_ddp_gradient_dtype_is_checked_and_chooses_the_compression_hook():
     assert AdapterDDPStrategy()._ddp_comm_hook is None
     assert AdapterDDPStrategy(gradient_dtype="bfloat16")._ddp_comm_hook is default_hooks.bf16_compress_hook
     assert AdapterDDPStrategy()._ddp_kwargs["broadcast_buffers"] is False
+    assert "bucket_cap_mb" not in AdapterDDPStrategy()._ddp_kwargs  # PyTorch's default (25 MB)
+    one_bucket = AdapterDDPStrategy(bucket_cap_mb=2048, gradient_as_bucket_view=True)._ddp_kwargs
+    assert one_bucket["bucket_cap_mb"] == 2048 and one_bucket["gradient_as_bucket_view"] is True
     with pytest.raises(ValueError, match="gradient_dtype 'bf16' is not one of"):
         AdapterDDPStrategy(gradient_dtype="bf16")

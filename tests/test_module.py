@@ -131,6 +131,26 @@ def test_hook_order_and_regularizer_once_per_optimizer_step(tmp_path):
     assert run.optimizers[0].defaults["fused"] is True  # one fused AdamW kernel where PyTorch has it (CPU, CUDA)
 
 
+def test_bf16_mixed_clips_the_fused_adamw_gradients(tmp_path):
+    """Lightning's bf16-mixed plugin refuses clipping with a fused optimizer (a float16 loss-scale guard); the
+    module clips itself there, so a GPU recipe (bf16-mixed, clipping at 1.0) runs with the fused AdamW."""
+    norms: list[float] = []
+
+    class Recording(LitSVDAdapter):
+        def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            norms.append(float(torch.nn.utils.get_total_norm(grads)))
+
+    config = AdapterConfig(method="lora", rank=4, target_modules=TARGETS)  # no regulariser after the clip
+    module = Recording(make_tiny_model("llama"), config, learning_rate=1e-2)
+    run = trainer(tmp_path, 2, precision="bf16-mixed", gradient_clip_val=1e-4, limit_val_batches=0)
+    run.fit(module, datamodule=RandomTokensData(count=8, batch_size=2))
+    assert run.optimizers[0].defaults["fused"] is True
+    assert len(norms) == 2
+    assert max(norms) <= 1e-4 * (1 + 1e-3), norms  # unclipped, the task gradient's norm is ~1e-1
+
+
 def test_regularizer_gradient_is_gamma_over_lr_after_clipping():
     """Inside configure_gradient_clipping: clipped task grad + (γ/η)·∇L_orth, exactly."""
     module = make_module("sorsa", gamma=0.25, learning_rate=0.5)
