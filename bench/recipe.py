@@ -19,6 +19,11 @@ layouts so the table shows where the time goes:
               backward replayed as CUDA graphs captured by ``torch.cuda.make_graphed_callables``
               (``LitSVDAdapter(cuda_graph_layers=True)``): nothing compiled, one capture per row shape
     layergraphs2k  the same with rows rounded up to a multiple of 2048 tokens (less padding, more shapes)
+    packed2k  packed rows rounded up to a multiple of 2048 tokens, eager layers: the 7B overlay
+              (``recipes/configs/overlays/fast_7b.yaml``)
+    packed2k-gc  the same with gradient checkpointing (``LitSVDAdapter(gradient_checkpointing=True)``)
+    packed2k-liger  packed2k with Liger's RMSNorm, SwiGLU and RoPE kernels patched into the model (Triton,
+              GPUs only; the RoPE patch is global to transformers' Llama module, so run it after the others)
 
 A second anchor is what users pick instead of writing a loop: TRL's ``SFTTrainer`` with PEFT LoRA and its
 fastest documented settings, in the same process, on the same tokenised examples (prompt tokens masked):
@@ -78,6 +83,8 @@ class Layout(NamedTuple):
     pack_to_multiple_of: int | None = None
     compile_mode: str | None = None
     cuda_graph_layers: bool = False
+    gradient_checkpointing: bool = False
+    liger: bool = False
 
 
 LAYOUTS = {
@@ -89,6 +96,9 @@ LAYOUTS = {
     "cudagraphs": Layout(True, True, "cudagraphs", 1024),
     "layergraphs": Layout(True, True, pack_to_multiple_of=4096, cuda_graph_layers=True),
     "layergraphs2k": Layout(True, True, pack_to_multiple_of=2048, cuda_graph_layers=True),
+    "packed2k": Layout(True, True, pack_to_multiple_of=2048),
+    "packed2k-gc": Layout(True, True, pack_to_multiple_of=2048, gradient_checkpointing=True),
+    "packed2k-liger": Layout(True, True, pack_to_multiple_of=2048, liger=True),
 }
 STEADY_FROM = 20
 """Steps before this one (compilation, allocator warm-up) are left out of the steady-state rate."""
@@ -221,7 +231,9 @@ def peft_loop(args: argparse.Namespace, base_model, train_dataset, pad_token_id:
 
 def ours_fit(args: argparse.Namespace, method: str, layout: str, base_model, tokenizer, device) -> dict[str, Any]:
     """The recipe through ``Trainer.fit`` with one data layout."""
-    group_by_length, pack, compile_backend, multiple, compile_mode, cuda_graph_layers = LAYOUTS[layout]
+    group_by_length, pack, compile_backend, multiple, compile_mode, cuda_graph_layers, checkpointing, liger = LAYOUTS[
+        layout
+    ]
     compile_layers = compile_backend is not None
     captures_cuda_graphs = compile_mode == "reduce-overhead" or compile_backend == "cudagraphs"
     L.seed_everything(args.seed, verbose=False)
@@ -246,7 +258,19 @@ def ours_fit(args: argparse.Namespace, method: str, layout: str, base_model, tok
         compile_backend=compile_backend or "inductor",
         compile_mode=compile_mode,
         cuda_graph_layers=cuda_graph_layers,
+        gradient_checkpointing=checkpointing,
     )
+    if liger:
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama(
+            rope=True,
+            rms_norm=True,
+            swiglu=True,
+            cross_entropy=False,
+            fused_linear_cross_entropy=False,
+            model=module.model,
+        )
     module.tokenizer = tokenizer
     clock = LoopClock(args.profile_steps if args.profile else None)
     trainer = L.Trainer(
