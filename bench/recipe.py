@@ -22,8 +22,10 @@ layouts so the table shows where the time goes:
     packed2k  packed rows rounded up to a multiple of 2048 tokens, eager layers: the 7B overlay
               (``recipes/configs/overlays/fast_7b.yaml``)
     packed2k-gc  the same with gradient checkpointing (``LitSVDAdapter(gradient_checkpointing=True)``)
-    packed2k-liger  packed2k with Liger's RMSNorm, SwiGLU and RoPE kernels patched into the model (Triton,
-              GPUs only; the RoPE patch is global to transformers' Llama module, so run it after the others)
+    packed2k-liger  packed2k with ``LitSVDAdapter(liger_kernels=True)``: Liger's RMSNorm, SwiGLU and RoPE
+              kernels in the model and its fused linear cross-entropy as the loss head (Triton, GPUs only;
+              the RoPE patch is global to transformers' Llama module, so run it after the others)
+    packed2k-gc-liger  both
 
 A second anchor is what users pick instead of writing a loop: TRL's ``SFTTrainer`` with PEFT LoRA and its
 fastest documented settings, in the same process, on the same tokenised examples (prompt tokens masked):
@@ -99,6 +101,7 @@ LAYOUTS = {
     "packed2k": Layout(True, True, pack_to_multiple_of=2048),
     "packed2k-gc": Layout(True, True, pack_to_multiple_of=2048, gradient_checkpointing=True),
     "packed2k-liger": Layout(True, True, pack_to_multiple_of=2048, liger=True),
+    "packed2k-gc-liger": Layout(True, True, pack_to_multiple_of=2048, gradient_checkpointing=True, liger=True),
 }
 STEADY_FROM = 20
 """Steps before this one (compilation, allocator warm-up) are left out of the steady-state rate."""
@@ -259,18 +262,8 @@ def ours_fit(args: argparse.Namespace, method: str, layout: str, base_model, tok
         compile_mode=compile_mode,
         cuda_graph_layers=cuda_graph_layers,
         gradient_checkpointing=checkpointing,
+        liger_kernels=liger,
     )
-    if liger:
-        from liger_kernel.transformers import apply_liger_kernel_to_llama
-
-        apply_liger_kernel_to_llama(
-            rope=True,
-            rms_norm=True,
-            swiglu=True,
-            cross_entropy=False,
-            fused_linear_cross_entropy=False,
-            model=module.model,
-        )
     module.tokenizer = tokenizer
     clock = LoopClock(args.profile_steps if args.profile else None)
     trainer = L.Trainer(

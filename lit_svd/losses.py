@@ -11,6 +11,8 @@ labelled tokens instead of all tokens.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import nn
 
@@ -128,6 +130,7 @@ def causal_lm_loss(
     labels: torch.Tensor,
     chunk_rows: int | None = None,
     scored_positions: torch.Tensor | None = None,
+    kernel: Literal["lit_svd", "liger"] = "lit_svd",
 ) -> torch.Tensor:
     """Next-token cross-entropy averaged over labelled tokens, scoring only the positions that have a label.
 
@@ -144,6 +147,8 @@ def causal_lm_loss(
             next token is labelled (what ``InstructionCollator`` emits for packed rows). Selecting rows by
             index avoids the host synchronisation that selecting them by a boolean mask costs (the row count
             of a mask is only known once the device has computed it). ``None``: select by mask.
+        kernel: ``"lit_svd"``: :func:`linear_cross_entropy`; ``"liger"``: Liger Kernel's fused linear
+            cross-entropy (CUDA only; ``lit_svd.kernels``).
 
     Returns:
         A float32 scalar.
@@ -160,6 +165,12 @@ def causal_lm_loss(
         index = scored_positions.to(hidden_states.device)
         hidden = hidden_states[:, :-1].reshape(-1, hidden_states.shape[-1]).index_select(0, index)
         targets = targets.reshape(-1).index_select(0, index)
+    if kernel == "liger":
+        from lit_svd.kernels import liger_linear_cross_entropy
+
+        return liger_linear_cross_entropy(hidden, output_embeddings.weight, targets, output_embeddings.bias)
+    if kernel != "lit_svd":
+        raise ValueError(f"kernel must be 'lit_svd' or 'liger', got {kernel!r}")
     return linear_cross_entropy(
         hidden, output_embeddings.weight, targets, bias=output_embeddings.bias, chunk_rows=chunk_rows
     )
