@@ -26,6 +26,9 @@ layouts so the table shows where the time goes:
               kernels in the model and its fused linear cross-entropy as the loss head (Triton, GPUs only;
               the RoPE patch is global to transformers' Llama module, so run it after the others)
     packed2k-gc-liger  both
+    budget-liger  TRL's step shape: batches filled up to TRL's rows × ``--max-length`` tokens
+              (``max_tokens_per_batch``), rows rounded up to a multiple of ``--max-length``; Liger's kernels
+    budget-gc-liger  the same with gradient checkpointing
 
 A second anchor is what users pick instead of writing a loop: TRL's ``SFTTrainer`` with PEFT LoRA and its
 fastest documented settings, in the same process, on the same tokenised examples (prompt tokens masked):
@@ -87,6 +90,7 @@ class Layout(NamedTuple):
     cuda_graph_layers: bool = False
     gradient_checkpointing: bool = False
     liger: bool = False
+    token_budget: bool = False
 
 
 LAYOUTS = {
@@ -102,6 +106,8 @@ LAYOUTS = {
     "packed2k-gc": Layout(True, True, pack_to_multiple_of=2048, gradient_checkpointing=True),
     "packed2k-liger": Layout(True, True, pack_to_multiple_of=2048, liger=True),
     "packed2k-gc-liger": Layout(True, True, pack_to_multiple_of=2048, gradient_checkpointing=True, liger=True),
+    "budget-liger": Layout(True, True, liger=True, token_budget=True),
+    "budget-gc-liger": Layout(True, True, gradient_checkpointing=True, liger=True, token_budget=True),
 }
 STEADY_FROM = 20
 """Steps before this one (compilation, allocator warm-up) are left out of the steady-state rate."""
@@ -232,11 +238,29 @@ def peft_loop(args: argparse.Namespace, base_model, train_dataset, pad_token_id:
     return result
 
 
-def ours_fit(args: argparse.Namespace, method: str, layout: str, base_model, tokenizer, device) -> dict[str, Any]:
+def trl_rows(args: argparse.Namespace, lengths: list[int]) -> int:
+    """TRL's per-device batch: rows of ``--max-length`` tokens holding as many tokens as ``--batch-size`` examples."""
+    return max(1, round(args.batch_size * (sum(lengths) / len(lengths)) / args.max_length))
+
+
+def ours_fit(
+    args: argparse.Namespace, method: str, layout: str, base_model, tokenizer, device, train_lengths: list[int]
+) -> dict[str, Any]:
     """The recipe through ``Trainer.fit`` with one data layout."""
-    group_by_length, pack, compile_backend, multiple, compile_mode, cuda_graph_layers, checkpointing, liger = LAYOUTS[
-        layout
-    ]
+    (
+        group_by_length,
+        pack,
+        compile_backend,
+        multiple,
+        compile_mode,
+        cuda_graph_layers,
+        checkpointing,
+        liger,
+        budget,
+    ) = LAYOUTS[layout]
+    budget_tokens = None
+    if budget:  # TRL's tokens per step (trl_sft's rows of --max-length), in rows rounded up to --max-length
+        budget_tokens, multiple = trl_rows(args, train_lengths) * args.max_length, args.max_length
     compile_layers = compile_backend is not None
     captures_cuda_graphs = compile_mode == "reduce-overhead" or compile_backend == "cudagraphs"
     L.seed_everything(args.seed, verbose=False)
@@ -247,6 +271,7 @@ def ours_fit(args: argparse.Namespace, method: str, layout: str, base_model, tok
         group_by_length=group_by_length,
         pack_sequences=pack,
         pack_to_multiple_of=multiple,
+        max_tokens_per_batch=budget_tokens,
         seed=args.seed,
         cache_dir=args.cache_dir,
         max_train_examples=args.max_train_examples,
@@ -326,7 +351,7 @@ def trl_sft(args: argparse.Namespace, variant: str, base_model, tokenizer, train
     from trl import SFTConfig, SFTTrainer
 
     lengths = [len(ids) for ids in train_dataset["input_ids"]]
-    rows = max(1, round(args.batch_size * (sum(lengths) / len(lengths)) / args.max_length))
+    rows = trl_rows(args, lengths)
 
     def labelled(example: dict) -> dict:
         prompt = example["prompt_length"]
@@ -488,7 +513,8 @@ def main(argv: list[str] | None = None) -> None:
                 result = trl_sft(args, run.split(":")[1], base_model, tokenizer, train_dataset, device)
             else:
                 _, method, layout = run.split(":")
-                result = ours_fit(args, method, layout, base_model, tokenizer, device)
+                lengths = [len(ids) for ids in train_dataset["input_ids"]]
+                result = ours_fit(args, method, layout, base_model, tokenizer, device, lengths)
         except Exception as error:  # one broken layout must not cost the other runs of a (scarce) GPU call
             traceback.print_exc()
             message = f"{type(error).__name__}: {error}"[:500]

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import torch
+from lightning.fabric.utilities.data import _set_sampler_epoch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
@@ -285,7 +286,25 @@ class LitSVDAdapter(LightningModule):
             if self.metric is None and hasattr(datamodule, "make_metric"):
                 self.metric = datamodule.make_metric()
 
+    def _continue_the_data_where_the_checkpoint_left_it(self) -> None:
+        """Hand the training loader its saved position when Lightning built the loader before restoring it.
+
+        ``configure_optimizers`` reads ``trainer.estimated_stepping_batches`` (the schedule's length), which in an
+        epoch-based fit (``max_steps=-1``) builds the training loader, and starts its iterator, before the
+        checkpoint's loop state is restored; Lightning then neither gives the loader its saved state nor starts a
+        new iterator, and a run resumed mid-epoch would replay its epoch from the first batch. This does what
+        Lightning does when it builds the loader after the restore: the epoch, the saved state, a new iterator.
+        """
+        loop = self.trainer.fit_loop
+        if not loop._combined_loader_states_to_load or loop._combined_loader is None or not loop.restarting:
+            return
+        for loader in loop._combined_loader.flattened:
+            _set_sampler_epoch(loader, loop.epoch_progress.current.processed)
+        loop._load_combined_loader_states()
+        iter(loop._data_fetcher)
+
     def on_train_start(self) -> None:
+        self._continue_the_data_where_the_checkpoint_left_it()
         if self.hparams.get("compile"):
             # Under dynamic=True dynamo passes a layer's float attributes (RMSNorm's eps) in as 0-dim *CPU*
             # tensors; one CPU input keeps the whole layer out of CUDA graphs (reduce-overhead, the cudagraphs

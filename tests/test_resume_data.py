@@ -34,7 +34,9 @@ class KillAt(L.Callback):
             raise Killed
 
 
-def _run(root, group_by_length: bool, callbacks, ckpt_path=None, steps=STEPS, **module_args) -> LitSVDAdapter:
+def _run(
+    root, group_by_length: bool, callbacks, ckpt_path=None, steps=STEPS, max_epochs=None, **module_args
+) -> LitSVDAdapter:
     L.seed_everything(3)
     module = LitSVDAdapter(
         make_tiny_model("llama"),
@@ -44,7 +46,12 @@ def _run(root, group_by_length: bool, callbacks, ckpt_path=None, steps=STEPS, **
     )
     data = NumberedExamples(batch_size=BATCH, max_length=16, group_by_length=group_by_length, seed=7)
     trainer = quiet_cpu_trainer(
-        root, steps, limit_val_batches=0, enable_checkpointing=True, callbacks=[SVDInit(), *callbacks]
+        root,
+        steps,
+        max_epochs=max_epochs,
+        limit_val_batches=0,
+        enable_checkpointing=True,
+        callbacks=[SVDInit(), *callbacks],
     )
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     return module
@@ -72,6 +79,21 @@ def test_a_mid_epoch_resume_sees_the_batches_of_the_uninterrupted_run(tmp_path, 
         torch.testing.assert_close(adapter_state_dict(resumed.model)[key], value, rtol=0, atol=0, msg=key)
 
 
+def test_an_epoch_based_fit_resumes_mid_epoch_with_the_batches_of_the_uninterrupted_run(tmp_path):
+    """max_epochs without max_steps: the schedule's length (estimated_stepping_batches, read when the optimizer
+    is configured) makes Lightning build the loader before the restore; the module hands it its position."""
+    epochs = dict(steps=-1, max_epochs=2, group_by_length=True)
+    whole = Record(None)
+    _run(tmp_path / "full", callbacks=[whole], **epochs)
+    assert len(whole.numbers) == 24
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=EVERY, save_top_k=-1)
+    with pytest.raises(Killed):
+        _run(tmp_path / "a", callbacks=[KillAt(17), checkpoints], **epochs)
+    rest = Record(None)
+    _run(tmp_path / "b", callbacks=[rest], ckpt_path=next((tmp_path / "ckpt").glob("*step=15.ckpt")), **epochs)
+    assert rest.numbers == whole.numbers[15:]  # epoch 1 from its 4th batch, not from its first
+
+
 def test_a_run_that_ended_at_max_steps_mid_epoch_resumes_there_with_a_larger_max_steps(tmp_path):
     # Lightning counts an epoch that max_steps cut short as finished; without reopen_cut_epoch the resumed
     # run started epoch 1 and never saw the rest of epoch 0 (here batches 8-12 of 12).
@@ -90,7 +112,16 @@ def test_a_changed_batch_size_restarts_the_epoch_with_a_warning():
     sampler = LengthGroupedSampler([5] * 8, batch_size=2, num_replicas=1, rank=0)
     loader = ResumableDataLoader(list(range(8)), batch_size=2, sampler=sampler, position=lambda: (0, 3))
     state = loader.state_dict()
-    assert state == {"epoch": 0, "batches": 3, "batch_size": 2, "num_replicas": 1, "examples": 8, "seed": 0}
+    assert state == {
+        "epoch": 0,
+        "batches": 3,
+        "batch_size": 2,
+        "max_tokens_per_batch": None,
+        "pack_to_multiple_of": None,
+        "num_replicas": 1,
+        "examples": 8,
+        "seed": 0,
+    }
     other = ResumableDataLoader(
         list(range(8)), batch_size=4, sampler=LengthGroupedSampler([5] * 8, batch_size=4, num_replicas=1, rank=0)
     )

@@ -10,6 +10,7 @@ from lit_svd.data.base import (
     InstructionDataModule,
     LengthGroupedSampler,
     ResumableDataLoader,
+    TokenBudgetSampler,
     non_padding_tokens,
     tokenize_instructions,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "InstructionDataModule",
     "LengthGroupedSampler",
     "ResumableDataLoader",
+    "TokenBudgetSampler",
     "MATHDataModule",
     "MetaMathQADataModule",
     "build_prompt",

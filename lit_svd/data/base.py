@@ -52,10 +52,12 @@ __all__ = [
     "LengthGroupedSampler",
     "RecordProblems",
     "ResumableDataLoader",
+    "TokenBudgetSampler",
     "check_columns",
     "check_records",
     "load_hub_split",
     "load_json_records",
+    "packed_row_length",
     "scan_json_lines",
     "tokenize_instructions",
 ]
@@ -452,6 +454,13 @@ def non_padding_tokens(batch: dict[str, Any]) -> torch.Tensor | int:
     return batch["input_ids"].numel() - int(batch.get("padding_tokens", 0))
 
 
+def packed_row_length(tokens: int, multiple: int | None) -> int:
+    """The length of the packed row of ``tokens`` tokens: ``tokens`` itself, or with ``multiple``
+    (``InstructionCollator.pack_to_multiple_of``) the next multiple above it — always at least one token more,
+    the padding sequence: ``(tokens // multiple + 1) * multiple``."""
+    return tokens if multiple is None else (tokens // multiple + 1) * multiple
+
+
 @dataclass
 class InstructionCollator:
     """Dynamic padding of tokenised records into a batch.
@@ -527,7 +536,8 @@ class InstructionCollator:
         longest, padding = max(lengths), 0
         if self.pack_to_multiple_of is not None:
             multiple = self.pack_to_multiple_of
-            padding = multiple - len(tokens) % multiple  # 1 … multiple: the row always has the padding sequence
+            # 1 … multiple: the row always has the padding sequence
+            padding = packed_row_length(len(tokens), multiple) - len(tokens)
             tokens += [self.pad_token_id] * padding
             lengths = [*lengths, padding]
             longest = max(longest, self.max_length or 0, multiple)
@@ -602,12 +612,15 @@ class LengthGroupedSampler(DistributedSampler):
         self._resume: tuple[int, int] | None = None  # (epoch, indices of this rank already consumed in it)
 
     def resume_at(self, epoch: int, consumed: int) -> None:
-        """Start epoch ``epoch`` after this rank's first ``consumed`` indices (a mid-epoch resume)."""
+        """Start epoch ``epoch`` after this rank's first ``consumed`` items (a mid-epoch resume): indices here,
+        whole batches for :class:`TokenBudgetSampler`."""
         if epoch < 0 or consumed < 0:
             raise ValueError(f"resume position must be non-negative, got epoch {epoch}, consumed {consumed}")
         self._resume = (epoch, consumed)
 
-    def __iter__(self) -> Iterator[int]:
+    def _epoch_order(self) -> np.ndarray:
+        """Every example index once, in this epoch's order across all ranks: a seeded shuffle, each mega-batch
+        sorted longest first (``group_by_length``)."""
         generator = torch.Generator()
         generator.manual_seed(self.seed + self.epoch)
         # device="cpu": the generator's; inside a default-device context (Lightning's configure_model runs in
@@ -616,11 +629,12 @@ class LengthGroupedSampler(DistributedSampler):
         mega_batches = [
             order[start : start + self.mega_batch_size] for start in range(0, len(order), self.mega_batch_size)
         ]
-        arranged = (
-            np.concatenate([mega[np.argsort(-self.lengths[mega], kind="stable")] for mega in mega_batches])
-            if mega_batches and self.group_by_length
-            else order
-        )
+        if mega_batches and self.group_by_length:
+            return np.concatenate([mega[np.argsort(-self.lengths[mega], kind="stable")] for mega in mega_batches])
+        return order
+
+    def __iter__(self) -> Iterator[int]:
+        arranged = self._epoch_order()
         if self.drop_last:
             arranged = arranged[: self.total_size]
         elif len(arranged) < self.total_size:
@@ -632,45 +646,197 @@ class LengthGroupedSampler(DistributedSampler):
         return iter(mine)
 
 
+class TokenBudgetSampler(LengthGroupedSampler):
+    """Batches filled up to a token budget: each item is one batch, the list of its example indices.
+
+    The batches are formed once, from :class:`LengthGroupedSampler`'s order for ``seed`` (a seeded shuffle;
+    mega-batches sorted longest first with ``group_by_length``), taken across all ranks and cut into
+    consecutive stretches, each closed when the next example would take its packed row past ``max_tokens``::
+
+        order      7    2    9    4    0    5   …        max_tokens = 1024
+        lengths  300  250  400  200  350  500   …
+        batches  [7 2 9] (950)   [4 0] (550; + 5 would be 1050)   [5 …] …
+
+    Every epoch serves the same batches, in another seeded order (``seed + epoch``) — as TRL packs its dataset
+    once and shuffles the packed rows. So every epoch has the same number of batches, which Lightning's
+    epoch and resume bookkeeping assume (a loader's length is read once), and every example appears once
+    per epoch. A row is the batch's token count or, with ``pack_to_multiple_of``, that count rounded up with
+    its padding sequence (:func:`packed_row_length`), so every row the collator builds is at most
+    ``max_tokens`` long; every batch but the packing's last is maximal.
+
+    DDP: every rank forms the same batches and the same epoch order, and rank ``r`` takes batches ``r, r + W,
+    r + 2W, …`` (``W = num_replicas``). When the batch count is not a multiple of ``W``, the epoch goes on with
+    its first batches again until it is (as ``DistributedSampler`` repeats indices with ``drop_last=False``):
+    every rank then steps equally often, and those few examples are seen twice.
+
+    Use it as ``DataLoader(dataset, batch_size=None, sampler=sampler)`` with a dataset whose item for a list of
+    indices is the list of those examples (as :class:`InstructionCollator` takes them). ``len`` is this rank's
+    batch count per epoch. A mid-epoch resume (:meth:`resume_at`) skips whole batches; ``len`` stays the whole
+    epoch's, as for the parent class.
+
+    Args:
+        lengths: token count per example (after truncation to the collator's ``max_length``).
+        max_tokens: the most tokens a batch's packed row may have, its padding sequence included.
+        pack_to_multiple_of: the collator's ``pack_to_multiple_of`` (``None``: rows are not rounded up).
+        num_replicas: as for :class:`LengthGroupedSampler`.
+        rank: as for :class:`LengthGroupedSampler`.
+        seed: as for :class:`LengthGroupedSampler`; it also draws each epoch's batch order (``seed + epoch``).
+        mega_batch_factor: a mega-batch holds this many typical batches per rank (``max_tokens`` / mean length
+            examples each).
+        group_by_length: as for :class:`LengthGroupedSampler`.
+
+    Raises:
+        ValueError: when one example's row alone exceeds ``max_tokens`` (names the example and the lengths).
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        max_tokens: int,
+        pack_to_multiple_of: int | None = None,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        seed: int = 0,
+        mega_batch_factor: int = 50,
+        group_by_length: bool = True,
+    ) -> None:
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+        if pack_to_multiple_of is not None and pack_to_multiple_of < 1:
+            raise ValueError(f"pack_to_multiple_of must be positive or None, got {pack_to_multiple_of}")
+        if len(lengths):
+            longest = int(lengths.argmax())
+            row = packed_row_length(int(lengths[longest]), pack_to_multiple_of)
+            if row > max_tokens:
+                raise ValueError(
+                    f"example {longest} has {lengths[longest]} tokens: its row alone ({row} tokens with "
+                    f"pack_to_multiple_of={pack_to_multiple_of}) exceeds max_tokens={max_tokens}"
+                )
+        typical_batch = max(1, max_tokens // max(1, int(lengths.mean()))) if len(lengths) else 1
+        super().__init__(
+            lengths,
+            typical_batch,
+            num_replicas=num_replicas,
+            rank=rank,
+            seed=seed,
+            mega_batch_factor=mega_batch_factor,
+            group_by_length=group_by_length,
+        )
+        self.max_tokens = max_tokens
+        self.pack_to_multiple_of = pack_to_multiple_of
+        self.batches = self._pack(self._epoch_order())  # self.epoch is 0: the seed's order
+        self._epoch_batches: tuple[int, list[list[int]]] | None = None  # (epoch, its batch order)
+
+    def _pack(self, order: np.ndarray) -> list[list[int]]:
+        """``order`` cut into maximal consecutive stretches whose packed rows fit ``max_tokens``."""
+        batches: list[list[int]] = []
+        batch: list[int] = []
+        tokens = 0
+        for index, length in zip(order.tolist(), self.lengths[order].tolist(), strict=True):
+            if batch and packed_row_length(tokens + length, self.pack_to_multiple_of) > self.max_tokens:
+                batches.append(batch)
+                batch, tokens = [], 0
+            batch.append(index)
+            tokens += length
+        if batch:
+            batches.append(batch)
+        return batches
+
+    def epoch_batches(self) -> list[list[int]]:
+        """The current epoch's batches across all ranks, in order (before the DDP repetition)."""
+        if self._epoch_batches is None or self._epoch_batches[0] != self.epoch:
+            generator = torch.Generator()
+            generator.manual_seed(self.seed + self.epoch)
+            order = torch.randperm(len(self.batches), generator=generator, device="cpu").tolist()
+            self._epoch_batches = (self.epoch, [self.batches[i] for i in order])
+        return self._epoch_batches[1]
+
+    def __len__(self) -> int:
+        return -(-len(self.batches) // self.num_replicas)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        # A generator, so the epoch's order is drawn at the first next(): on resume Lightning creates the
+        # epoch's iterator before its set_epoch call.
+        batches = self.epoch_batches()
+        total = len(self) * self.num_replicas
+        mine = [batches[position % len(batches)] for position in range(self.rank, total, self.num_replicas)]
+        if self._resume is not None and self._resume[0] == self.epoch:
+            mine = mine[self._resume[1] :]
+        yield from mine
+
+
+class _ExampleLists(torch.utils.data.Dataset):
+    """``dataset`` read by lists of indices: item ``[i, j, …]`` is ``[dataset[i], dataset[j], …]``.
+
+    With ``batch_size=None`` a ``DataLoader`` hands each sampler item (a :class:`TokenBudgetSampler` batch)
+    to ``dataset[item]`` and the result, unbatched, to ``collate_fn``. A Hugging Face ``Dataset`` indexed by a
+    list returns columns; its ``__getitems__`` returns the records (one Arrow read), as the collator takes them.
+    """
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, indices: list[int]) -> list[dict[str, Any]]:
+        read = getattr(self.dataset, "__getitems__", None)
+        return read(indices) if read is not None else [self.dataset[index] for index in indices]
+
+
 class ResumableDataLoader(DataLoader):
     """A training ``DataLoader`` whose place in the epoch is saved in Lightning checkpoints.
 
     Lightning stores the ``state_dict`` of a loader that has one in every checkpoint and hands it back on
     resume; a run killed in the middle of an epoch then continues with exactly the batches the uninterrupted
     run would have seen next (same order, none repeated, none skipped), on every rank. Without it, a mid-epoch
-    resume restarts the epoch's data from its first batch.
+    resume restarts the epoch's data from its first batch. With a :class:`TokenBudgetSampler` (and
+    ``batch_size=None``) the resume skips the whole batches done.
 
     The position comes from ``position()`` — ``(epoch, batches trained in it)``, read from the trainer — not
-    from this loader's own iterator, which Lightning reads one batch ahead.
+    from this loader's own iterator, which Lightning reads one batch ahead. The state also holds what decides
+    the batches (batch size, token budget, ranks, examples, seed): when one of them changed, the resumed run
+    warns and starts the checkpoint's epoch from its first batch.
 
     Args:
         *args: ``DataLoader``'s positional arguments (the dataset, the batch size, …).
         position: returns ``(epoch, batches trained in it)``; ``None``: the start of the sampler's epoch.
-        **kwargs: ``DataLoader``'s keyword arguments; ``sampler`` must be a :class:`LengthGroupedSampler`.
+        **kwargs: ``DataLoader``'s keyword arguments; ``sampler`` must be a :class:`LengthGroupedSampler`, or a
+            :class:`TokenBudgetSampler` with ``batch_size=None``.
     """
 
     def __init__(self, *args: Any, position: Any = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if not isinstance(self.sampler, LengthGroupedSampler):
             raise TypeError(f"ResumableDataLoader needs a LengthGroupedSampler, got {type(self.sampler).__name__}")
+        whole_batches = isinstance(self.sampler, TokenBudgetSampler)
+        if whole_batches and self.batch_size is not None:
+            raise ValueError(f"a TokenBudgetSampler yields whole batches: pass batch_size=None, got {self.batch_size}")
+        if not whole_batches and self.batch_size is None:
+            raise ValueError("a LengthGroupedSampler yields single examples: pass a batch_size, got None")
         self.position = position
 
-    def state_dict(self) -> dict[str, int]:
-        epoch, batches = self.position() if self.position is not None else (self.sampler.epoch, 0)
+    def _batching(self) -> dict[str, int | None]:
+        """What decides this loader's batches, besides the epoch."""
         sampler = self.sampler
+        budget = isinstance(sampler, TokenBudgetSampler)
         return {
-            "epoch": int(epoch),
-            "batches": int(batches),
-            "batch_size": int(self.batch_size),
+            "batch_size": self.batch_size,
+            "max_tokens_per_batch": sampler.max_tokens if budget else None,
+            "pack_to_multiple_of": sampler.pack_to_multiple_of if budget else None,
             "num_replicas": sampler.num_replicas,
             "examples": len(sampler.lengths),
             "seed": sampler.seed,
         }
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        sampler = self.sampler
-        now = {"batch_size": self.batch_size, "num_replicas": sampler.num_replicas, "examples": len(sampler.lengths)}
-        now["seed"] = sampler.seed
+    def state_dict(self) -> dict[str, int | None]:
+        epoch, batches = self.position() if self.position is not None else (self.sampler.epoch, 0)
+        return {"epoch": int(epoch), "batches": int(batches), **self._batching()}
+
+    def load_state_dict(self, state: dict[str, int | None]) -> None:
+        # A checkpoint from before the token budget has no such keys: .get gives None, as for item batches.
+        now = self._batching()
         changed = [f"{key} {state.get(key)} -> {value}" for key, value in now.items() if state.get(key) != value]
         if changed:
             rank_zero_warn(
@@ -678,7 +844,9 @@ class ResumableDataLoader(DataLoader):
                 f"restarts from its first batch instead of batch {state['batches'] + 1}"
             )
             return
-        sampler.resume_at(state["epoch"], state["batches"] * self.batch_size)
+        # The sampler counts its items: examples, or whole batches when the loader does not batch (None).
+        consumed = state["batches"] if self.batch_size is None else state["batches"] * self.batch_size
+        self.sampler.resume_at(state["epoch"], consumed)
 
 
 # ------------------------------------------------------------------------------------- datamodule
@@ -711,7 +879,8 @@ class InstructionDataModule(LightningDataModule):
         overlength: what to do with longer training examples: ``"truncate"`` cuts the response end,
             ``"drop"`` removes the example. Examples whose prompt alone fills ``max_length`` are always
             dropped (no response token would remain). Counts are logged and kept in ``length_stats``.
-        batch_size: training batch size per device.
+        batch_size: training batch size per device (examples per batch; with ``max_tokens_per_batch`` it no
+            longer decides the training batches, and stays the default of ``eval_batch_size``).
         eval_batch_size: evaluation batch size per device (default: ``batch_size``).
         num_workers: ``DataLoader`` worker processes.
         seed: seed for the held-out split, shuffling and the length-grouped sampler.
@@ -724,6 +893,15 @@ class InstructionDataModule(LightningDataModule):
             as with padding; the padding FLOPs are gone.
         pack_to_multiple_of: with ``pack_sequences``, round each row up to a multiple of this many tokens
             (``InstructionCollator.pack_to_multiple_of``): a few fixed row shapes, for CUDA graphs.
+        max_tokens_per_batch: with ``pack_sequences``, fill each training batch with whole examples up to this
+            many tokens per device instead of taking ``batch_size`` examples (as TRL's SFTTrainer does): every
+            packed row, rounded up to ``pack_to_multiple_of`` with its padding sequence, has at most this many
+            tokens, so peak memory no longer follows the longest batch. Batches are consecutive stretches of
+            the seed's order (:class:`TokenBudgetSampler`; the same for the same seed). It must hold
+            one example of ``max_length`` tokens, rounded up, and be a multiple of ``pack_to_multiple_of``.
+            The batches are formed once and served in another order each epoch, as TRL packs its dataset
+            once; every epoch has as many. Under DDP every rank gets as many batches: the epoch's first batches
+            repeat to fill the last round. ``None``: ``batch_size`` examples per batch.
         cache_dir: ``datasets`` cache folder for downloads, Arrow files and tokenisation (default: the HF
             cache, ``~/.cache/huggingface/datasets``).
         num_proc: processes for tokenisation with ``datasets.map`` (``None``: in-process).
@@ -752,6 +930,7 @@ class InstructionDataModule(LightningDataModule):
         group_by_length: bool = False,
         pack_sequences: bool = False,
         pack_to_multiple_of: int | None = None,
+        max_tokens_per_batch: int | None = None,
         cache_dir: str | None = None,
         num_proc: int | None = None,
         bad_records: BadRecords = "error",
@@ -783,6 +962,8 @@ class InstructionDataModule(LightningDataModule):
             problems.append("pack_to_multiple_of needs pack_sequences=True (it sizes the packed rows)")
         if pack_to_multiple_of is not None and pack_to_multiple_of < 1:
             problems.append(f"pack_to_multiple_of must be positive or None, got {pack_to_multiple_of}")
+        if max_tokens_per_batch is not None:
+            problems += _token_budget_problems(max_tokens_per_batch, pack_sequences, max_length, pack_to_multiple_of)
         if problems:
             raise ValueError("; ".join(problems))
         self.save_hyperparameters()
@@ -802,6 +983,7 @@ class InstructionDataModule(LightningDataModule):
         self.group_by_length = group_by_length
         self.pack_sequences = pack_sequences
         self.pack_to_multiple_of = pack_to_multiple_of
+        self.max_tokens_per_batch = max_tokens_per_batch
         self.cache_dir = cache_dir
         self.num_proc = num_proc
         self.bad_records = bad_records
@@ -946,7 +1128,8 @@ class InstructionDataModule(LightningDataModule):
     # -- dataloaders ------------------------------------------------------------------------------
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled (or length-grouped) training batches; see :class:`InstructionCollator`."""
+        """Shuffled (or length-grouped) training batches of ``batch_size`` examples, or of up to
+        ``max_tokens_per_batch`` tokens (:class:`TokenBudgetSampler`); see :class:`InstructionCollator`."""
         if self.train_dataset is None:
             self.setup("fit")
         dataset = self.train_dataset.select_columns(["input_ids", "prompt_length"])
@@ -954,6 +1137,25 @@ class InstructionDataModule(LightningDataModule):
             self.pad_token_id, self.max_length, pack=self.pack_sequences, pack_to_multiple_of=self.pack_to_multiple_of
         )
         lengths = np.minimum(_column(self.train_dataset, "length"), self.max_length)
+        if self.max_tokens_per_batch is not None:
+            sampler = TokenBudgetSampler(
+                lengths,
+                self.max_tokens_per_batch,
+                self.pack_to_multiple_of,
+                seed=self.seed,
+                group_by_length=self.group_by_length,
+            )
+            # With workers, the loader draws the epoch's order before Lightning's set_epoch (a resumed run).
+            sampler.set_epoch(self._training_position()[0])
+            loader = ResumableDataLoader(
+                _ExampleLists(dataset),
+                None,  # each sampler item is a whole batch
+                sampler=sampler,
+                collate_fn=collate,
+                num_workers=self.num_workers,
+                position=self._training_position,
+            )
+            return loader
         sampler = LengthGroupedSampler(lengths, self.batch_size, seed=self.seed, group_by_length=self.group_by_length)
         return ResumableDataLoader(
             dataset,
@@ -1004,6 +1206,36 @@ class InstructionDataModule(LightningDataModule):
             collate_fn=collate,
             num_workers=self.num_workers,
         )
+
+
+def _token_budget_problems(
+    max_tokens_per_batch: int, pack_sequences: bool, max_length: int, pack_to_multiple_of: int | None
+) -> list[str]:
+    """What is wrong with ``max_tokens_per_batch`` next to the other batching options (nothing: ``[]``)."""
+    if max_tokens_per_batch < 1:
+        return [f"max_tokens_per_batch must be positive or None, got {max_tokens_per_batch}"]
+    problems = []
+    if not pack_sequences:
+        problems.append(
+            f"max_tokens_per_batch={max_tokens_per_batch} needs pack_sequences=True (it fills one packed row per "
+            "batch), got pack_sequences=False"
+        )
+    multiple = pack_to_multiple_of if pack_to_multiple_of is not None and pack_to_multiple_of >= 1 else None
+    longest_row = packed_row_length(max_length, multiple)
+    if max_tokens_per_batch < longest_row:
+        rounded = f" (rounded up to pack_to_multiple_of={multiple}: {longest_row})" if multiple else ""
+        problems.append(
+            f"max_tokens_per_batch={max_tokens_per_batch} cannot hold one example of max_length={max_length} "
+            f"tokens{rounded}; pass at least {longest_row}"
+        )
+    if multiple is not None and max_tokens_per_batch % multiple:
+        lower = max_tokens_per_batch - max_tokens_per_batch % multiple
+        nearest = " or ".join(str(value) for value in (lower, lower + multiple) if value > 0)
+        problems.append(
+            f"max_tokens_per_batch={max_tokens_per_batch} must be a multiple of pack_to_multiple_of={multiple} "
+            f"(rows are rounded up to it), e.g. {nearest}"
+        )
+    return problems
 
 
 def _column(dataset: Dataset, name: str) -> np.ndarray:
