@@ -295,7 +295,9 @@ class LitSVDAdapter(LightningModule):
         new iterator, and a run resumed mid-epoch would replay its epoch from the first batch. This does what
         Lightning does when it builds the loader after the restore: the epoch, the saved state, a new iterator.
         """
-        loop = self.trainer.fit_loop
+        if self._trainer is None:  # hooks called by hand, outside a fit
+            return
+        loop = self._trainer.fit_loop
         if not loop._combined_loader_states_to_load or loop._combined_loader is None or not loop.restarting:
             return
         for loader in loop._combined_loader.flattened:
