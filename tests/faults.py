@@ -91,6 +91,21 @@ class Record(L.Callback):
                 f.write(" ".join(map(str, [entry[0], *entry[1]])) + "\n")
 
 
+class Killed(Exception):
+    """What :class:`KillAt` raises: a fit stopped in the same process, for tests that resume it there."""
+
+
+class KillAt(L.Callback):
+    """Raise :class:`Killed` at the start of the batch of global step ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise Killed
+
+
 class Kill(L.Callback):
     def __init__(self, phase: str, step: int) -> None:
         self.phase, self.step = phase, step

@@ -9,7 +9,7 @@ import lightning as L
 import pytest
 import torch
 from conftest import TINY_TARGETS, make_tiny_model
-from faults import NumberedExamples, Record  # 24 numbered training examples (and 4 held out)
+from faults import KillAt, Killed, NumberedExamples, Record  # 24 numbered training examples (and 4 held out)
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_helpers import quiet_cpu_trainer
 
@@ -19,19 +19,6 @@ from lit_svd.data import LengthGroupedSampler, ResumableDataLoader
 from lit_svd.inject import adapter_state_dict
 
 EXAMPLES, BATCH, STEPS, EVERY = 24, 2, 18, 5  # 12 batches per epoch: the runs cross into a second epoch
-
-
-class Killed(Exception):
-    pass
-
-
-class KillAt(L.Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step:
-            raise Killed
 
 
 def _run(

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_tiny_model
-from faults import EXAMPLES, NumberedExamples  # 24 numbered training examples of 4 to 11 tokens
+from faults import EXAMPLES, KillAt, Killed, NumberedExamples  # 24 numbered training examples of 4 to 11 tokens
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_helpers import quiet_cpu_trainer
 
@@ -191,19 +191,6 @@ def test_resumable_loader_pairs_whole_batch_samplers_with_batch_size_none():
     examples = LengthGroupedSampler([5] * 8, batch_size=2, num_replicas=1, rank=0)
     with pytest.raises(ValueError, match="LengthGroupedSampler yields single examples: pass a batch_size, got None"):
         ResumableDataLoader(list(range(8)), None, sampler=examples)
-
-
-class Killed(Exception):
-    pass
-
-
-class KillAt(L.Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step:
-            raise Killed
 
 
 class RecordPacked(L.Callback):
