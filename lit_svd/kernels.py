@@ -19,22 +19,12 @@ kernel afterwards; the result is the same function up to rounding.
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 from transformers import PreTrainedModel
 
-__all__ = ["apply_liger_kernels", "liger_installed", "liger_linear_cross_entropy"]
+__all__ = ["apply_liger_kernels", "liger_linear_cross_entropy"]
 
 _INSTALL_HINT = "pip install liger-kernel (it needs a CUDA build of PyTorch with Triton)"
-
-
-def liger_installed() -> bool:
-    """Whether Liger Kernel can be imported here."""
-    try:
-        return importlib.util.find_spec("liger_kernel") is not None and importlib.util.find_spec("triton") is not None
-    except ValueError:  # a module object without a spec (e.g. replaced in sys.modules)
-        return False
 
 
 def apply_liger_kernels(model: PreTrainedModel) -> None:
