@@ -243,6 +243,26 @@ def test_a_nan_loss_stops_the_run_naming_step_loss_and_parameter_and_keeps_the_l
     assert all(torch.isfinite(v).all() for v in adapter_state_dict(module.model).values())  # no step taken
 
 
+def test_the_error_names_the_parameter_whose_gradient_is_not_finite_although_clipping_spreads_it(tmp_path):
+    """One NaN in one gradient: clipping (on here) turns every gradient into NaN, so the parameter can only be
+    named from a verdict taken before the clip."""
+    module, trainer, data = _nan_run(tmp_path, "error")
+    module.bad_step = -1  # the loss stays finite
+    target = "model.model.layers.1.mlp.down_proj.S"
+
+    class InfIn(L.Callback):
+        def on_before_optimizer_step(self, run, pl_module, optimizer):
+            if run.global_step == 2:
+                dict(pl_module.named_parameters())[target].grad[0] = float("nan")
+
+    trainer.callbacks.append(InfIn())
+    with pytest.raises(
+        FloatingPointError, match=rf"step 2: .*first parameter affected: {target.replace('.', '[.]')}\)"
+    ):
+        trainer.fit(module, datamodule=data)
+    assert all(torch.isfinite(v).all() for v in adapter_state_dict(module.model).values())  # no step taken
+
+
 def test_a_nan_step_can_be_skipped_and_counted(tmp_path):
     module, trainer, data = _nan_run(tmp_path, "skip")
     before = {}
