@@ -17,6 +17,9 @@ closure, before ``zero_grad`` and the backward):
     between      on_train_batch_end        -> next on_train_batch_start (loop, logging, next batch)
 
 ``STEP_TIMELINE_NO_CUDNN_SDPA=1`` turns cuDNN attention off for the whole process at the start of fit.
+``STEP_TIMELINE_SYNCS=1`` counts the host synchronisations PyTorch reports (``torch.cuda.set_sync_debug_mode``)
+after the warm-up steps, per phase and per line of code outside torch that caused them (distributed
+collectives are not covered by PyTorch's report).
 
 Usage (bench/ on PYTHONPATH; one JSON per rank written at the end of fit):
     STEP_TIMELINE_OUT=/tmp/tl lightning run ... recipes/gsm8k_sorsa.py fit ... \\
@@ -28,6 +31,9 @@ from __future__ import annotations
 import json
 import os
 import time
+import traceback
+import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +56,29 @@ class StepTimeline(pl.Callback):
         self.profiler: torch.profiler.profile | None = None
         self.top_kernels: list[dict[str, Any]] = []
         self.steps: list[dict[str, tuple[float, Any]]] = []
+        self.count_syncs = os.environ.get("STEP_TIMELINE_SYNCS") == "1"
+        self.syncs: Counter[str] = Counter()
+        self.phase = "between"
+        self._show_warning = warnings.showwarning
+
+    def _record_sync(self, message, category, filename, lineno, file=None, line=None) -> None:
+        if "synchroniz" not in str(message):
+            self._show_warning(message, category, filename, lineno, file, line)
+            return
+        frames = [
+            f
+            for f in traceback.extract_stack()[:-1]
+            if "/torch/" not in f.filename and "step_timeline" not in f.filename
+        ]
+        where = f"{Path(frames[-1].filename).name}:{frames[-1].lineno} {frames[-1].name}" if frames else "?"
+        self.syncs[f"{self.phase} | {where}"] += 1
 
     def _mark(self, name: str) -> None:
+        self.phase = dict(zip(MARKS, PHASES, strict=True))[name]
+        if self.count_syncs and torch.cuda.is_available() and name == "batch_start" and len(self.steps) == self.skip:
+            warnings.filterwarnings("always", message=".*synchroniz.*")
+            warnings.showwarning = self._record_sync
+            torch.cuda.set_sync_debug_mode("warn")
         event = None
         if torch.cuda.is_available():
             event = torch.cuda.Event(enable_timing=True)
@@ -95,6 +122,9 @@ class StepTimeline(pl.Callback):
         self._mark("batch_end")
 
     def on_train_end(self, trainer, pl_module) -> None:
+        if self.count_syncs and torch.cuda.is_available():
+            torch.cuda.set_sync_debug_mode("default")
+            warnings.showwarning = self._show_warning
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         steps = [s for s in self.steps[self.skip :] if all(m in s for m in MARKS)]
@@ -111,6 +141,11 @@ class StepTimeline(pl.Callback):
         mean = {k: sum(row[k] for row in rows if k in row) / max(1, sum(k in row for row in rows)) for k in keys}
         report = {"rank": trainer.global_rank, "steps": len(rows), "mean_ms": mean, "per_step": rows}
         report["top_kernels"] = self.top_kernels
+        measured = max(1, len(self.steps) - self.skip)
+        report["syncs_per_step"] = {k: v / measured for k, v in self.syncs.most_common()}
+        if trainer.global_rank == 0 and self.count_syncs:
+            for where, count in self.syncs.most_common(20):
+                print(f"  host syncs {count / measured:6.2f}/step  {where}", flush=True)
         if trainer.global_rank == 0:
             for row in self.top_kernels[:30]:
                 print(f"  {row['ms']:8.2f} ms/step {row['calls']:7.1f}x  {row['name'][:120]}")

@@ -183,6 +183,8 @@ class LitSVDAdapter(LightningModule):
         self._tokens_seen = 0
         self._step_started: float | None = None
         self._last_loss: torch.Tensor | None = None
+        self._loss_on_host: tuple[torch.Tensor, torch.cuda.Event] | None = None
+        self._loss_shown: float | None = None
         self.skipped_steps = 0
         self._layer_graphs: LayerGraphs | None = None
         self._liger_active = False
@@ -350,22 +352,50 @@ class LitSVDAdapter(LightningModule):
         loss = self.compute_loss(batch)
         self._last_loss = loss.detach()
         batch_size = batch["input_ids"].shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        self.log("train/loss", loss, batch_size=batch_size)
+        self._show_in_progress_bar(loss.detach(), batch_size)
         # A device tensor, not int(mask.sum()): a host sync every step would stall the queue of kernels.
         self._tokens_seen = self._tokens_seen + non_padding_tokens(batch)
         return loss
+
+    def _show_in_progress_bar(self, loss: torch.Tensor, batch_size: int) -> None:
+        """Show the loss in the progress bar (as ``loss``) without a host sync.
+
+        Lightning turns every progress-bar value into a float at each batch end (``.item()``), which on a GPU
+        waits for the step's whole queue, the optimizer step included, so the host cannot queue the next batch
+        while the GPU works. On a GPU the bar shows the latest loss that has already reached the host: each
+        step's loss is copied to pinned memory without blocking and read at a later step, once its copy is done.
+        """
+        if loss.device.type != "cuda":
+            self._loss_shown = float(loss)
+        else:
+            if self._loss_on_host is None:
+                self._loss_on_host = (torch.empty((), dtype=torch.float32, pin_memory=True), torch.cuda.Event())
+            else:
+                buffer, copied = self._loss_on_host
+                if copied.query():
+                    self._loss_shown = float(buffer)
+            buffer, copied = self._loss_on_host
+            buffer.copy_(loss.float(), non_blocking=True)
+            copied.record()
+        if self._loss_shown is not None:
+            # A CPU tensor: Lightning would move a Python float to the GPU, itself a sync.
+            self.log("loss", torch.tensor(self._loss_shown), prog_bar=True, logger=False, batch_size=batch_size)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self._step_started is None:
             self._step_started = time.perf_counter()
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # Numbers are logged as CPU tensors: Lightning puts a Python number on the module's device, which on a
+        # GPU waits for the step's queue and keeps the host from queuing the next batch meanwhile.
         if self.skipped_steps:
-            self.log("train/skipped_steps", float(self.skipped_steps))
+            self.log("train/skipped_steps", torch.tensor(float(self.skipped_steps)))
         if (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0 and self._step_started is not None:
             elapsed = time.perf_counter() - self._step_started
             if elapsed > 0:
-                self.log("train/tokens_per_second", self._tokens_seen / elapsed)
+                rate = self._tokens_seen / elapsed  # a device tensor for padded batches, a number for packed ones
+                self.log("train/tokens_per_second", rate if isinstance(rate, torch.Tensor) else torch.tensor(rate))
             self._tokens_seen, self._step_started = 0, None
 
     def configure_gradient_clipping(
