@@ -65,12 +65,10 @@ class StepTimeline(pl.Callback):
         if "synchroniz" not in str(message):
             self._show_warning(message, category, filename, lineno, file, line)
             return
-        frames = [
-            f
-            for f in traceback.extract_stack()[:-1]
-            if "/torch/" not in f.filename and "step_timeline" not in f.filename
-        ]
-        where = f"{Path(frames[-1].filename).name}:{frames[-1].lineno} {frames[-1].name}" if frames else "?"
+        # The innermost two frames of code outside torch and the warnings machinery: the line that synchronised.
+        skip = ("/torch/", "/warnings.py", "step_timeline")
+        frames = [f for f in traceback.extract_stack()[:-1] if not any(s in f.filename for s in skip)][-2:]
+        where = " < ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames)) or "?"
         self.syncs[f"{self.phase} | {where}"] += 1
 
     def _mark(self, name: str) -> None:
