@@ -11,6 +11,8 @@ variants the first pass (which compiles) and a second, steady-state pass are bot
 Variants, each over all questions unless ``--questions``:
     anchor            HF generate, dataset order, batch 192, dynamic cache, base model
     ours/base         evaluate(): length-sorted, batch --batch-size, dynamic cache, base model
+    ours/base/static-eager  the same with a static KV cache, not compiled (``static_cache=True``): written in place
+                      instead of concatenated every step
     ours/base/static  the same with compile=True (static cache + CUDA graphs; CUDA only)
     ours/merged       SORSA r=16 on all 7 projections, merged into the weights, best of the above
     ours/unmerged     the same adapters left unmerged (adapter forward in every step), dynamic cache
@@ -91,6 +93,7 @@ def run_variant(
         "batch_size": evaluate_kwargs.get("batch_size"),
         "sorted": evaluate_kwargs.get("sort_by_length", True),
         "compiled": evaluate_kwargs.get("compile", False),
+        "static_cache": evaluate_kwargs.get("compile", False) or evaluate_kwargs.get("static_cache", False),
         "seconds": t.seconds,
         "generated_tokens": sum(counts),
         "tokens_per_s": sum(counts) / t.seconds,
@@ -189,6 +192,12 @@ def main() -> None:
     save()
     runs.append(run_variant("ours/base", base, tokenizer, args, device, batch_size=args.batch_size))
     save()
+    runs.append(
+        run_variant(
+            "ours/base/static-eager", base, tokenizer, args, device, batch_size=args.batch_size, static_cache=True
+        )
+    )
+    save()
     if compile_ok:
         for attempt in ("first pass", "second pass"):
             try:
@@ -212,7 +221,7 @@ def main() -> None:
         r for r in runs if r["variant"].startswith("ours/base") and "error" not in r and "first" not in r["variant"]
     ]
     best = max(steady, key=lambda r: r["tokens_per_s"])
-    best_kwargs = {"batch_size": args.batch_size, "compile": best["compiled"]}
+    best_kwargs = {"batch_size": args.batch_size, "compile": best["compiled"], "static_cache": best["static_cache"]}
 
     adapted = copy.deepcopy(base)
     inject_adapters(adapted, AdapterConfig(method="sorsa", rank=16, target_modules=TARGETS, adapter_dtype="float32"))

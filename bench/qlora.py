@@ -9,10 +9,11 @@ batch 4 × 512 random tokens, bf16 autocast, fused AdamW over the adapter parame
   bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=bfloat16))``,
   ``prepare_model_for_kbit_training(use_gradient_checkpointing=True)``, ``get_peft_model(LoraConfig(r=64,
   lora_alpha=64))``; loss from the model (``labels=``), as a PEFT user writes it.
-- ``ours:<method>``: ``load_causal_lm`` in bf16 → ``LitSVDAdapter(..., AdapterConfig(method, rank=64,
+- ``ours:<method>[+liger]``: ``load_causal_lm`` in bf16 → ``LitSVDAdapter(..., AdapterConfig(method, rank=64,
   base_quantization="nf4"), gradient_checkpointing=True)`` → the whole model to the GPU → exact init there,
   then the residual quantized to NF4 (the bf16 weights are freed as each layer is quantized) → steps through
-  ``LitSVDAdapter.compute_loss`` (the fused, chunked loss); SORSA adds (γ/lr)·L_orth each step.
+  ``LitSVDAdapter.compute_loss`` (the fused, chunked loss); SORSA adds (γ/lr)·L_orth each step. ``+liger``:
+  Liger's RMSNorm/SwiGLU/RoPE kernels and fused linear cross-entropy, as ``liger_kernels=True`` gives a fit.
 
 Reported per run: tokens/s over the timed steps, the peak of ``torch.cuda.max_memory_allocated`` over
 warm-up + timed steps (reset after init), the memory held before the first step and the init time. Targets
@@ -55,6 +56,7 @@ def write_random_model(args: argparse.Namespace, folder: Path, device: torch.dev
 def prepare(run: str, args: argparse.Namespace, folder: Path, device: torch.device):
     """The model of ``run`` on ``device`` with its adapters, and a ``loss(ids)`` closure."""
     impl, _, method = run.partition(":")
+    method, _, extra = method.partition("+")
     checkpointing = {"use_reentrant": False}
     if impl == "peft":
         import peft
@@ -86,6 +88,11 @@ def prepare(run: str, args: argparse.Namespace, folder: Path, device: torch.devi
     module = LitSVDAdapter(model, config, gradient_checkpointing=True)
     module.model.to(device)
     initialize_adapters(module.model)  # exact init on the device, then NF4 of each residual; bf16 W freed
+    if extra == "liger":  # what LitSVDAdapter(liger_kernels=True) does in setup() of a fit on a GPU
+        from lit_svd.kernels import apply_liger_kernels
+
+        apply_liger_kernels(model)
+        module._liger_active = True
     regularize = method == "sorsa"
 
     def loss(ids: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,8 @@ layouts so the table shows where the time goes:
               backward replayed as CUDA graphs captured by ``torch.cuda.make_graphed_callables``
               (``LitSVDAdapter(cuda_graph_layers=True)``): nothing compiled, one capture per row shape
     layergraphs2k  the same with rows rounded up to a multiple of 2048 tokens (less padding, more shapes)
+    layergraphs2k-liger  layergraphs2k with ``liger_kernels=True`` (Liger's kernels inside the captured layers,
+              its fused linear cross-entropy as the loss head)
     packed2k  packed rows rounded up to a multiple of 2048 tokens, eager layers: the 7B overlay
               (``recipes/configs/overlays/fast_7b.yaml``)
     packed2k-gc  the same with gradient checkpointing (``LitSVDAdapter(gradient_checkpointing=True)``)
@@ -102,6 +104,7 @@ LAYOUTS = {
     "cudagraphs": Layout(True, True, "cudagraphs", 1024),
     "layergraphs": Layout(True, True, pack_to_multiple_of=4096, cuda_graph_layers=True),
     "layergraphs2k": Layout(True, True, pack_to_multiple_of=2048, cuda_graph_layers=True),
+    "layergraphs2k-liger": Layout(True, True, pack_to_multiple_of=2048, cuda_graph_layers=True, liger=True),
     "packed2k": Layout(True, True, pack_to_multiple_of=2048),
     "packed2k-gc": Layout(True, True, pack_to_multiple_of=2048, gradient_checkpointing=True),
     "packed2k-liger": Layout(True, True, pack_to_multiple_of=2048, liger=True),

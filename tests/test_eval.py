@@ -385,7 +385,7 @@ def test_length_sorted_and_static_cache_evaluation_equal_dataset_order_generatio
     datamodule = GSM8KDataModule(data_dir=str(DATA_DIR / "gsm8k"), cache_dir=str(tmp_path), max_eval_examples=7)
     model = tiny_llama(len(tokenizer), seed=3)
     runs = {
-        (sort, static): evaluate(
+        (sort, compile, static): evaluate(
             model,
             tokenizer,
             datamodule,
@@ -394,11 +394,17 @@ def test_length_sorted_and_static_cache_evaluation_equal_dataset_order_generatio
             progress=False,
             return_predictions=True,
             sort_by_length=sort,
-            compile=static,
+            compile=compile,
+            static_cache=static,
         )
-        for sort, static in [(False, False), (True, False), (True, True)]
+        for sort, compile, static in [
+            (False, False, False),
+            (True, False, False),
+            (True, True, False),
+            (True, False, True),
+        ]
     }
-    expected = [p["generation"] for p in runs[(False, False)]["predictions"]]
+    expected = [p["generation"] for p in runs[(False, False, False)]["predictions"]]
     assert len(set(expected)) > 1  # a model that says the same thing everywhere would hide a reordering
     for key, run in runs.items():
         assert [p["generation"] for p in run["predictions"]] == expected, key

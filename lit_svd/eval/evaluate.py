@@ -37,6 +37,7 @@ def generate_batch(
     prompt_attention_mask: torch.Tensor,
     max_new_tokens: int = 512,
     static_cache: bool = False,
+    compile: bool = True,
 ) -> list[str]:
     """Greedy generation for a batch of left-padded prompts.
 
@@ -46,8 +47,11 @@ def generate_batch(
         prompt_input_ids: (B, P) long, left-padded.
         prompt_attention_mask: (B, P) long, 0 on padding.
         max_new_tokens: generation budget per example; rows stop early at EOS.
-        static_cache: preallocate the KV cache (``cache_implementation="static"``); on CUDA transformers
-            then compiles the decoding step (CUDA graphs), which pays off over many steps of one shape.
+        static_cache: preallocate the KV cache (``cache_implementation="static"``): the cache is written in
+            place instead of grown by concatenation every step.
+        compile: with ``static_cache``, let transformers compile the decoding step (CUDA graphs, on CUDA),
+            which pays off over many steps of one shape; ``False`` keeps the static cache eager (no
+            compilation time, e.g. for a 7B model whose decoding step takes minutes to compile).
 
     Returns:
         B decoded strings: the new tokens only, special tokens removed.
@@ -69,7 +73,7 @@ def generate_batch(
             temperature=None,
             top_p=None,
             top_k=None,
-            **({"cache_implementation": "static"} if static_cache else {}),
+            **({"cache_implementation": "static", "disable_compile": not compile} if static_cache else {}),
         )
     new_tokens = output[:, prompt_input_ids.shape[1] :]
     return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
@@ -85,6 +89,7 @@ def evaluate(
     return_predictions: bool = False,
     sort_by_length: bool = True,
     compile: bool = False,
+    static_cache: bool = False,
 ) -> dict[str, Any]:
     """Score a model on a datamodule's evaluation set by batched greedy generation.
 
@@ -104,6 +109,7 @@ def evaluate(
             of memory happens at once); results and predictions are reported in dataset order either way.
         compile: static KV cache with transformers' compiled (CUDA-graph) decoding step; the first batch of
             each shape pays the compilation.
+        static_cache: a static KV cache without compilation (implied by ``compile``).
 
     Returns:
         ``{"accuracy": float, "num_examples": int}`` for single-task metrics; for multi-task metrics
@@ -134,7 +140,8 @@ def evaluate(
                 batch["prompt_input_ids"].to(device),
                 batch["prompt_attention_mask"].to(device),
                 max_new_tokens,
-                static_cache=compile,
+                static_cache=compile or static_cache,
+                compile=compile,
             )
             metric.update(generations, batch["references"], batch["task"])
             generated.extend(zip(generations, batch["references"], batch["task"], strict=True))
