@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers import AttentionInterface, AttentionMaskInterface, PreTrainedModel
+from transformers import AttentionInterface, PreTrainedModel
 
 __all__ = [
     "VARLEN_ATTENTION",
@@ -157,12 +157,10 @@ def _hf_varlen_attention(
     return output.unsqueeze(0), None
 
 
-def _no_mask(*args: Any, **kwargs: Any) -> None:
-    return None  # packed attention takes its sequence boundaries from cu_seq_lens, not from a mask
-
-
+# No mask function is registered for it: packed attention takes its sequence boundaries from cu_seq_lens, and
+# transformers builds no mask for an implementation without one. With one (even returning None), it would first
+# look for packed sequences in position_ids, a check read on the host: one sync per forward.
 AttentionInterface.register(VARLEN_ATTENTION, _hf_varlen_attention)
-AttentionMaskInterface.register(VARLEN_ATTENTION, _no_mask)
 
 
 _SDPA_BACKEND_FLAGS = {

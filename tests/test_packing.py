@@ -231,6 +231,24 @@ def test_packed_loss_and_gradients_equal_padded(arch, method):
     assert module.model.config._attn_implementation != VARLEN_ATTENTION  # restored after the packed forward
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_a_packed_forward_builds_no_mask(arch, monkeypatch):
+    """transformers looks for packed sequences in position_ids before building a mask, and reads the verdict
+    on the host (a GPU sync per forward); packed attention needs no mask, so that search must not run."""
+    import transformers.masking_utils as masking
+
+    def searched(*args, **kwargs):
+        raise AssertionError("transformers searched position_ids for packed sequences")
+
+    monkeypatch.setattr(masking, "find_packed_sequence_indices", searched)
+    module = LitSVDAdapter(make_tiny_model(arch), AdapterConfig(method="lora", rank=4, target_modules=["q_proj"]))
+    initialize_adapters(module.model)
+    loss = module.compute_loss(InstructionCollator(pad_token_id=0, pack=True)(EXAMPLES))
+    assert torch.isfinite(loss)
+    with pytest.raises(AssertionError, match="searched position_ids"):  # what a padded row with positions does
+        module.model(input_ids=torch.tensor([[1, 2, 3]]), position_ids=torch.tensor([[0, 1, 2]]), use_cache=False)
+
+
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_rows_padded_to_a_multiple_give_the_packed_loss_and_gradients(arch):
     module = LitSVDAdapter(
