@@ -410,6 +410,40 @@ def test_length_sorted_and_static_cache_evaluation_equal_dataset_order_generatio
         assert [p["generation"] for p in run["predictions"]] == expected, key
 
 
+def test_the_module_generates_the_same_answers_with_a_static_cache(tokenizer, tmp_path):
+    from lit_svd import AdapterConfig, LitSVDAdapter, initialize_adapters
+
+    datamodule = GSM8KDataModule(
+        data_dir=str(DATA_DIR / "gsm8k"), cache_dir=str(tmp_path), max_eval_examples=5, eval_batch_size=5
+    )
+    datamodule.set_tokenizer(tokenizer)
+    datamodule.setup("test")
+    batch = next(iter(datamodule.eval_dataloader()))
+    answers, caches = {}, {}
+    for static in (False, True):
+        config = AdapterConfig(method="lora", rank=2, target_modules=["q_proj", "v_proj"])
+        module = LitSVDAdapter(
+            tiny_llama(len(tokenizer), seed=3), config, max_new_tokens=10, static_cache_generation=static
+        )
+        initialize_adapters(module.model)
+        with torch.no_grad():  # adapters that change the output, so that they take part in generation
+            for name, p in module.model.named_parameters():
+                if name.endswith(".B"):
+                    p.normal_(std=0.5, generator=torch.Generator().manual_seed(1))
+        module.tokenizer = tokenizer
+        generate = module.model.generate
+
+        def recording(*args, _generate=generate, _static=static, **kwargs):
+            caches[_static] = kwargs.get("cache_implementation")
+            return _generate(*args, **kwargs)
+
+        module.model.generate = recording
+        answers[static] = module.generate_answers(batch)
+    assert caches == {False: None, True: "static"}
+    assert len(set(answers[False])) > 1
+    assert answers[True] == answers[False]
+
+
 def test_generation_stops_at_eos(tokenizer):
     model = tiny_llama(len(tokenizer))
     # An output layer whose bias makes EOS the greedy choice after any prompt.
