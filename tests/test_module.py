@@ -76,6 +76,16 @@ def test_fit_logs_train_and_spectral_tags_and_heatmap(method, tmp_path):
         assert events.Scalars(f"spectral/{vector}_drift_max")[-1].value > 0, vector
 
 
+def test_the_progress_bar_shows_the_loss_and_the_logger_gets_it_only_as_train_loss(tmp_path):
+    L.seed_everything(0)
+    run = trainer(tmp_path, 3, limit_val_batches=0, callbacks=[SVDInit()])
+    run.fit(make_module("sorsa"), datamodule=RandomTokensData())
+    shown = run.progress_bar_metrics
+    assert set(shown) >= {"loss"} and "train/loss" not in shown
+    assert shown["loss"] == pytest.approx(float(run.callback_metrics["train/loss"]), rel=1e-6)  # on a CPU: no lag
+    assert "loss" not in run.logged_metrics and "train/loss" in run.logged_metrics
+
+
 def test_monitor_images_every_n_steps_and_final_state(tmp_path):
     L.seed_everything(0)
     logger = TensorBoardLogger(tmp_path, name="tb")
