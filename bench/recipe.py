@@ -247,7 +247,7 @@ def trl_rows(args: argparse.Namespace, lengths: list[int]) -> int:
 
 
 def ours_fit(
-    args: argparse.Namespace, method: str, layout: str, base_model, tokenizer, device, train_lengths: list[int]
+    args: argparse.Namespace, method: str, layout: str, base_model, tokenizer, device, rows: int
 ) -> dict[str, Any]:
     """The recipe through ``Trainer.fit`` with one data layout."""
     (
@@ -263,7 +263,7 @@ def ours_fit(
     ) = LAYOUTS[layout]
     budget_tokens = None
     if budget:  # TRL's tokens per step (trl_sft's rows of --max-length), in rows rounded up to --max-length
-        budget_tokens, multiple = trl_rows(args, train_lengths) * args.max_length, args.max_length
+        budget_tokens, multiple = rows * args.max_length, args.max_length
     compile_layers = compile_backend is not None
     captures_cuda_graphs = compile_mode == "reduce-overhead" or compile_backend == "cudagraphs"
     L.seed_everything(args.seed, verbose=False)
@@ -344,17 +344,17 @@ def ours_fit(
 TRL_VARIANTS = ("packed", "packed-liger", "packed-gc", "packed-liger-gc")
 
 
-def trl_sft(args: argparse.Namespace, variant: str, base_model, tokenizer, train_dataset, device) -> dict[str, Any]:
-    """The second anchor: TRL ``SFTTrainer`` + PEFT LoRA on the recipe's tokenised examples (see the module doc)."""
+def trl_sft(
+    args: argparse.Namespace, variant: str, base_model, tokenizer, train_dataset, device, rows: int
+) -> dict[str, Any]:
+    """The second anchor: TRL ``SFTTrainer`` + PEFT LoRA on the recipe's tokenised examples (see the module doc),
+    ``rows`` packed rows of ``--max-length`` per step (:func:`trl_rows`)."""
     import inspect
     import tempfile
 
     from peft import LoraConfig
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
-
-    lengths = [len(ids) for ids in train_dataset["input_ids"]]
-    rows = trl_rows(args, lengths)
 
     def labelled(example: dict) -> dict:
         prompt = example["prompt_length"]
@@ -507,17 +507,18 @@ def main(argv: list[str] | None = None) -> None:
     data.set_tokenizer(tokenizer)
     data.setup("fit")
     train_dataset = data.train_dataset.select_columns(["input_ids", "prompt_length"])
+    # TRL's rows per step, which also size ours' token-budget layouts: read from the examples once.
+    rows = trl_rows(args, [len(ids) for ids in train_dataset["input_ids"]])
     results = []
     for run in args.runs:
         try:
             if run == "peft-loop":
                 result = peft_loop(args, base_model, train_dataset, data.pad_token_id, device)
             elif run.startswith("trl:"):
-                result = trl_sft(args, run.split(":")[1], base_model, tokenizer, train_dataset, device)
+                result = trl_sft(args, run.split(":")[1], base_model, tokenizer, train_dataset, device, rows)
             else:
                 _, method, layout = run.split(":")
-                lengths = [len(ids) for ids in train_dataset["input_ids"]]
-                result = ours_fit(args, method, layout, base_model, tokenizer, device, lengths)
+                result = ours_fit(args, method, layout, base_model, tokenizer, device, rows)
         except Exception as error:  # one broken layout must not cost the other runs of a (scarce) GPU call
             traceback.print_exc()
             message = f"{type(error).__name__}: {error}"[:500]
