@@ -377,10 +377,8 @@ class LitSVDAdapter(LightningModule):
         else:
             if self._loss_on_host is None:
                 self._loss_on_host = (torch.empty((), dtype=torch.float32, pin_memory=True), torch.cuda.Event())
-            else:
-                buffer, copied = self._loss_on_host
-                if copied.query():
-                    self._loss_shown = float(buffer)
+            elif self._loss_on_host[1].query():  # the previous copy is done
+                self._loss_shown = float(self._loss_on_host[0])
             buffer, copied = self._loss_on_host
             buffer.copy_(loss.float(), non_blocking=True)
             copied.record()

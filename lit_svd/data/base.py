@@ -1147,7 +1147,7 @@ class InstructionDataModule(LightningDataModule):
             )
             # With workers, the loader draws the epoch's order before Lightning's set_epoch (a resumed run).
             sampler.set_epoch(self._training_position()[0])
-            loader = ResumableDataLoader(
+            return ResumableDataLoader(
                 _ExampleLists(dataset),
                 None,  # each sampler item is a whole batch
                 sampler=sampler,
@@ -1155,7 +1155,6 @@ class InstructionDataModule(LightningDataModule):
                 num_workers=self.num_workers,
                 position=self._training_position,
             )
-            return loader
         sampler = LengthGroupedSampler(lengths, self.batch_size, seed=self.seed, group_by_length=self.group_by_length)
         return ResumableDataLoader(
             dataset,
