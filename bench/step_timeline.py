@@ -43,6 +43,11 @@ from _common import device_profiler, top_operators
 
 PHASES = ("forward", "zero_grad", "backward", "pre_step", "step", "between")
 MARKS = ("batch_start", "before_zero_grad", "before_backward", "after_backward", "before_optimizer_step", "batch_end")
+PHASE_FROM = dict(zip(MARKS, PHASES, strict=True))
+"""The phase each mark starts."""
+# Frames the sync census looks past: torch itself, the warnings machinery and this file. By package folder, not
+# by a "/torch/" substring, which also matched every site-package of a virtualenv under /opt/torch/.
+NOT_THE_CALLER = (str(Path(torch.__file__).parent) + os.sep, warnings.__file__, __file__)
 
 
 class StepTimeline(pl.Callback):
@@ -66,13 +71,12 @@ class StepTimeline(pl.Callback):
             self._show_warning(message, category, filename, lineno, file, line)
             return
         # The innermost two frames of code outside torch and the warnings machinery: the line that synchronised.
-        skip = ("/torch/", "/warnings.py", "step_timeline")
-        frames = [f for f in traceback.extract_stack()[:-1] if not any(s in f.filename for s in skip)][-2:]
+        frames = [f for f in traceback.extract_stack()[:-1] if not f.filename.startswith(NOT_THE_CALLER)][-2:]
         where = " < ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames)) or "?"
         self.syncs[f"{self.phase} | {where}"] += 1
 
     def _mark(self, name: str) -> None:
-        self.phase = dict(zip(MARKS, PHASES, strict=True))[name]
+        self.phase = PHASE_FROM[name]
         if self.count_syncs and torch.cuda.is_available() and name == "batch_start" and len(self.steps) == self.skip:
             warnings.filterwarnings("always", message=".*synchroniz.*")
             warnings.showwarning = self._record_sync
