@@ -14,8 +14,11 @@ Variants, each over all questions unless ``--questions``:
     ours/base/static-eager  the same with a static KV cache, not compiled (``static_cache=True``): written in place
                       instead of concatenated every step
     ours/base/static  the same with compile=True (static cache + CUDA graphs; CUDA only)
+    ours/base/graphed greedy_decode(): static cache, the decoding step captured as a CUDA graph without
+                      compiling (``graphed_decode=True``)
     ours/merged       SORSA r=16 on all 7 projections, merged into the weights, best of the above
-    ours/unmerged     the same adapters left unmerged (adapter forward in every step), dynamic cache
+    ours/unmerged     the same adapters left unmerged (adapter forward in every step), dynamic cache; and
+                      with the best variant's settings when that is not the dynamic cache
 
 Greedy outputs of ``ours/*`` on the base model are compared with the anchor's on the first 64 prompts.
 
@@ -29,6 +32,7 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import importlib
 from pathlib import Path
 from typing import Any
 
@@ -37,29 +41,45 @@ from _common import RESULTS_DIR, Timer, environment, format_table, write_json
 
 from lit_svd import AdapterConfig, inject_adapters, merge_adapters
 from lit_svd.data import GSM8KDataModule
-from lit_svd.eval import evaluate
+from lit_svd.eval import evaluate, greedy_decode
 from lit_svd.models import EMBEDDED_MODEL, load_causal_lm, load_tokenizer
 
+# The module, not the function of the same name that lit_svd.eval exports: its greedy_decode gets wrapped.
+evaluate_module = importlib.import_module("lit_svd.eval.evaluate")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+def _tokens_through_eos(new: torch.Tensor, eos_token_id: int) -> list[int]:
+    is_eos = new == eos_token_id
+    return torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, new.shape[1]).tolist()
+
+
 def count_generated_tokens(model: Any, eos_token_id: int) -> list[int]:
-    """Wrap ``model.generate`` so each call adds its rows' new-token counts (through EOS) to the returned list."""
+    """Wrap ``model.generate`` and lit_svd's ``greedy_decode`` so each call adds its rows' new-token counts
+    (through EOS) to the returned list; :func:`stop_counting` undoes it."""
     counts: list[int] = []
     generate = model.generate
 
     @functools.wraps(generate)
     def counting(*args: Any, **kwargs: Any) -> torch.Tensor:
         output = generate(*args, **kwargs)
-        prompt_width = kwargs["input_ids"].shape[1]
-        new = output[:, prompt_width:]
-        is_eos = new == eos_token_id
-        first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, new.shape[1])
-        counts.extend(first_eos.tolist())
+        counts.extend(_tokens_through_eos(output[:, kwargs["input_ids"].shape[1] :], eos_token_id))
         return output
 
+    @functools.wraps(greedy_decode)
+    def counting_decode(*args: Any, **kwargs: Any) -> torch.Tensor:
+        new = greedy_decode(*args, **kwargs)
+        counts.extend(_tokens_through_eos(new, eos_token_id))
+        return new
+
     model.generate = counting
+    evaluate_module.greedy_decode = counting_decode
     return counts
+
+
+def stop_counting(model: Any) -> None:
+    del model.generate  # back to the class's method
+    evaluate_module.greedy_decode = greedy_decode
 
 
 def run_variant(
@@ -86,7 +106,7 @@ def run_variant(
             return_predictions=True,
             **evaluate_kwargs,
         )
-    del model.generate  # back to the class's method
+    stop_counting(model)
     row = {
         "variant": name,
         "questions": result["num_examples"],
@@ -94,6 +114,7 @@ def run_variant(
         "sorted": evaluate_kwargs.get("sort_by_length", True),
         "compiled": evaluate_kwargs.get("compile", False),
         "static_cache": evaluate_kwargs.get("compile", False) or evaluate_kwargs.get("static_cache", False),
+        "graphed_decode": evaluate_kwargs.get("graphed_decode", False),
         "seconds": t.seconds,
         "generated_tokens": sum(counts),
         "tokens_per_s": sum(counts) / t.seconds,
@@ -128,6 +149,9 @@ def identity_check(base: Any, tokenizer: Any, args: argparse.Namespace, device: 
         ),
         "bf16 ours": run_variant("bf16 ours", base, tokenizer, few, device, batch_size=args.batch_size),
     }
+    runs["fp32 ours graphed"] = run_variant(
+        "fp32 ours graphed", fp32, tokenizer, few, device, False, batch_size=args.batch_size, graphed_decode=True
+    )
     if device.type == "cuda" and not args.no_compile:
         runs["fp32 ours static"] = run_variant(
             "fp32 ours static", fp32, tokenizer, few, device, False, batch_size=args.batch_size, compile=True
@@ -136,6 +160,7 @@ def identity_check(base: Any, tokenizer: Any, args: argparse.Namespace, device: 
     pairs = [
         ("fp32 ours", "fp32 anchor"),
         ("fp32 ours static", "fp32 anchor"),
+        ("fp32 ours graphed", "fp32 anchor"),
         ("bf16 ours", "bf16 anchor"),
         ("bf16 anchor, batch 32", "bf16 anchor"),
     ]
@@ -198,6 +223,16 @@ def main() -> None:
         )
     )
     save()
+    try:
+        runs.append(
+            run_variant(
+                "ours/base/graphed", base, tokenizer, args, device, batch_size=args.batch_size, graphed_decode=True
+            )
+        )
+    except Exception as err:  # report and go on to the other variants
+        runs.append({"variant": "ours/base/graphed", "error": repr(err)[:500]})
+        print(f"graphed variant failed: {err!r}"[:500], flush=True)
+    save()
     if compile_ok:
         for attempt in ("first pass", "second pass"):
             try:
@@ -221,12 +256,20 @@ def main() -> None:
         r for r in runs if r["variant"].startswith("ours/base") and "error" not in r and "first" not in r["variant"]
     ]
     best = max(steady, key=lambda r: r["tokens_per_s"])
-    best_kwargs = {"batch_size": args.batch_size, "compile": best["compiled"], "static_cache": best["static_cache"]}
+    best_kwargs = {
+        "batch_size": args.batch_size,
+        "compile": best["compiled"],
+        "static_cache": best["static_cache"],
+        "graphed_decode": best["graphed_decode"],
+    }
 
     adapted = copy.deepcopy(base)
     inject_adapters(adapted, AdapterConfig(method="sorsa", rank=16, target_modules=TARGETS, adapter_dtype="float32"))
     runs.append(run_variant("ours/unmerged (sorsa r=16)", adapted, tokenizer, args, device, batch_size=args.batch_size))
     save()
+    if best["static_cache"] or best["graphed_decode"]:
+        runs.append(run_variant("ours/unmerged (sorsa r=16), best", adapted, tokenizer, args, device, **best_kwargs))
+        save()
     merged = merge_adapters(adapted)
     runs.append(run_variant("ours/merged (sorsa r=16)", merged, tokenizer, args, device, **best_kwargs))
     save()

@@ -30,6 +30,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_warn
+from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import PreTrainedModel
 
@@ -82,6 +83,9 @@ class LitSVDAdapter(LightningModule):
         static_cache_generation: evaluation generates with a preallocated (static) KV cache, written in place
             instead of grown by concatenation each step; not compiled. Same outputs; 2.32× HF ``generate``'s
             tokens/s against 1.77× for the default dynamic cache on a 7B-shaped model (docs/performance.md §4).
+        graphed_generation: evaluation decodes greedily with a static cache and the decoding step captured as
+            a CUDA graph (:func:`lit_svd.eval.greedy_decode`; no compilation, eager on the CPU). Same outputs
+            as ``generate`` with a static cache; not with FSDP (its sharded weights are gathered per forward).
         gradient_checkpointing: Trade compute for memory in the base model.
         compile: ``torch.compile`` each decoder layer for training (``dynamic=True``; all layers share one
             compiled graph, so compilation costs about one layer's). Training of a small model is bound by
@@ -127,6 +131,7 @@ class LitSVDAdapter(LightningModule):
         warmup_ratio: float = 0.03,
         max_new_tokens: int = 256,
         static_cache_generation: bool = False,
+        graphed_generation: bool = False,
         gradient_checkpointing: bool = False,
         compile: bool = False,
         compile_backend: str = "inductor",
@@ -259,7 +264,18 @@ class LitSVDAdapter(LightningModule):
             max_new_tokens=self.hparams.max_new_tokens,
             static_cache=bool(self.hparams.get("static_cache_generation")),
             compile=False,
+            graphed_decode=self._graphed_generation(),
         )
+
+    def _graphed_generation(self) -> bool:
+        if not self.hparams.get("graphed_generation"):
+            return False
+        if any(isinstance(p, DTensor) for p in self.model.parameters()):
+            raise ValueError(
+                "graphed_generation cannot capture a sharded (FSDP) model's decoding step: its weights are "
+                "all-gathered inside every forward; use static_cache_generation instead"
+            )
+        return True
 
     # ----- Lightning hooks --------------------------------------------------------------------------------
     def forward(self, **batch: torch.Tensor) -> Any:

@@ -22,6 +22,7 @@ from lit_svd.eval import (
     choice_answer,
     evaluate,
     generate_batch,
+    greedy_decode,
     gsm8k_answer,
     gsm8k_is_correct,
     gsm8k_reference,
@@ -31,6 +32,7 @@ from lit_svd.eval import (
     math_is_correct,
     normalize_math_answer,
 )
+from lit_svd.eval.decode import GraphedGreedyDecoder
 
 LOCAL_COMMONSENSE = ("boolq", "piqa", "social_i_qa", "winogrande", "ARC-Challenge", "ARC-Easy", "openbookqa")
 
@@ -385,7 +387,7 @@ def test_length_sorted_and_static_cache_evaluation_equal_dataset_order_generatio
     datamodule = GSM8KDataModule(data_dir=str(DATA_DIR / "gsm8k"), cache_dir=str(tmp_path), max_eval_examples=7)
     model = tiny_llama(len(tokenizer), seed=3)
     runs = {
-        (sort, compile, static): evaluate(
+        (sort, compile, static, graphed): evaluate(
             model,
             tokenizer,
             datamodule,
@@ -396,15 +398,17 @@ def test_length_sorted_and_static_cache_evaluation_equal_dataset_order_generatio
             sort_by_length=sort,
             compile=compile,
             static_cache=static,
+            graphed_decode=graphed,
         )
-        for sort, compile, static in [
-            (False, False, False),
-            (True, False, False),
-            (True, True, False),
-            (True, False, True),
+        for sort, compile, static, graphed in [
+            (False, False, False, False),
+            (True, False, False, False),
+            (True, True, False, False),
+            (True, False, True, False),
+            (True, False, False, True),
         ]
     }
-    expected = [p["generation"] for p in runs[(False, False, False)]["predictions"]]
+    expected = [p["generation"] for p in runs[(False, False, False, False)]["predictions"]]
     assert len(set(expected)) > 1  # a model that says the same thing everywhere would hide a reordering
     for key, run in runs.items():
         assert [p["generation"] for p in run["predictions"]] == expected, key
@@ -442,6 +446,100 @@ def test_the_module_generates_the_same_answers_with_a_static_cache(tokenizer, tm
     assert caches == {False: None, True: "static"}
     assert len(set(answers[False])) > 1
     assert answers[True] == answers[False]
+
+
+def sharp_attention_llama(vocab_size: int, seed: int):
+    """A tiny Llama whose attention is far from uniform, so that positions and masks change its tokens."""
+    model = tiny_llama(vocab_size, seed=seed)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(20)
+            layer.self_attn.k_proj.weight.mul_(20)
+    return model
+
+
+def _prompts_with_padding(vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(3, vocab_size, (4, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    mask[2, :5] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_graphed_greedy_decode_gives_generates_tokens_and_stops_where_generate_stops(implementation):
+    model = sharp_attention_llama(300, seed=4)
+    model.config._attn_implementation = implementation
+    ids, mask = _prompts_with_padding(300)
+    free = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0)
+    free = free[:, ids.shape[1] :]
+    # An EOS that row 1 reaches at its 6th token, so rows stop at different steps (or not at all).
+    eos = int(free[1, 5])
+    assert 0 < int((free == eos).any(-1).sum()) < 4
+    for cache in ("static", "dynamic"):
+        expected = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=24,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=0,
+            cache_implementation=cache,
+        )[:, ids.shape[1] :]
+        decoded = greedy_decode(model, ids, mask, 24, eos, pad_token_id=0, check_every=4)
+        assert torch.equal(decoded, expected), cache
+    # Several EOS ids that end every row by its 3rd token: decoding ends where generate's does, not at 24.
+    eos_ids = sorted(set(free[:, 2].tolist()))
+    expected = model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=24, do_sample=False, eos_token_id=eos_ids, pad_token_id=0
+    )[:, ids.shape[1] :]
+    decoded = greedy_decode(model, ids, mask, 24, eos_ids, pad_token_id=0)
+    assert decoded.shape[1] <= 3
+    assert torch.equal(decoded, expected)
+
+
+def test_the_graphed_decoding_step_reads_nothing_back_to_the_host(monkeypatch):
+    """What a CUDA graph capture needs, checked on the CPU: no tensor value reaches Python inside the step
+    (``.item()``, ``bool(t)``, ``.tolist()``, ``.cpu()`` …), also with adapters in the layers."""
+    from lit_svd import AdapterConfig, inject_adapters
+
+    for method in ("lora", "sorsa"):
+        model = sharp_attention_llama(300, seed=5)
+        inject_adapters(model, AdapterConfig(method=method, rank=2, target_modules=["q_proj", "down_proj"]))
+        ids, mask = _prompts_with_padding(300)
+        decoder = GraphedGreedyDecoder(model, ids, mask, 6, [7], pad_token_id=0)
+        reads = []
+
+        def refuse(name, reads=reads):
+            def read(tensor, *args, **kwargs):
+                reads.append(name)
+                raise RuntimeError(f"host read: Tensor.{name}")
+
+            return read
+
+        with monkeypatch.context() as patch:
+            for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy"):
+                patch.setattr(torch.Tensor, name, refuse(name))
+            for _ in range(4):
+                decoder.step()
+        assert reads == []
+        expected = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, eos_token_id=7, pad_token_id=0
+        )[:, ids.shape[1] :]
+        assert torch.equal(decoder.tokens[:, :5], expected), method
+
+
+def test_graphed_greedy_decode_refuses_what_it_cannot_capture():
+    model = tiny_llama(300)
+    ids, mask = _prompts_with_padding(300)
+    model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="'flash_attention_2'.*attn_implementation='sdpa'"):
+        greedy_decode(model, ids, mask, 4, 7, 0)
+    model.config._attn_implementation = "sdpa"
+    with pytest.raises(ValueError, match="max_new_tokens must be at least 1, got 0"):
+        greedy_decode(model, ids, mask, 0, 7, 0)
+    with pytest.raises(ValueError, match="cuda_graph=True needs the prompts on a CUDA device, not cpu"):
+        greedy_decode(model, ids, mask, 4, 7, 0, cuda_graph=True)
 
 
 def test_generation_stops_at_eos(tokenizer):

@@ -17,6 +17,7 @@ from lit_svd.eval.answers import (
     math_is_correct,
     normalize_math_answer,
 )
+from lit_svd.eval.decode import greedy_decode
 from lit_svd.eval.evaluate import evaluate, generate_batch
 from lit_svd.eval.metrics import ChoiceAccuracy, GSM8KAccuracy, MATHAccuracy, TaskAccuracy
 
@@ -31,6 +32,7 @@ __all__ = [
     "choice_is_correct",
     "evaluate",
     "generate_batch",
+    "greedy_decode",
     "gsm8k_answer",
     "gsm8k_is_correct",
     "gsm8k_reference",

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from lit_svd.attention import varying_shape_attention
 from lit_svd.eval.answers import is_correct
+from lit_svd.eval.decode import greedy_decode
 
 __all__ = ["evaluate", "generate_batch"]
 
@@ -38,6 +39,7 @@ def generate_batch(
     max_new_tokens: int = 512,
     static_cache: bool = False,
     compile: bool = True,
+    graphed_decode: bool = False,
 ) -> list[str]:
     """Greedy generation for a batch of left-padded prompts.
 
@@ -52,11 +54,19 @@ def generate_batch(
         compile: with ``static_cache``, let transformers compile the decoding step (CUDA graphs, on CUDA),
             which pays off over many steps of one shape; ``False`` keeps the static cache eager (no
             compilation time, e.g. for a 7B model whose decoding step takes minutes to compile).
+        graphed_decode: decode with :func:`~lit_svd.eval.decode.greedy_decode` instead of ``generate``: a
+            static cache whose decoding step is captured as a CUDA graph without compiling (on CUDA; eager
+            elsewhere). Same tokens as ``generate`` with a static cache; ``static_cache``/``compile`` unused.
 
     Returns:
         B decoded strings: the new tokens only, special tokens removed.
     """
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if graphed_decode:
+        new_tokens = greedy_decode(
+            model, prompt_input_ids, prompt_attention_mask, max_new_tokens, tokenizer.eos_token_id, pad_token_id
+        )
+        return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
     # Each decoding step attends over one more position: a new shape for cuDNN attention to plan, unless the
     # static cache keeps one shape (then its plan is reused).
     with nullcontext() if static_cache else varying_shape_attention():
@@ -90,6 +100,7 @@ def evaluate(
     sort_by_length: bool = True,
     compile: bool = False,
     static_cache: bool = False,
+    graphed_decode: bool = False,
 ) -> dict[str, Any]:
     """Score a model on a datamodule's evaluation set by batched greedy generation.
 
@@ -110,6 +121,8 @@ def evaluate(
         compile: static KV cache with transformers' compiled (CUDA-graph) decoding step; the first batch of
             each shape pays the compilation.
         static_cache: a static KV cache without compilation (implied by ``compile``).
+        graphed_decode: greedy decoding whose per-token step is a captured CUDA graph (no compilation; the
+            fastest path for large models, see ``docs/performance.md`` §4); eager on the CPU.
 
     Returns:
         ``{"accuracy": float, "num_examples": int}`` for single-task metrics; for multi-task metrics
@@ -142,6 +155,7 @@ def evaluate(
                 max_new_tokens,
                 static_cache=compile or static_cache,
                 compile=compile,
+                graphed_decode=graphed_decode,
             )
             metric.update(generations, batch["references"], batch["task"])
             generated.extend(zip(generations, batch["references"], batch["task"], strict=True))
