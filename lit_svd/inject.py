@@ -41,6 +41,7 @@ __all__ = [
     "is_sharded",
     "initialize_adapters",
     "merge_adapters",
+    "orthonormal_factor_groups",
     "orthonormal_regularizer",
     "adapter_state_dict",
     "load_adapter_state_dict",
@@ -460,6 +461,22 @@ def orthonormal_regularizer(model: nn.Module) -> torch.Tensor:
         else:
             errors.append(orthonormality_error(torch.stack(factors).float()))
     return torch.cat(errors).mean()
+
+
+def orthonormal_factor_groups(
+    model: nn.Module, optimizer: torch.optim.Optimizer
+) -> list[tuple[int | None, list[torch.Tensor]]]:
+    """Every factor ``L_orth`` averages over, as ``(param_group_index, factors)``: the factors of an entry
+    share a shape, dtype and device (they stack) and the ``optimizer`` param group that trains them
+    (``None``: not trained by it)."""
+    group_of = {id(p): index for index, group in enumerate(optimizer.param_groups) for p in group["params"]}
+    groups: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+    for _, layer in adapter_layers(model):
+        for factor_name in layer.orthonormal_names:
+            factor = getattr(layer, factor_name)
+            index = group_of.get(id(factor)) if factor.requires_grad else None
+            groups[(index, tuple(factor.shape), factor.dtype, factor.device)].append(factor)
+    return [(key[0], factors) for key, factors in groups.items()]
 
 
 class _SumOverRanks(torch.autograd.Function):

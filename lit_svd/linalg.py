@@ -31,6 +31,7 @@ __all__ = [
     "local_tensor",
     "row_shard",
     "orthonormality_error",
+    "orthonormality_error_and_gradient",
     "optimal_residual_norm",
     "low_rank_svd",
     "low_rank_frobenius_norm",
@@ -516,6 +517,24 @@ def row_shard(matrix: torch.Tensor) -> tuple[torch.Tensor, slice, Any]:
 def orthonormality_error(X: torch.Tensor) -> torch.Tensor:
     """``‖X^T X − I_r‖_F`` for ``X`` of shape ``(..., d, r)``; returns shape ``(...)``."""
     return orthonormality_error_from_gram(X.mT @ X)
+
+
+def orthonormality_error_and_gradient(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``E = ‖XᵀX − I_r‖_F`` and its gradient ``∂E/∂X = 2·X(XᵀX − I_r)/E`` in closed form.
+
+    Args:
+        X: (..., d, r).
+
+    Returns:
+        ``E`` (...) and ``∂E/∂X`` (..., d, r) — what autograd gives for :func:`orthonormality_error`, without
+        recording a graph (the regulariser's step then costs two batched matmuls per factor shape). Where
+        ``E`` is 0 the gradient is 0.
+    """
+    eye = torch.eye(X.shape[-1], dtype=X.dtype, device=X.device)
+    deviation = X.mT @ X - eye
+    error = torch.linalg.matrix_norm(deviation, ord="fro")
+    scale = torch.where(error > 0, 2 / error, torch.zeros_like(error))
+    return error, (X @ deviation) * scale[..., None, None]
 
 
 def orthonormality_error_from_gram(gram: torch.Tensor) -> torch.Tensor:

@@ -48,10 +48,11 @@ from lit_svd.inject import (
     is_sharded,
     load_adapter_state_dict,
     move_if_it_fits,
+    orthonormal_factor_groups,
     orthonormal_regularizer,
 )
 from lit_svd.kernels import apply_liger_kernels
-from lit_svd.linalg import full_tensor, local_tensor
+from lit_svd.linalg import full_tensor, local_tensor, orthonormality_error_and_gradient
 from lit_svd.losses import IGNORE_INDEX, causal_lm_loss
 from lit_svd.models import EMBEDDED_MODEL, load_causal_lm, load_tokenizer
 
@@ -195,6 +196,7 @@ class LitSVDAdapter(LightningModule):
         self._loss_on_host: tuple[torch.Tensor, torch.cuda.Event] | None = None
         self._loss_shown: float | None = None
         self.skipped_steps = 0
+        self._orthonormal_plan: tuple[torch.optim.Optimizer, list] | None = None
         self._layer_graphs: LayerGraphs | None = None
         self._liger_active = False
         # The base model is frozen and not saved; Lightning must not insist on its keys when loading.
@@ -512,6 +514,9 @@ class LitSVDAdapter(LightningModule):
         gamma = self.adapter_config().gamma
         if gamma == 0:
             return
+        if type(self).regularizer is LitSVDAdapter.regularizer and not is_sharded(self.model):
+            self._apply_orthonormal_gradient(optimizer, gamma)
+            return
         with torch.enable_grad():
             value = self.regularizer()
         if not value.requires_grad:
@@ -537,6 +542,42 @@ class LitSVDAdapter(LightningModule):
         for lr, (targets, sources) in to_add.items():
             torch._foreach_add_(targets, sources, alpha=gamma / lr)
         self.log("train/orthonormality", value.detach())
+
+    @torch.no_grad()
+    def _apply_orthonormal_gradient(self, optimizer: torch.optim.Optimizer, gamma: float) -> None:
+        """``apply_regularizer_gradient`` for the default ``L_orth``, its gradient in closed form.
+
+        The same values as back-propagating :func:`~lit_svd.inject.orthonormal_regularizer`, without walking
+        the model or recording a graph each step: a small model's step is bound by the host, and autograd
+        over a few hundred stacked factors cost it several milliseconds (docs/performance.md §5).
+        """
+        plan = self._orthonormal_plan
+        if plan is None or plan[0] is not optimizer:
+            plan = (optimizer, orthonormal_factor_groups(self.model, optimizer))
+            self._orthonormal_plan = plan
+        groups = plan[1]
+        if not groups:
+            return
+        count = sum(len(factors) for _, factors in groups)
+        errors = []
+        to_add: dict[float, tuple[list[torch.Tensor], list[torch.Tensor]]] = defaultdict(lambda: ([], []))
+        for group_index, factors in groups:
+            error, gradient = orthonormality_error_and_gradient(torch.stack(factors).float())
+            errors.append(error)
+            lr = optimizer.param_groups[group_index]["lr"] if group_index is not None else 0
+            if lr <= 0:  # not trained, or at lr = 0 (no step is taken, so the regulariser is skipped too)
+                continue
+            gradient = (gradient / count).to(factors[0].dtype)
+            for p, g in zip(factors, gradient.unbind(0), strict=True):
+                if p.grad is None:
+                    p.grad = g * (gamma / lr)
+                else:
+                    targets, sources = to_add[lr]
+                    targets.append(p.grad)
+                    sources.append(g)
+        for lr, (targets, sources) in to_add.items():
+            torch._foreach_add_(targets, sources, alpha=gamma / lr)
+        self.log("train/orthonormality", torch.cat(errors).mean())
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams

@@ -11,6 +11,7 @@ from lit_svd.linalg import (
     low_rank_svd,
     optimal_residual_norm,
     orthonormality_error,
+    orthonormality_error_and_gradient,
     principal_weight,
     residual_weight,
     thin_qr,
@@ -159,3 +160,17 @@ def test_low_rank_difference_norm_is_accurate_in_float32_when_the_products_nearl
     torch.testing.assert_close(result.double(), dense, rtol=1e-5, atol=0)
     shared = low_rank_difference_norm(P_1, Q_0, P_0, Q_0)  # the same right factor: ΔP Q_0ᵀ
     torch.testing.assert_close(shared, torch.linalg.matrix_norm((P_1 - P_0) @ Q_0.mT), rtol=1e-12, atol=0)
+
+
+def test_orthonormality_gradient_in_closed_form_equals_autograd():
+    X = torch.randn(5, 40, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    error, gradient = orthonormality_error_and_gradient(X)
+    X_ = X.clone().requires_grad_(True)
+    expected_error = orthonormality_error(X_)
+    (expected_gradient,) = torch.autograd.grad(expected_error.sum(), X_)
+    torch.testing.assert_close(error, expected_error.detach())
+    torch.testing.assert_close(gradient, expected_gradient)
+    # Exactly orthonormal: the error is 0 and so is the gradient (not NaN from dividing by it).
+    identity_columns = torch.eye(40, 6, dtype=torch.float64)[None]
+    error, gradient = orthonormality_error_and_gradient(identity_columns)
+    assert float(error) == 0.0 and torch.count_nonzero(gradient) == 0

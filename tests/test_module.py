@@ -217,6 +217,46 @@ def test_regularizer_gradient_per_param_group_learning_rate_and_missing_grads():
     assert regularised >= 4  # U and V of both groups
 
 
+def test_regularizer_gradient_counts_factors_the_optimizer_does_not_train():
+    """L_orth averages over every factor; one layer's frozen factors still count in the mean (and get nothing)."""
+    from lit_svd import initialize_adapters
+
+    module = make_module("sorsa", gamma=0.25)
+    initialize_adapters(module.model)
+    layers = [layer for _, layer in adapter_layers(module.model)]
+    with torch.no_grad():
+        for layer in layers:
+            layer.U.mul_(1.1)
+    layers[0].U.requires_grad_(False)
+    params = [p for p in module.model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    expected = torch.autograd.grad(orthonormal_regularizer(module.model), params, allow_unused=True)
+    module.log = lambda *a, **k: None
+    module.apply_regularizer_gradient(torch.optim.SGD(params, lr=0.5))
+    for p, g in zip(params, expected, strict=True):
+        torch.testing.assert_close(p.grad, torch.zeros_like(p) if g is None else g * (0.25 / 0.5))
+    assert layers[0].U.grad is None
+
+
+def test_a_subclass_regularizer_replaces_the_orthonormal_one():
+    class SquaredS(LitSVDAdapter):
+        def regularizer(self):
+            return sum(layer.S.pow(2).sum() for _, layer in adapter_layers(self.model))
+
+    config = AdapterConfig(method="sorsa", rank=4, target_modules=TARGETS, gamma=0.25)
+    module = SquaredS(make_tiny_model("llama", seed=0), config, learning_rate=0.5)
+    from lit_svd import initialize_adapters
+
+    initialize_adapters(module.model)
+    params = [p for p in module.model.parameters() if p.requires_grad]
+    module.log = lambda *a, **k: None
+    module.apply_regularizer_gradient(torch.optim.SGD(params, lr=0.5))
+    for _, layer in adapter_layers(module.model):
+        torch.testing.assert_close(layer.S.grad, 2 * layer.S.detach() * (0.25 / 0.5))
+        assert layer.U.grad is None  # the orthonormal term is not added as well
+
+
 def test_gamma_zero_disables_regularizer(tmp_path):
     module = make_module("sorsa", gamma=0.0)
     run = trainer(tmp_path, 2, limit_val_batches=0, callbacks=[SVDInit()])
