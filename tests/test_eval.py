@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import socket
 import time
@@ -540,6 +541,36 @@ def test_graphed_greedy_decode_refuses_what_it_cannot_capture():
         greedy_decode(model, ids, mask, 0, 7, 0)
     with pytest.raises(ValueError, match="cuda_graph=True needs the prompts on a CUDA device, not cpu"):
         greedy_decode(model, ids, mask, 4, 7, 0, cuda_graph=True)
+
+
+def test_the_module_decodes_with_the_graphed_decoder_when_asked(tokenizer, tmp_path, monkeypatch):
+    from lit_svd import AdapterConfig, LitSVDAdapter
+
+    evaluate_module = importlib.import_module("lit_svd.eval.evaluate")  # lit_svd.eval.evaluate is the function
+    datamodule = GSM8KDataModule(
+        data_dir=str(DATA_DIR / "gsm8k"), cache_dir=str(tmp_path), max_eval_examples=5, eval_batch_size=5
+    )
+    datamodule.set_tokenizer(tokenizer)
+    datamodule.setup("test")
+    batch = next(iter(datamodule.eval_dataloader()))
+    answers, decoder_calls = {}, []
+    decode = evaluate_module.greedy_decode
+
+    def recording(*args, **kwargs):
+        decoder_calls.append(args[2].shape)
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "greedy_decode", recording)
+    for graphed in (False, True):
+        config = AdapterConfig(method="sorsa", rank=2, target_modules=["q_proj", "v_proj"])
+        module = LitSVDAdapter(
+            sharp_attention_llama(len(tokenizer), seed=3), config, max_new_tokens=10, graphed_generation=graphed
+        )
+        module.tokenizer = tokenizer
+        answers[graphed] = module.generate_answers(batch)
+    assert decoder_calls == [batch["prompt_attention_mask"].shape]  # only the graphed module used it
+    assert len(set(answers[False])) > 1
+    assert answers[True] == answers[False]
 
 
 def test_generation_stops_at_eos(tokenizer):
