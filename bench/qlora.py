@@ -12,7 +12,8 @@ batch 4 × 512 random tokens, bf16 autocast, fused AdamW over the adapter parame
 - ``ours:<method>[+liger]``: ``load_causal_lm`` in bf16 → ``LitSVDAdapter(..., AdapterConfig(method, rank=64,
   base_quantization="nf4"), gradient_checkpointing=True)`` → the whole model to the GPU → exact init there,
   then the residual quantized to NF4 (the bf16 weights are freed as each layer is quantized) → steps through
-  ``LitSVDAdapter.compute_loss`` (the fused, chunked loss); SORSA adds (γ/lr)·L_orth each step. ``+liger``:
+  ``LitSVDAdapter.compute_loss`` (the fused, chunked loss); SORSA adds the gradient of (γ/lr)·L_orth after
+  the backward (``apply_regularizer_gradient``, as in a fit). ``+liger``:
   Liger's RMSNorm/SwiGLU/RoPE kernels and fused linear cross-entropy, as ``liger_kernels=True`` gives a fit.
 
 Reported per run: tokens/s over the timed steps, the peak of ``torch.cuda.max_memory_allocated`` over
@@ -37,7 +38,7 @@ from typing import Any
 import torch
 from _common import RESULTS_DIR, environment, random_llama, synchronize, time_steps, write_json
 
-from lit_svd import AdapterConfig, LitSVDAdapter, initialize_adapters, load_causal_lm, orthonormal_regularizer
+from lit_svd import AdapterConfig, LitSVDAdapter, initialize_adapters, load_causal_lm
 
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GAMMA, LR = 4e-4, 1e-4
@@ -80,33 +81,27 @@ def prepare(run: str, args: argparse.Namespace, folder: Path, device: torch.devi
         def loss(ids: torch.Tensor) -> torch.Tensor:
             return model(input_ids=ids, labels=ids, use_cache=False).loss
 
-        return model, loss
+        return model, loss, None
     if impl != "ours":
         raise ValueError(f"unknown run {run!r}: peft:qlora or ours:<method>")
-    config = AdapterConfig(method=method, rank=args.rank, target_modules=MODULES, base_quantization="nf4")
+    config = AdapterConfig(method=method, rank=args.rank, target_modules=MODULES, base_quantization="nf4", gamma=GAMMA)
     model = load_causal_lm(str(folder), dtype=args.dtype)
     module = LitSVDAdapter(model, config, gradient_checkpointing=True)
     module.model.to(device)
     initialize_adapters(module.model)  # exact init on the device, then NF4 of each residual; bf16 W freed
     if extra == "liger":  # what LitSVDAdapter(liger_kernels=True) does in setup() of a fit on a GPU
-        from lit_svd.kernels import apply_liger_kernels
-
-        apply_liger_kernels(model)
-        module._liger_active = True
-    regularize = method == "sorsa"
+        module.use_liger_kernels()
 
     def loss(ids: torch.Tensor) -> torch.Tensor:
-        value = module.compute_loss({"input_ids": ids, "labels": ids})
-        if regularize:  # SORSA's regulariser step, folded into the same backward (its gradient is separate)
-            value = value + (GAMMA / LR) * orthonormal_regularizer(module.model)
-        return value
+        return module.compute_loss({"input_ids": ids, "labels": ids})
 
-    return module.model, loss
+    # SORSA's regulariser gradient, added after the backward as a fit adds it (zero work for other methods).
+    return module.model, loss, module.apply_regularizer_gradient
 
 
 def measure(run: str, args: argparse.Namespace, folder: Path, device: torch.device) -> dict[str, Any]:
     start = time.perf_counter()
-    model, loss = prepare(run, args, folder, device)
+    model, loss, after_backward = prepare(run, args, folder, device)
     synchronize(device)
     info: dict[str, Any] = {"run": run, "init_seconds": time.perf_counter() - start}
     model.train()
@@ -120,11 +115,14 @@ def measure(run: str, args: argparse.Namespace, folder: Path, device: torch.devi
         with torch.autocast(device.type, dtype=args.dtype, enabled=args.dtype != torch.float32):
             value = loss(ids)
         value.backward()
+        if after_backward is not None:
+            after_backward(optimizer)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     info |= time_steps(step, device, args.warmup, args.steps, args.batch * args.seq)
-    model = loss = optimizer = params = step = None  # free before the next run (the closure holds them)
+    # free before the next run (the closure holds them)
+    model = loss = after_backward = optimizer = params = step = None
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -269,6 +269,13 @@ class LitSVDAdapter(LightningModule):
             graphed_decode=self._graphed_generation(),
         )
 
+    def use_liger_kernels(self) -> None:
+        """Swap in Liger's RMSNorm, SwiGLU and RoPE kernels and its fused linear cross-entropy now — what
+        ``liger_kernels=True`` does in ``setup`` of a fit on a CUDA device — for loops outside a Trainer."""
+        if not self._liger_active:
+            apply_liger_kernels(_transformers_model(self.model))
+            self._liger_active = True
+
     def _graphed_generation(self) -> bool:
         if not self.hparams.get("graphed_generation"):
             return False
@@ -299,8 +306,7 @@ class LitSVDAdapter(LightningModule):
         if self.hparams.get("liger_kernels") and not self._liger_active:
             device = self.trainer.strategy.root_device
             if device.type == "cuda":
-                apply_liger_kernels(_transformers_model(self.model))
-                self._liger_active = True
+                self.use_liger_kernels()
             else:
                 rank_zero_warn(
                     f"liger_kernels=True: Liger's kernels are Triton kernels for CUDA GPUs; this run is on {device}, "
@@ -541,7 +547,11 @@ class LitSVDAdapter(LightningModule):
                 sources.append(g)
         for lr, (targets, sources) in to_add.items():
             torch._foreach_add_(targets, sources, alpha=gamma / lr)
-        self.log("train/orthonormality", value.detach())
+        self._log_orthonormality(value.detach())
+
+    def _log_orthonormality(self, value: torch.Tensor) -> None:
+        if self._trainer is not None:  # outside a fit (a bench, a research loop) there is no logger
+            self.log("train/orthonormality", value)
 
     @torch.no_grad()
     def _apply_orthonormal_gradient(self, optimizer: torch.optim.Optimizer, gamma: float) -> None:
@@ -577,7 +587,7 @@ class LitSVDAdapter(LightningModule):
                     sources.append(g)
         for lr, (targets, sources) in to_add.items():
             torch._foreach_add_(targets, sources, alpha=gamma / lr)
-        self.log("train/orthonormality", torch.cat(errors).mean())
+        self._log_orthonormality(torch.cat(errors).mean())
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams

@@ -6,9 +6,11 @@
         metric.update(decode(new_tokens), references, tasks)
     return metric.compute() as floats; predictions back in dataset order
 
-A small model's decoding step is dominated by per-step overhead, not arithmetic, so throughput comes from
-few, large batches (``batch_size``) and, on CUDA, optionally from a static KV cache whose decoding step
-transformers compiles into CUDA graphs (``compile=True``); ``bench/generate.py`` measures both.
+A decoding step is dominated by per-step overhead, not arithmetic, so throughput comes from few, large
+batches (``batch_size``) and, on CUDA, from a static KV cache whose decoding step runs as a CUDA graph:
+captured from the eager step without compiling (``graphed_decode=True``, :mod:`lit_svd.eval.decode`; the
+fast path for large models) or compiled by transformers (``compile=True``, minutes for a 7B model);
+``bench/generate.py`` measures them.
 
 The datamodule decides the data, the prompt template and the metric, so ``evaluate(model, tok, dm)``
 scores GSM8K, MATH or the commonsense suite the same way the ``LightningModule`` does during validation.
