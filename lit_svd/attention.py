@@ -28,6 +28,7 @@ from transformers import AttentionInterface, PreTrainedModel
 __all__ = [
     "VARLEN_ATTENTION",
     "checkpoint_context_fn",
+    "enable_activation_checkpointing",
     "packed_attention",
     "packed_causal_attention",
     "sequence_boundaries",
@@ -221,6 +222,19 @@ def _attention_as_in_forward(config: Any, implementation: str | None, backends: 
         yield
 
 
+def enable_activation_checkpointing(model: PreTrainedModel, checkpoint_kwargs: dict[str, Any]) -> None:
+    """Per-layer activation (gradient) checkpointing of ``model`` with these ``torch.utils.checkpoint`` arguments.
+
+    transformers ≥ 5.2x names it ``activation_checkpointing_enable`` and deprecates ``gradient_checkpointing_enable``
+    (a ``FutureWarning`` at every model build, removal in v6); the older name is used where the new one is absent.
+    """
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=checkpoint_kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs)
+
+
 def checkpoint_context_fn(
     model: PreTrainedModel,
 ) -> Callable[[], tuple[AbstractContextManager, AbstractContextManager]]:
@@ -234,8 +248,8 @@ def checkpoint_context_fn(
 
     Example::
 
-        model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": checkpoint_context_fn(model)}
+        enable_activation_checkpointing(
+            model, {"use_reentrant": False, "context_fn": checkpoint_context_fn(model)}
         )
     """
     config = model.config

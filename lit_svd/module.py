@@ -35,7 +35,12 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformers import PreTrainedModel
 
 from lit_svd.adapters import get_adapter_class
-from lit_svd.attention import checkpoint_context_fn, packed_attention, varying_shape_attention
+from lit_svd.attention import (
+    checkpoint_context_fn,
+    enable_activation_checkpointing,
+    packed_attention,
+    varying_shape_attention,
+)
 from lit_svd.config import AdapterConfig
 from lit_svd.data import non_padding_tokens
 from lit_svd.eval.evaluate import generate_batch
@@ -186,7 +191,7 @@ class LitSVDAdapter(LightningModule):
         if gradient_checkpointing:
             # context_fn: a packed batch's recomputation (in backward) must run the packed attention again.
             kwargs = {"use_reentrant": False, "context_fn": checkpoint_context_fn(_transformers_model(self.model))}
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            enable_activation_checkpointing(self.model, kwargs)
             self.model.enable_input_require_grads()
         self.model = self.inject(self.model)
         self.metric = None

@@ -11,6 +11,7 @@ from lightning.pytorch.loggers import Logger
 from lightning_helpers import RandomTokens, RandomTokensData, quiet_cpu_trainer
 
 from lit_svd import AdapterConfig, adapter_layers, adapter_state_dict, inject_adapters
+from lit_svd.attention import enable_activation_checkpointing
 from lit_svd.calibration import calibrate, statistics_bytes
 from lit_svd.callbacks import SVDInit
 from lit_svd.export import peft_lora_factors
@@ -397,7 +398,7 @@ def test_gradient_checkpointing_does_not_change_the_calibration(method):
     for checkpointing in (False, True):
         model = make_tiny_model("llama")
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model, {"use_reentrant": False})
         model.train()
         config = AdapterConfig(method=method, rank=4, target_modules=TINY_TARGETS["llama"])
         calibrate(inject_adapters(model, config, initialize=False), calibration_batches())

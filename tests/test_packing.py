@@ -549,3 +549,14 @@ def test_gradient_checkpointing_and_cuda_graph_layers_are_refused_together():
         LitSVDAdapter(
             make_tiny_model("llama"), AdapterConfig(rank=4), gradient_checkpointing=True, cuda_graph_layers=True
         )
+
+
+def test_checkpointing_is_turned_on_without_transformers_deprecation_warning():
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        module = LitSVDAdapter(make_tiny_model("llama"), AdapterConfig(rank=4), gradient_checkpointing=True)
+    deprecated = [str(w.message) for w in caught if "checkpointing_enable" in str(w.message)]
+    assert deprecated == []
+    assert any(getattr(layer, "gradient_checkpointing", False) for layer in decoder_layers(module.model))
