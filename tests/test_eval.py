@@ -497,6 +497,8 @@ def test_graphed_greedy_decode_gives_generates_tokens_and_stops_where_generate_s
     decoded = greedy_decode(model, ids, mask, 24, eos_ids, pad_token_id=0)
     assert decoded.shape[1] <= 3
     assert torch.equal(decoded, expected)
+    # No EOS at all: every row runs the whole budget, as generate's without one.
+    assert torch.equal(greedy_decode(model, ids, mask, 24, None, pad_token_id=0), free)
 
 
 def test_the_graphed_decoding_step_reads_nothing_back_to_the_host(monkeypatch):

@@ -165,7 +165,7 @@ def greedy_decode(
     prompt_input_ids: torch.Tensor,
     prompt_attention_mask: torch.Tensor,
     max_new_tokens: int,
-    eos_token_ids: Sequence[int] | int,
+    eos_token_ids: Sequence[int] | int | None,
     pad_token_id: int,
     cuda_graph: bool | None = None,
     check_every: int = 16,
@@ -177,7 +177,7 @@ def greedy_decode(
         prompt_input_ids: (B, P) long, left-padded.
         prompt_attention_mask: (B, P), 0 on padding.
         max_new_tokens: T, the generation budget.
-        eos_token_ids: the id (or ids) ending a row.
+        eos_token_ids: the id (or ids) ending a row; ``None``: rows run to ``max_new_tokens``.
         pad_token_id: written after a row's EOS.
         cuda_graph: capture the step and replay it (default: when the prompts are on a CUDA device).
         check_every: tokens between the host's checks that every row has finished.
@@ -185,7 +185,9 @@ def greedy_decode(
     Returns:
         (B, W) long, W ≤ T: the new tokens only, as ``generate(...)[:, P:]`` returns them.
     """
-    if isinstance(eos_token_ids, int):
+    if eos_token_ids is None:
+        eos_token_ids = []
+    elif isinstance(eos_token_ids, int):
         eos_token_ids = [eos_token_ids]
     if cuda_graph is None:
         cuda_graph = prompt_input_ids.device.type == "cuda"
