@@ -125,7 +125,10 @@ def main(out_dir: Path, method: str, strategy: str) -> None:
     trainer = L.Trainer(
         accelerator="cpu",
         devices=2,
-        strategy=AdapterDDPStrategy() if strategy == "lit_svd_ddp" else strategy,
+        strategy={
+            "lit_svd_ddp": AdapterDDPStrategy(),
+            "lit_svd_ddp_static": AdapterDDPStrategy(static_graph=True),
+        }.get(strategy, strategy),
         max_steps=3,
         logger=False,
         enable_checkpointing=False,

@@ -67,6 +67,22 @@ def test_ddp_calibration_statistics_are_reduced_across_ranks(tmp_path):
         assert diff < 1e-4, (key, diff)  # float32 sums in another order (measured 3e-5); rank 0's batches alone: 0.9
 
 
+def test_ddp_static_graph_trains_the_same_adapters(tmp_path):
+    """DDP(static_graph=True) skips per-step bookkeeping; the all-reduced gradients, so the adapters, are equal."""
+    after_fit = {}
+    for strategy in ("lit_svd_ddp", "lit_svd_ddp_static"):
+        out = tmp_path / strategy
+        out.mkdir()
+        result = subprocess.run(
+            [sys.executable, str(SCRIPT), str(out), "sorsa", strategy], capture_output=True, text=True, timeout=600
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+        assert ranks[0]["after_fit"] == ranks[1]["after_fit"] != ranks[0]["after_init"]
+        after_fit[strategy] = ranks[0]["after_fit"]
+    assert after_fit["lit_svd_ddp_static"] == after_fit["lit_svd_ddp"]
+
+
 def test_ddp_gradient_dtype_is_checked_and_chooses_the_compression_hook():
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
@@ -78,5 +94,7 @@ def test_ddp_gradient_dtype_is_checked_and_chooses_the_compression_hook():
     assert "bucket_cap_mb" not in AdapterDDPStrategy()._ddp_kwargs  # PyTorch's default (25 MB)
     one_bucket = AdapterDDPStrategy(bucket_cap_mb=2048, gradient_as_bucket_view=True)._ddp_kwargs
     assert one_bucket["bucket_cap_mb"] == 2048 and one_bucket["gradient_as_bucket_view"] is True
+    assert AdapterDDPStrategy()._ddp_kwargs["static_graph"] is False
+    assert AdapterDDPStrategy(static_graph=True)._ddp_kwargs["static_graph"] is True
     with pytest.raises(ValueError, match="gradient_dtype 'bf16' is not one of"):
         AdapterDDPStrategy(gradient_dtype="bf16")
