@@ -25,7 +25,7 @@ from _common import RESULTS_DIR, device_profiler, environment, random_llama, tim
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lit_svd.data import GSM8KDataModule
-from lit_svd.eval.decode import GraphedGreedyDecoder, _capture
+from lit_svd.eval.decode import GraphedGreedyDecoder, capture_step
 from lit_svd.models import EMBEDDED_MODEL, load_causal_lm, load_tokenizer
 
 BACKENDS = {
@@ -103,7 +103,7 @@ def main() -> None:
         results["minimum_gb"] = minimum_bytes(model, decoder) / 1e9
         results["bound_ms"] = results["minimum_gb"] / args.bandwidth  # GB / (TB/s) = ms
         if device.type == "cuda":
-            replay = _capture(decoder.step)
+            replay = capture_step(decoder.step)
             row = time_steps(replay, device, warmup, args.steps, ids.shape[0])
             results["runs"].append({"variant": "CUDA graph, sdpa default"} | row)
             print(f"CUDA graph: {row['step_ms']:.2f} ms/step", flush=True)

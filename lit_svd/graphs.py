@@ -23,12 +23,24 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-__all__ = ["LayerGraphs"]
+__all__ = ["LayerGraphs", "autocast_without_weight_cache"]
 
 GraphCapture = Callable[..., tuple[nn.Module, ...]]
 """``make_graphed_callables(callables, sample_args, num_warmup_iters=, allow_unused_input=, pool=)``."""
 
 _CONSTANT_TYPES = (type(None), bool, int, float, str)
+
+
+def autocast_without_weight_cache(device_type: str) -> torch.autocast:
+    """The autocast state in force (enabled or not, its dtype) with the weight-cast cache off, for a CUDA graph
+    capture: a cast cached during the capture would be freed when the autocast region ends, under the graph's
+    feet."""
+    return torch.autocast(
+        device_type,
+        dtype=torch.get_autocast_dtype(device_type),
+        enabled=torch.is_autocast_enabled(device_type),
+        cache_enabled=False,
+    )
 
 
 class _LayerCall(nn.Module):
@@ -219,15 +231,7 @@ class LayerGraphs:
         )
         if self._pool is None and capture is torch.cuda.make_graphed_callables:
             self._pool = torch.cuda.graph_pool_handle()
-        device_type = hidden.device.type
-        # make_graphed_callables refuses autocast's weight cache: a cached cast made during capture would be
-        # freed when the autocast region ends, under the graph's feet.
-        with torch.autocast(
-            device_type,
-            dtype=torch.get_autocast_dtype(device_type),
-            enabled=torch.is_autocast_enabled(device_type),
-            cache_enabled=False,
-        ):
+        with autocast_without_weight_cache(hidden.device.type):  # make_graphed_callables refuses the cache
             graphed = capture(
                 calls, sample_args, num_warmup_iters=self.warmup_iters, allow_unused_input=True, pool=self._pool
             )

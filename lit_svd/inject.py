@@ -435,6 +435,13 @@ def _full_precision_layer(layer: AdapterLayer) -> nn.Module:
     return plain.requires_grad_(False)
 
 
+def _orthonormal_factors(model: nn.Module) -> Iterator[torch.Tensor]:
+    """The factors ``L_orth`` regularises (SORSA's ``U`` and ``V``), layer by layer."""
+    for _, layer in adapter_layers(model):
+        for factor_name in layer.orthonormal_names:
+            yield getattr(layer, factor_name)
+
+
 def orthonormal_regularizer(model: nn.Module) -> torch.Tensor:
     """SORSA's ``L_orth``: mean over adapted layers and factors of ``‖XᵀX − I_r‖_F`` (not squared).
 
@@ -443,11 +450,9 @@ def orthonormal_regularizer(model: nn.Module) -> torch.Tensor:
     """
     by_shape: dict[tuple, list[torch.Tensor]] = defaultdict(list)
     device = None
-    for _, layer in adapter_layers(model):
-        for factor_name in layer.orthonormal_names:
-            factor = getattr(layer, factor_name)
-            by_shape[(tuple(factor.shape), factor.dtype, factor.device)].append(factor)
-            device = factor.device
+    for factor in _orthonormal_factors(model):
+        by_shape[(tuple(factor.shape), factor.dtype, factor.device)].append(factor)
+        device = factor.device
     if not by_shape:
         first = next(model.parameters(), None)
         return torch.zeros((), device=first.device if first is not None else device)
@@ -471,11 +476,9 @@ def orthonormal_factor_groups(
     (``None``: not trained by it)."""
     group_of = {id(p): index for index, group in enumerate(optimizer.param_groups) for p in group["params"]}
     groups: dict[tuple, list[torch.Tensor]] = defaultdict(list)
-    for _, layer in adapter_layers(model):
-        for factor_name in layer.orthonormal_names:
-            factor = getattr(layer, factor_name)
-            index = group_of.get(id(factor)) if factor.requires_grad else None
-            groups[(index, tuple(factor.shape), factor.dtype, factor.device)].append(factor)
+    for factor in _orthonormal_factors(model):
+        index = group_of.get(id(factor)) if factor.requires_grad else None
+        groups[(index, tuple(factor.shape), factor.dtype, factor.device)].append(factor)
     return [(key[0], factors) for key, factors in groups.items()]
 
 

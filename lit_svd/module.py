@@ -20,7 +20,7 @@ import dataclasses
 import math
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -30,7 +30,6 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_warn
-from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import PreTrainedModel
 
@@ -284,7 +283,7 @@ class LitSVDAdapter(LightningModule):
     def _graphed_generation(self) -> bool:
         if not self.hparams.get("graphed_generation"):
             return False
-        if any(isinstance(p, DTensor) for p in self.model.parameters()):
+        if is_sharded(self.model):
             raise ValueError(
                 "graphed_generation cannot capture a sharded (FSDP) model's decoding step: its weights are "
                 "all-gathered inside every forward; use static_cache_generation instead"
@@ -538,20 +537,9 @@ class LitSVDAdapter(LightningModule):
         if not factors:
             return
         grads = torch.autograd.grad(value, factors, allow_unused=True)
-        # One foreach add per learning rate instead of two kernels per factor: a small model's step is
-        # bound by kernel launches.
-        to_add: dict[float, tuple[list[torch.Tensor], list[torch.Tensor]]] = defaultdict(lambda: ([], []))
-        for p, g in zip(factors, grads, strict=True):
-            if g is None:
-                continue
-            if p.grad is None:
-                p.grad = g * (gamma / lr_of[id(p)])
-            else:
-                targets, sources = to_add[lr_of[id(p)]]
-                targets.append(p.grad)
-                sources.append(g)
-        for lr, (targets, sources) in to_add.items():
-            torch._foreach_add_(targets, sources, alpha=gamma / lr)
+        _add_scaled_gradients(
+            ((p, g, lr_of[id(p)]) for p, g in zip(factors, grads, strict=True) if g is not None), gamma
+        )
         self._log_orthonormality(value.detach())
 
     def _log_orthonormality(self, value: torch.Tensor) -> None:
@@ -574,8 +562,7 @@ class LitSVDAdapter(LightningModule):
         if not groups:
             return
         count = sum(len(factors) for _, factors in groups)
-        errors = []
-        to_add: dict[float, tuple[list[torch.Tensor], list[torch.Tensor]]] = defaultdict(lambda: ([], []))
+        errors, updates = [], []
         for group_index, factors in groups:
             error, gradient = orthonormality_error_and_gradient(torch.stack(factors).float())
             errors.append(error)
@@ -583,15 +570,8 @@ class LitSVDAdapter(LightningModule):
             if lr <= 0:  # not trained, or at lr = 0 (no step is taken, so the regulariser is skipped too)
                 continue
             gradient = (gradient / count).to(factors[0].dtype)
-            for p, g in zip(factors, gradient.unbind(0), strict=True):
-                if p.grad is None:
-                    p.grad = g * (gamma / lr)
-                else:
-                    targets, sources = to_add[lr]
-                    targets.append(p.grad)
-                    sources.append(g)
-        for lr, (targets, sources) in to_add.items():
-            torch._foreach_add_(targets, sources, alpha=gamma / lr)
+            updates.extend((p, g, lr) for p, g in zip(factors, gradient.unbind(0), strict=True))
+        _add_scaled_gradients(updates, gamma)
         self._log_orthonormality(torch.cat(errors).mean())
 
     def configure_optimizers(self) -> dict[str, Any]:
@@ -806,6 +786,24 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     return [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
+
+
+def _add_scaled_gradients(updates: Iterable[tuple[torch.Tensor, torch.Tensor, float]], gamma: float) -> None:
+    """``p.grad += (γ/lr)·g`` for each ``(p, g, lr)``; a parameter without a gradient gets ``(γ/lr)·g``.
+
+    One foreach add per learning rate instead of two kernels per parameter: a small model's step is bound by
+    kernel launches.
+    """
+    to_add: dict[float, tuple[list[torch.Tensor], list[torch.Tensor]]] = defaultdict(lambda: ([], []))
+    for p, g, lr in updates:
+        if p.grad is None:
+            p.grad = g * (gamma / lr)
+        else:
+            targets, sources = to_add[lr]
+            targets.append(p.grad)
+            sources.append(g)
+    for lr, (targets, sources) in to_add.items():
+        torch._foreach_add_(targets, sources, alpha=gamma / lr)
 
 
 def _transformers_model(model: torch.nn.Module) -> PreTrainedModel:

@@ -21,19 +21,15 @@ token is kept, later tokens are padding, decoding ends when every row has finish
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from transformers import StaticCache
 
-__all__ = ["GraphedGreedyDecoder", "greedy_decode"]
+from lit_svd.graphs import autocast_without_weight_cache
 
-
-def _keyword(model: Any, names: Sequence[str], default: str) -> str:
-    parameters = inspect.signature(model.forward).parameters
-    return next((name for name in names if name in parameters), default)
+__all__ = ["GraphedGreedyDecoder", "capture_step", "greedy_decode"]
 
 
 class GraphedGreedyDecoder:
@@ -74,14 +70,15 @@ class GraphedGreedyDecoder:
         self.model = model
         batch, prompt_length = prompt_input_ids.shape
         device = prompt_input_ids.device
-        self.max_new_tokens = max_new_tokens
         self.cache = StaticCache(config=model.config, max_cache_len=prompt_length + max_new_tokens)
         if any(getattr(layer, "is_sliding", False) for layer in self.cache.layers):
             raise ValueError(
                 "graphed greedy decoding supports full-attention caches only; this model has sliding-window "
                 "layers (use generate_batch(static_cache=True) instead)"
             )
-        self._cache_keyword = _keyword(model, ("cache", "past_key_values"), "past_key_values")
+        forward_parameters = inspect.signature(model.forward).parameters
+        # transformers ≥ 5.2x renames past_key_values to cache; a wrapper's forward(**kwargs) takes the old name.
+        self._cache_keyword = "cache" if "cache" in forward_parameters else "past_key_values"
         self._additive_mask = implementation == "eager"
         self.eos_token_ids = torch.tensor(list(eos_token_ids), dtype=torch.long, device=device)
         self.pad_token_id = pad_token_id
@@ -92,7 +89,9 @@ class GraphedGreedyDecoder:
         self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
         positions = prompt_attention_mask.long().cumsum(-1) - 1
         positions = positions.masked_fill(prompt_attention_mask == 0, 0)  # what generate() gives padding
-        self._prefill(prompt_input_ids, positions)
+        # The prefill's logits for the last position only, where the model can (B × P × vocab otherwise).
+        keep_last = {"logits_to_keep": 1} if "logits_to_keep" in forward_parameters else {}
+        self._prefill(prompt_input_ids, positions, keep_last)
         # Device-side counters of the step: the cache column of the token fed, its position, its output slot.
         self.step_input = self.tokens[:, :1].clone()
         self.step_position = positions[:, -1:] + 1
@@ -110,8 +109,7 @@ class GraphedGreedyDecoder:
         self.finished |= torch.isin(choice, self.eos_token_ids)
         return choice
 
-    def _prefill(self, prompt_input_ids: torch.Tensor, positions: torch.Tensor) -> None:
-        extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(self.model.forward).parameters else {}
+    def _prefill(self, prompt_input_ids: torch.Tensor, positions: torch.Tensor, extra: dict[str, Any]) -> None:
         logits = self._forward(
             input_ids=prompt_input_ids, attention_mask=self.key_valid.long(), position_ids=positions, **extra
         )
@@ -136,25 +134,20 @@ class GraphedGreedyDecoder:
     def new_tokens(self) -> torch.Tensor:
         """(B, W) the tokens generated, W up to the step at which the last row finished (as ``generate``)."""
         is_eos = torch.isin(self.tokens, self.eos_token_ids)
-        last = torch.where(is_eos.any(-1), is_eos.int().argmax(-1), self.max_new_tokens - 1)
+        last = torch.where(is_eos.any(-1), is_eos.int().argmax(-1), self.tokens.shape[1] - 1)
         return self.tokens[:, : int(last.max()) + 1]
 
 
-def _capture(step: Any) -> Any:
-    """``step`` run once on a side stream (warm-up: cuBLAS handles, lazy allocations), then captured."""
+def capture_step(step: Callable[[], None]) -> Callable[[], None]:
+    """``step`` run once on a side stream (warm-up: cuBLAS handles, lazy allocations), then captured as a CUDA
+    graph; returns the graph's ``replay``, which repeats the captured work on the same tensors."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         step()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    # Autocast's weight-cast cache would hand the graph tensors freed after capture.
-    autocast = (
-        torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
-        if torch.is_autocast_enabled("cuda")
-        else nullcontext()
-    )
-    with autocast, torch.cuda.graph(graph):
+    with autocast_without_weight_cache("cuda"), torch.cuda.graph(graph):
         step()
     return graph.replay
 
@@ -201,7 +194,7 @@ def greedy_decode(
         if produced % check_every == 0 and bool(decoder.finished.all()):
             break
         if cuda_graph and step == decoder.step:
-            step = _capture(decoder.step)  # runs this token's step once as the warm-up, then records it
+            step = capture_step(decoder.step)  # runs this token's step once as the warm-up, then records it
             continue
         step()
     return decoder.new_tokens()
