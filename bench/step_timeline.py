@@ -60,6 +60,7 @@ class StepTimeline(pl.Callback):
         self.window = tuple(int(x) for x in window.split(",")) if window else None
         self.profiler: torch.profiler.profile | None = None
         self.top_kernels: list[dict[str, Any]] = []
+        self.kernel_ms_per_step: float | None = None
         self.steps: list[dict[str, tuple[float, Any]]] = []
         self.count_syncs = os.environ.get("STEP_TIMELINE_SYNCS") == "1"
         self.syncs: Counter[str] = Counter()
@@ -85,10 +86,15 @@ class StepTimeline(pl.Callback):
         if torch.cuda.is_available():
             event = torch.cuda.Event(enable_timing=True)
             event.record()
-        if name == "batch_start":
+        # Under gradient accumulation one optimizer step spans several batches: they fold into one step,
+        # timed from its first batch's start to its last batch's end.
+        if name == "batch_start" and (not self.steps or "before_optimizer_step" in self.steps[-1]):
             self.steps.append({})
         if self.steps:
-            self.steps[-1].setdefault(name, (time.perf_counter(), event))
+            if name == "batch_end":
+                self.steps[-1][name] = (time.perf_counter(), event)
+            else:
+                self.steps[-1].setdefault(name, (time.perf_counter(), event))
 
     def on_fit_start(self, trainer, pl_module) -> None:
         if os.environ.get("STEP_TIMELINE_NO_CUDNN_SDPA") == "1":  # A/B runs: PyTorch's SDPA choice without cuDNN
@@ -106,6 +112,8 @@ class StepTimeline(pl.Callback):
         torch.cuda.synchronize()
         self.profiler.__exit__(None, None, None)
         self.top_kernels = top_operators(self.profiler, torch.device("cuda"), top=40, steps=steps)
+        # All kernels' time per step: against the step's GPU time it says how long the GPU sat idle.
+        self.kernel_ms_per_step = sum(e.self_device_time_total for e in self.profiler.key_averages()) / 1e3 / steps
         self.profiler = None
 
     def on_before_backward(self, trainer, pl_module, loss) -> None:
@@ -131,7 +139,7 @@ class StepTimeline(pl.Callback):
             torch.cuda.synchronize()
         steps = [s for s in self.steps[self.skip :] if all(m in s for m in MARKS)]
         rows = []
-        for step, following in zip(steps, [*steps[1:], None], strict=True):
+        for step, following in zip(steps, [*steps[1:], None][: len(steps)], strict=True):
             points = [step[m] for m in MARKS] + ([following["batch_start"]] if following else [])
             row = {}
             for phase, (a, b) in zip(PHASES, zip(points, points[1:], strict=False), strict=False):
@@ -143,11 +151,14 @@ class StepTimeline(pl.Callback):
         mean = {k: sum(row[k] for row in rows if k in row) / max(1, sum(k in row for row in rows)) for k in keys}
         report = {"rank": trainer.global_rank, "steps": len(rows), "mean_ms": mean, "per_step": rows}
         report["top_kernels"] = self.top_kernels
+        report["kernel_ms_per_step"] = self.kernel_ms_per_step
         measured = max(1, len(self.steps) - self.skip)
         report["syncs_per_step"] = {k: v / measured for k, v in self.syncs.most_common()}
         if trainer.global_rank == 0 and self.count_syncs:
             for where, count in self.syncs.most_common(20):
                 print(f"  host syncs {count / measured:6.2f}/step  {where}", flush=True)
+        if trainer.global_rank == 0 and self.kernel_ms_per_step is not None:
+            print(f"  all kernels: {self.kernel_ms_per_step:.1f} ms/step", flush=True)
         if trainer.global_rank == 0:
             for row in self.top_kernels[:30]:
                 print(f"  {row['ms']:8.2f} ms/step {row['calls']:7.1f}x  {row['name'][:120]}")

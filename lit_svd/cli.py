@@ -14,6 +14,7 @@ traceback instead).
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import shlex
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from jsonargparse import Namespace
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -320,6 +322,31 @@ def checkpoint_problems(path: Path) -> list[str]:
 
 
 # ----- the CLI -----------------------------------------------------------------------------------------------
+def without_checkpoint_callbacks(callbacks: list[Any] | None) -> list[Any] | None:
+    """``callbacks`` (a parsed ``--trainer.callbacks`` list) less every ``ModelCheckpoint`` subclass.
+
+    The recipes' YAMLs list ``AdapterCheckpoint``, and Lightning refuses a checkpoint callback beside
+    ``enable_checkpointing=False``; ``--trainer.enable_checkpointing false`` should just turn saving off.
+    """
+    if not callbacks:
+        return callbacks
+
+    def is_checkpoint(callback: Any) -> bool:
+        if isinstance(callback, ModelCheckpoint):
+            return True
+        class_path = _get(callback, "class_path")
+        if not isinstance(class_path, str) or "." not in class_path:
+            return False
+        module, _, name = class_path.rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            return False  # jsonargparse names the bad class path itself when it instantiates it
+        return isinstance(cls, type) and issubclass(cls, ModelCheckpoint)
+
+    return [callback for callback in callbacks if not is_checkpoint(callback)]
+
+
 class LitSVDCLI(LightningCLI):
     """LightningCLI for ``LitSVDAdapter``: path checks, ``--export.*`` after fit, and the run summary.
 
@@ -351,6 +378,8 @@ class LitSVDCLI(LightningCLI):
             config.trainer[key] = value
         if "strategy" in config.trainer:  # `--trainer.strategy ddp` as well as `lightning run --strategy ddp`
             config.trainer["strategy"] = recipe_strategy(config.trainer["strategy"])
+        if config.trainer.get("enable_checkpointing") is False:
+            config.trainer["callbacks"] = without_checkpoint_callbacks(config.trainer.get("callbacks"))
         problems = check_paths(config, self.subcommand or _EXPORT)
         if problems:
             raise FileNotFoundError("; ".join(problems))

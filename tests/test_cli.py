@@ -298,3 +298,49 @@ def test_fit_then_test_and_export_the_checkpoint_from_the_command_line(tiny_mode
     assert (expected - untrained).abs().max() > 1e-3  # training changed the model
     torch.testing.assert_close(from_merged, expected, rtol=0, atol=1e-4)
     torch.testing.assert_close(from_peft, expected, rtol=0, atol=1e-4)
+
+
+def test_enable_checkpointing_false_drops_the_recipes_checkpoint_callback():
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+
+    from lit_svd.cli import without_checkpoint_callbacks
+
+    listed = [
+        Namespace(class_path="lit_svd.callbacks.AdapterCheckpoint", init_args=Namespace()),
+        Namespace(class_path="lightning.pytorch.callbacks.LearningRateMonitor", init_args=Namespace()),
+        Namespace(class_path="lightning.pytorch.callbacks.ModelCheckpoint", init_args=Namespace()),
+        ModelCheckpoint(),
+        LearningRateMonitor(),
+        Namespace(class_path="no.such.Callback"),  # left for jsonargparse to name
+    ]
+    kept = without_checkpoint_callbacks(listed)
+    assert [getattr(c, "class_path", type(c).__name__) for c in kept] == [
+        "lightning.pytorch.callbacks.LearningRateMonitor",
+        "LearningRateMonitor",
+        "no.such.Callback",
+    ]
+    assert without_checkpoint_callbacks(None) is None
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.filterwarnings("ignore:LightningCLI.s args parameter")
+def test_fit_with_checkpointing_off_trains_and_writes_no_checkpoint(tiny_model, tmp_path):
+    fit = _recipe(
+        [
+            "fit",
+            "--model.model", str(tiny_model),
+            "--model.adapter.rank", "4",
+            "--data.data_dir", str(DATA_DIR / "gsm8k"),
+            "--data.cache_dir", str(tmp_path / "cache"),
+            "--data.max_length", "128",
+            "--data.max_train_examples", "8",
+            "--data.batch_size", "4",
+            "--trainer.max_steps", "2",
+            "--trainer.limit_val_batches", "0",
+            "--trainer.enable_checkpointing", "false",
+            "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+        ]
+    )  # fmt: skip
+    assert fit["steps"] == 2
+    assert not fit["paths"].get("checkpoint")
+    assert not list(tmp_path.rglob("*.ckpt"))
