@@ -69,7 +69,9 @@ def quiet_third_party_output() -> None:
     - torch's ``LeafSpec`` deprecation, raised from inside Lightning's ``_pytree`` helper;
     - transformers' ``is_gradient_checkpointing`` deprecation, raised when Lightning inspects the model;
     - Lightning's tip to install ``litlogger`` (an advertisement, printed by every Trainer), and its note that
-      a ``ModelSummary`` callback (our ``ParameterSummary``) replaces the default one.
+      a ``ModelSummary`` callback (our ``ParameterSummary``) replaces the default one;
+    - Liger's notes (0.8.5: four per process at the first step) that its optional backends for other hardware
+      (Ascend NPUs, CuTe DSL) could not be imported; its Triton kernels, the ones ``liger_kernels`` uses, run.
 
     Our own warnings print as one line, ``warning: <message>``, without the file name and source line.
     The library itself never filters or reformats warnings: code that imports ``lit_svd`` sees everything.
@@ -84,6 +86,9 @@ def quiet_third_party_output() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropMessages) for f in logger.filters):
             logger.addFilter(drop)
+    liger = logging.getLogger("liger_kernel.backends.registry")
+    if not any(isinstance(f, _DropMessages) for f in liger.filters):
+        liger.addFilter(_DropMessages("liger_kernel.ops.backends._ascend.", "liger_kernel.ops.backends._cutedsl."))
 
 
 def _one_line_for_ours(default: Any) -> Any:

@@ -70,6 +70,13 @@ def test_third_party_noise_is_filtered_and_our_warnings_are_one_line(caplog):
         )
         logger.info("GPU available: False, used: False")
     assert "litlogger" not in caplog.text and "GPU available" in caplog.text
+    with caplog.at_level(logging.WARNING):
+        liger = logging.getLogger("liger_kernel.backends.registry")
+        message = "Backend impl '%s' for op '%s' could not be imported: %s: %s"
+        liger.warning(message, "liger_kernel.ops.backends._ascend.rope", "rope", "ImportError", "no tanh")
+        liger.warning(message, "liger_kernel.ops.backends._cutedsl.rope", "rope", "ImportError", "no CuTe DSL")
+        liger.warning(message, "liger_kernel.ops.backends._triton.rope", "rope", "ImportError", "broken")
+    assert "_ascend" not in caplog.text and "_cutedsl" not in caplog.text and "_triton.rope" in caplog.text
     ours = warnings.formatwarning("863 of 7473 examples are longer", UserWarning, lit_svd.cli.__file__, 1)
     assert ours == "warning: 863 of 7473 examples are longer\n"
     assert warnings.formatwarning("x", UserWarning, "/elsewhere/module.py", 7).startswith("/elsewhere/module.py:7:")
