@@ -226,6 +226,27 @@ def tiny_model(tmp_path_factory) -> Path:
     return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
 
 
+def _offline_run_args(tmp_path: Path) -> list[str]:
+    """GSM8K from the shared folder, short rows, everything written under ``tmp_path``."""
+    return [
+        "--data.data_dir", str(DATA_DIR / "gsm8k"),
+        "--data.cache_dir", str(tmp_path / "cache"),
+        "--data.max_length", "128",
+        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+    ]  # fmt: skip
+
+
+def _two_tiny_steps(tiny_model: Path) -> list[str]:
+    """SORSA r=4 on the tiny Llama, two steps of 4 of 8 examples."""
+    return [
+        "--model.model", str(tiny_model),
+        "--model.adapter.rank", "4",
+        "--data.max_train_examples", "8",
+        "--data.batch_size", "4",
+        "--trainer.max_steps", "2",
+    ]  # fmt: skip
+
+
 def _recipe(args: list[str]) -> dict:
     """Run the GSM8K SORSA recipe in this process; the summary it wrote."""
     cli = run_recipe(GSM8KDataModule, SORSA_YAML, args=args)
@@ -237,23 +258,15 @@ def _recipe(args: list[str]) -> dict:
 @pytest.mark.filterwarnings("ignore:LightningCLI.s args parameter")  # in-process runs under pytest's argv
 def test_fit_then_test_and_export_the_checkpoint_from_the_command_line(tiny_model, tmp_path, capsys, caplog):
     common = [
-        "--data.data_dir", str(DATA_DIR / "gsm8k"),
-        "--data.cache_dir", str(tmp_path / "cache"),
-        "--data.max_length", "128",
+        *_offline_run_args(tmp_path),
         "--data.eval_batch_size", "4",
         "--data.max_eval_examples", "4",
         "--model.max_new_tokens", "4",
-        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
     ]  # fmt: skip
     fit = _recipe(
         [
-            "fit", *common,
-            "--model.model", str(tiny_model),
-            "--model.adapter.rank", "4",
+            "fit", *common, *_two_tiny_steps(tiny_model),
             "--model.learning_rate", "1e-2",
-            "--data.max_train_examples", "8",
-            "--data.batch_size", "4",
-            "--trainer.max_steps", "2",
             "--trainer.val_check_interval", "2",
             "--trainer.log_every_n_steps", "1",
         ]
@@ -334,18 +347,9 @@ def test_enable_checkpointing_false_drops_the_recipes_checkpoint_callback():
 def test_fit_with_checkpointing_off_trains_and_writes_no_checkpoint(tiny_model, tmp_path):
     fit = _recipe(
         [
-            "fit",
-            "--model.model", str(tiny_model),
-            "--model.adapter.rank", "4",
-            "--data.data_dir", str(DATA_DIR / "gsm8k"),
-            "--data.cache_dir", str(tmp_path / "cache"),
-            "--data.max_length", "128",
-            "--data.max_train_examples", "8",
-            "--data.batch_size", "4",
-            "--trainer.max_steps", "2",
+            "fit", *_offline_run_args(tmp_path), *_two_tiny_steps(tiny_model),
             "--trainer.limit_val_batches", "0",
             "--trainer.enable_checkpointing", "false",
-            "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
         ]
     )  # fmt: skip
     assert fit["steps"] == 2
