@@ -38,7 +38,7 @@ llama7b = LlamaConfig(
     num_key_value_heads=32, vocab_size=config.vocab_size, max_position_embeddings=4096, rms_norm_eps=1e-5,
     bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     tie_word_embeddings=False,
-)  # fmt: skip
+)
 llama7b.save_pretrained(".device/llama7b")
 tokenizer.save_pretrained(".device/llama7b")
 PY

@@ -60,7 +60,6 @@ class StepTimeline(pl.Callback):
         self.window = tuple(int(x) for x in window.split(",")) if window else None
         self.profiler: torch.profiler.profile | None = None
         self.top_kernels: list[dict[str, Any]] = []
-        self.kernel_ms_per_step: float | None = None
         self.steps: list[dict[str, tuple[float, Any]]] = []
         self.count_syncs = os.environ.get("STEP_TIMELINE_SYNCS") == "1"
         self.syncs: Counter[str] = Counter()
@@ -112,8 +111,6 @@ class StepTimeline(pl.Callback):
         torch.cuda.synchronize()
         self.profiler.__exit__(None, None, None)
         self.top_kernels = top_operators(self.profiler, torch.device("cuda"), top=40, steps=steps)
-        # All kernels' time per step: against the step's GPU time it says how long the GPU sat idle.
-        self.kernel_ms_per_step = sum(e.self_device_time_total for e in self.profiler.key_averages()) / 1e3 / steps
         self.profiler = None
 
     def on_before_backward(self, trainer, pl_module, loss) -> None:
@@ -151,14 +148,11 @@ class StepTimeline(pl.Callback):
         mean = {k: sum(row[k] for row in rows if k in row) / max(1, sum(k in row for row in rows)) for k in keys}
         report = {"rank": trainer.global_rank, "steps": len(rows), "mean_ms": mean, "per_step": rows}
         report["top_kernels"] = self.top_kernels
-        report["kernel_ms_per_step"] = self.kernel_ms_per_step
         measured = max(1, len(self.steps) - self.skip)
         report["syncs_per_step"] = {k: v / measured for k, v in self.syncs.most_common()}
         if trainer.global_rank == 0 and self.count_syncs:
             for where, count in self.syncs.most_common(20):
                 print(f"  host syncs {count / measured:6.2f}/step  {where}", flush=True)
-        if trainer.global_rank == 0 and self.kernel_ms_per_step is not None:
-            print(f"  all kernels: {self.kernel_ms_per_step:.1f} ms/step", flush=True)
         if trainer.global_rank == 0:
             for row in self.top_kernels[:30]:
                 print(f"  {row['ms']:8.2f} ms/step {row['calls']:7.1f}x  {row['name'][:120]}")

@@ -81,14 +81,18 @@ def quiet_third_party_output() -> None:
     if not getattr(warnings.formatwarning, "_lit_svd", False):
         warnings.formatwarning = _one_line_for_ours(warnings.formatwarning)
     # Lightning's note that our ParameterSummary replaces its default summary (the YAML asks for it).
-    drop = _DropMessages("litlogger", "Skipping setting a default `ModelSummary`")
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+    lightning_notes = _DropMessages("litlogger", "Skipping setting a default `ModelSummary`")
+    drops = {
+        "lightning.pytorch.utilities.rank_zero": lightning_notes,
+        "lightning.fabric.utilities.rank_zero": lightning_notes,
+        "liger_kernel.backends.registry": _DropMessages(
+            "liger_kernel.ops.backends._ascend.", "liger_kernel.ops.backends._cutedsl."
+        ),
+    }
+    for name, drop in drops.items():
         logger = logging.getLogger(name)
-        if not any(isinstance(f, _DropMessages) for f in logger.filters):
+        if not any(isinstance(f, _DropMessages) for f in logger.filters):  # idempotent
             logger.addFilter(drop)
-    liger = logging.getLogger("liger_kernel.backends.registry")
-    if not any(isinstance(f, _DropMessages) for f in liger.filters):
-        liger.addFilter(_DropMessages("liger_kernel.ops.backends._ascend.", "liger_kernel.ops.backends._cutedsl."))
 
 
 def _one_line_for_ours(default: Any) -> Any:
