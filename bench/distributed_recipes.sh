@@ -87,8 +87,10 @@ print(' '.join(f'gpu{i}={m / 1024:.1f}GiB' for i, m in sorted(peak.items())))" "
 import json, pathlib, sys
 for path in pathlib.Path(sys.argv[1]).rglob("summary.json"):
     s = json.loads(path.read_text())
-    ckpt = pathlib.Path(s["paths"].get("checkpoint") or "")
-    size = sum(f.stat().st_size for f in ([ckpt] if ckpt.is_file() else ckpt.rglob("*") if ckpt.is_dir() else []))
+    # No checkpoint (--trainer.enable_checkpointing false): size 0, not the size of the working directory.
+    ckpt = pathlib.Path(s["paths"]["checkpoint"]) if s["paths"].get("checkpoint") else None
+    files = [] if ckpt is None else [ckpt] if ckpt.is_file() else ckpt.rglob("*")
+    size = sum(f.stat().st_size for f in files)
     keep = {k: s.get(k) for k in ("steps", "train_seconds", "train_tokens", "tokens_per_second",
                                   "steady_tokens_per_second", "svd_init_seconds", "train_loss", "seconds")}
     print(json.dumps(keep | {"eval": s.get("eval"), "checkpoint_mb": round(size / 2**20, 1), "checkpoint": str(ckpt)}))

@@ -31,6 +31,8 @@ layouts so the table shows where the time goes:
     budget-liger  TRL's step shape: batches filled up to TRL's rows × ``--max-length`` tokens
               (``max_tokens_per_batch``), rows rounded up to a multiple of ``--max-length``; Liger's kernels
     budget-gc-liger  the same with gradient checkpointing
+    layergraphs-budget  graphed layers on TRL's step shape: batches filled up to TRL's rows × ``--max-length``
+              tokens, every row padded to exactly that budget — one row length, so one capture per fit
 
 A second anchor is what users pick instead of writing a loop: TRL's ``SFTTrainer`` with PEFT LoRA and its
 fastest documented settings, in the same process, on the same tokenised examples (prompt tokens masked):
@@ -111,6 +113,7 @@ LAYOUTS = {
     "packed2k-gc-liger": Layout(True, True, pack_to_multiple_of=2048, gradient_checkpointing=True, liger=True),
     "budget-liger": Layout(True, True, liger=True, token_budget=True),
     "budget-gc-liger": Layout(True, True, gradient_checkpointing=True, liger=True, token_budget=True),
+    "layergraphs-budget": Layout(True, True, cuda_graph_layers=True, token_budget=True),
 }
 STEADY_FROM = 20
 """Steps before this one (compilation, allocator warm-up) are left out of the steady-state rate."""
@@ -264,6 +267,8 @@ def ours_fit(
     budget_tokens = None
     if budget:  # TRL's tokens per step (trl_sft's rows of --max-length), in rows rounded up to --max-length
         budget_tokens, multiple = rows * args.max_length, args.max_length
+        if cuda_graph_layers:  # every row the budget's length: one shape, one capture
+            multiple = budget_tokens
     compile_layers = compile_backend is not None
     captures_cuda_graphs = compile_mode == "reduce-overhead" or compile_backend == "cudagraphs"
     L.seed_everything(args.seed, verbose=False)
