@@ -21,8 +21,8 @@ layouts so the table shows where the time goes:
     layergraphs2k  the same with rows rounded up to a multiple of 2048 tokens (less padding, more shapes)
     layergraphs2k-liger  layergraphs2k with ``liger_kernels=True`` (Liger's kernels inside the captured layers,
               its fused linear cross-entropy as the loss head)
-    packed2k  packed rows rounded up to a multiple of 2048 tokens, eager layers: the 7B overlay
-              (``recipes/configs/overlays/fast_7b.yaml``)
+    packed2k  packed rows rounded up to a multiple of 2048 tokens, eager layers: the 7B overlay's layout
+              until it moved to 256-token rounding (``recipes/configs/overlays/fast_7b.yaml``)
     packed2k-gc  the same with gradient checkpointing (``LitSVDAdapter(gradient_checkpointing=True)``)
     packed2k-liger  packed2k with ``LitSVDAdapter(liger_kernels=True)``: Liger's RMSNorm, SwiGLU and RoPE
               kernels in the model and its fused linear cross-entropy as the loss head (Triton, GPUs only;
