@@ -23,9 +23,24 @@ SCRIPT = Path(__file__).with_name("fsdp_script.py")
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
-def _run(out: Path, *args: str) -> None:
-    result = subprocess.run([sys.executable, str(SCRIPT), str(out), *args], capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-4000:]
+def _run(out: Path, *fits: tuple[str, ...]) -> None:
+    """The given 2-process fits of ``fsdp_script.py``, at the same time: most of a fit's time is its processes'
+    start-up (imports), which overlaps on two cores; the fits share nothing but the saved base model."""
+    processes = [
+        subprocess.Popen(
+            [sys.executable, str(SCRIPT), str(out), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for args in fits
+    ]
+    try:
+        for args, process in zip(fits, processes, strict=True):
+            _, stderr = process.communicate(timeout=240)
+            assert process.returncode == 0, f"{args}: {stderr[-4000:]}"
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
 
 
 def _max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -46,9 +61,8 @@ def runs(tmp_path_factory) -> Path:
     # γ = 0 where FSDP is compared with DDP: at init L_orth ≈ 1e-6 is rounding noise, and the gradient of
     # the (unsquared) norm there is a unit vector pointing wherever the noise does, which differs between a
     # sum of shard Gram matrices and one full Gram matrix. The regulariser is checked on its own below.
-    _run(out, "fsdp", "fsdp", "4", "0", "--export")
-    _run(out, "ddp", "ddp", "4", "0")
-    _run(out, "resumed", "fsdp", "4", "0", str(out / "fsdp" / "step=2.ckpt"))
+    _run(out, ("fsdp", "fsdp", "4", "0", "--export"), ("ddp", "ddp", "4", "0"))
+    _run(out, ("resumed", "fsdp", "4", "0", str(out / "fsdp" / "step=2.ckpt")))
     return out
 
 
@@ -103,8 +117,11 @@ def method_runs(request, runs) -> tuple[str, Path]:
     two data-aware inits calibrated before sharding (CorDA: input covariances; LoRA-GA: gradients, a backward
     pass through the host model): FSDP (+ export) and DDP, 4 steps each, on the saved tiny Llama of ``runs``."""
     method = request.param
-    _run(runs, f"fsdp_{method}", "fsdp", "4", "0", "--export", f"--method={method}")
-    _run(runs, f"ddp_{method}", "ddp", "4", "0", f"--method={method}")
+    _run(
+        runs,
+        (f"fsdp_{method}", "fsdp", "4", "0", "--export", f"--method={method}"),
+        (f"ddp_{method}", "ddp", "4", "0", f"--method={method}"),
+    )
     return method, runs
 
 
