@@ -1,7 +1,7 @@
 """Loading Hugging Face causal LMs: Hub ids, local directories, GGUF files and the embedded SmolLM2.
 
 A GGUF file is converted once: transformers parses a GGUF's metadata in Python (its 49k-token vocabulary field
-by field) and dequantises its tensors on every load — ~27 s for the embedded SmolLM2's model and tokenizer on
+by field) and dequantises its tensors on every load — ~25 s for the embedded SmolLM2's model and tokenizer on
 a 2-core CPU, against ~0.4 s for the same model saved as a Hugging Face folder. The first load of a GGUF
 file writes that folder (float32 weights, config, tokenizer) to a cache and every load reads it from there:
 
