@@ -134,6 +134,25 @@ def _store(entry: Path, save: Callable[[str], None]) -> bool:
     return entry.is_dir()
 
 
+def _converted_gguf(path: str, gguf: str, part: str) -> Path | None:
+    """The cache folder of ``part`` (``"model"``: float32 dequantised weights, exact for any GGUF tensor type, or
+    ``"tokenizer"``) of the GGUF file ``path/gguf``, converted now on a miss; ``None`` when it is not cached."""
+    entry = _gguf_cache_entry(Path(path) / gguf, part)
+    if entry is None or entry.is_dir():
+        return entry
+
+    def convert(folder: str) -> None:
+        if part == "model":
+            converted = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf, dtype=torch.float32)
+            _drop_gguf_quantization(converted)
+        else:
+            converted = AutoTokenizer.from_pretrained(path, gguf_file=gguf)
+        converted.save_pretrained(folder)
+
+    logger.info("converting the %s of %s once to %s (LIT_SVD_GGUF_CACHE=off turns this off)", part, gguf, entry)
+    return entry if _store(entry, convert) else None
+
+
 def _drop_gguf_quantization(model: PreTrainedModel) -> None:
     # GGUF weights arrive dequantised, but the leftover quantization config makes save_pretrained refuse.
     for attr in ("hf_quantizer", "quantization_method"):
@@ -169,10 +188,12 @@ def load_causal_lm(
         raise ValueError(
             f"{folder} has no config.json: not a Hugging Face model folder (for a GGUF file pass its path)"
         )
-    if gguf is not None:
-        model = _load_cached_gguf_model(Path(path) / gguf, path, kwargs)
-        if model is not None:
-            return model
+    cached = _converted_gguf(path, gguf, "model") if gguf is not None else None
+    if cached is not None:
+        # Miss and hit both load here, with the caller's arguments: the first load equals every later one.
+        model = AutoModelForCausalLM.from_pretrained(cached, **{k: v for k, v in kwargs.items() if k != "gguf_file"})
+        model.config._name_or_path = model.name_or_path = path  # named after the GGUF's folder, not the cache
+        return model
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except ValueError as error:
@@ -191,49 +212,12 @@ def load_causal_lm(
 def load_tokenizer(name_or_path: str, gguf_file: str | None = None, **kwargs) -> PreTrainedTokenizerBase:
     """The tokenizer that belongs to ``load_causal_lm(name_or_path, gguf_file)``, with a pad token."""
     path, gguf = resolve_model(name_or_path, gguf_file)
-    tokenizer = None
-    if gguf is not None:
-        tokenizer = _load_cached_gguf_tokenizer(Path(path) / gguf, path, kwargs)
-        kwargs["gguf_file"] = gguf
-    if tokenizer is None:
-        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    cached = _converted_gguf(path, gguf, "tokenizer") if gguf is not None else None
+    if cached is not None:
+        tokenizer = AutoTokenizer.from_pretrained(cached, **kwargs)
+        tokenizer.name_or_path = path
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs, **({"gguf_file": gguf} if gguf else {}))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def _load_cached_gguf_model(gguf_path: Path, path: str, kwargs: dict) -> PreTrainedModel | None:
-    """The GGUF's model from its cache folder (converting it first on a miss), or ``None`` if uncached.
-
-    Miss and hit both load from the folder, with the caller's ``from_pretrained`` arguments, so the first load
-    and every later one give the same model; the folder holds the float32 dequantised weights (exact for any
-    GGUF tensor type), and ``dtype`` converts from them as from the GGUF."""
-    entry = _gguf_cache_entry(gguf_path, "model")
-    if entry is None:
-        return None
-    if not entry.is_dir():
-        logger.info("converting %s once to %s (LIT_SVD_GGUF_CACHE=off turns this off)", gguf_path, entry)
-        converted = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_path.name, dtype=torch.float32)
-        _drop_gguf_quantization(converted)
-        stored = _store(entry, converted.save_pretrained)
-        del converted
-        if not stored:
-            return None
-    model = AutoModelForCausalLM.from_pretrained(entry, **{k: v for k, v in kwargs.items() if k != "gguf_file"})
-    # Named after the GGUF's folder, as a direct load names it, not after the cache.
-    model.config._name_or_path = model.name_or_path = path
-    return model
-
-
-def _load_cached_gguf_tokenizer(gguf_path: Path, path: str, kwargs: dict) -> PreTrainedTokenizerBase | None:
-    """The GGUF's tokenizer from its cache folder (written on a miss), or ``None`` if uncached."""
-    entry = _gguf_cache_entry(gguf_path, "tokenizer")
-    if entry is None:
-        return None
-    if not entry.is_dir():
-        converted = AutoTokenizer.from_pretrained(path, gguf_file=gguf_path.name)
-        if not _store(entry, converted.save_pretrained):
-            return None
-    tokenizer = AutoTokenizer.from_pretrained(entry, **kwargs)
-    tokenizer.name_or_path = path
     return tokenizer
