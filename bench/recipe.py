@@ -32,7 +32,9 @@ layouts so the table shows where the time goes:
               (``max_tokens_per_batch``), rows rounded up to a multiple of ``--max-length``; Liger's kernels
     budget-gc-liger  the same with gradient checkpointing
     layergraphs-budget  graphed layers on TRL's step shape: batches filled up to TRL's rows × ``--max-length``
-              tokens, every row padded to exactly that budget — one row length, so one capture per fit
+              tokens, every row padded to exactly that budget. One row length, but the number of sequences
+              in a row still varies and each count is a capture: 16 in a SmolLM2 epoch, the slowest layout
+              measured (docs/performance.md, section 5)
 
 A second anchor is what users pick instead of writing a loop: TRL's ``SFTTrainer`` with PEFT LoRA and its
 fastest documented settings, in the same process, on the same tokenised examples (prompt tokens masked):
@@ -267,7 +269,7 @@ def ours_fit(
     budget_tokens = None
     if budget:  # TRL's tokens per step (trl_sft's rows of --max-length), in rows rounded up to --max-length
         budget_tokens, multiple = rows * args.max_length, args.max_length
-        if cuda_graph_layers:  # every row the budget's length: one shape, one capture
+        if cuda_graph_layers:  # every row the budget's length (the sequence count per row still varies)
             multiple = budget_tokens
     compile_layers = compile_backend is not None
     captures_cuda_graphs = compile_mode == "reduce-overhead" or compile_backend == "cudagraphs"
