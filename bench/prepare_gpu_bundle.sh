@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the git-ignored .device/ folder that GPU benchmark runs carry to a machine without internet:
-#   .device/whl/        wheels the GPU image lacks (datasets, jsonargparse, TRL, Liger, …; Python 3.12, x86-64)
+#   .device/whl/        wheels the GPU image lacks (datasets, jsonargparse, TRL, Liger, bitsandbytes, …; Python 3.12, x86-64)
 #   .device/smollm2/    SmolLM2-135M-Instruct's config + tokenizer (from the embedded GGUF)
 #   .device/llama7b/    a Llama-2-7B-shaped config (vocab 49,152) + the same tokenizer, for bench/make_random_model.py
 #   .device/data/gsm8k  GSM8K from ../shared/data
@@ -17,7 +17,7 @@ for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manyl
 done
 # datasets' and jsonargparse[signatures]' needs that the image lacks; TRL and Liger for the TRL anchor (bench/recipe.py).
 for wheel in datasets dill multiprocess jsonargparse docstring-parser typeshed-client importlib-resources \
-    "liger-kernel==0.8.5" "trl>=1.16,<1.17"; do
+    "liger-kernel==0.8.5" "trl>=1.16,<1.17" "bitsandbytes==0.50.2"; do
     python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         "${platforms[@]}" -d .device/whl "$wheel"
 done

@@ -9,12 +9,14 @@ batch 4 × 512 random tokens, bf16 autocast, fused AdamW over the adapter parame
   bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=bfloat16))``,
   ``prepare_model_for_kbit_training(use_gradient_checkpointing=True)``, ``get_peft_model(LoraConfig(r=64,
   lora_alpha=64))``; loss from the model (``labels=``), as a PEFT user writes it.
-- ``ours:<method>[+liger]``: ``load_causal_lm`` in bf16 → ``LitSVDAdapter(..., AdapterConfig(method, rank=64,
+- ``ours:<method>[+liger][+compile]``: ``load_causal_lm`` in bf16 → ``LitSVDAdapter(..., AdapterConfig(method, rank=64,
   base_quantization="nf4"), gradient_checkpointing=True)`` → the whole model to the GPU → exact init there,
   then the residual quantized to NF4 (the bf16 weights are freed as each layer is quantized) → steps through
   ``LitSVDAdapter.compute_loss`` (the fused, chunked loss); SORSA adds the gradient of (γ/lr)·L_orth after
   the backward (``apply_regularizer_gradient``, as in a fit). ``+liger``:
   Liger's RMSNorm/SwiGLU/RoPE kernels and fused linear cross-entropy, as ``liger_kernels=True`` gives a fit.
+  ``+compile``: every decoder layer compiled by inductor (checkpointing and the 4-bit dequantization traced
+  into one graph per layer), as ``compile=True`` gives a fit; compilation happens in the warm-up steps.
 
 Reported per run: tokens/s over the timed steps, the peak of ``torch.cuda.max_memory_allocated`` over
 warm-up + timed steps (reset after init), the memory held before the first step and the init time. Targets
@@ -57,7 +59,9 @@ def write_random_model(args: argparse.Namespace, folder: Path, device: torch.dev
 def prepare(run: str, args: argparse.Namespace, folder: Path, device: torch.device):
     """The model of ``run`` on ``device`` with its adapters, and a ``loss(ids)`` closure."""
     impl, _, method = run.partition(":")
-    method, _, extra = method.partition("+")
+    method, *extras = method.split("+")
+    if unknown := set(extras) - {"liger", "compile"}:
+        raise ValueError(f"unknown option(s) {sorted(unknown)} in run {run!r}: +liger, +compile")
     checkpointing = {"use_reentrant": False}
     if impl == "peft":
         import peft
@@ -86,11 +90,13 @@ def prepare(run: str, args: argparse.Namespace, folder: Path, device: torch.devi
         raise ValueError(f"unknown run {run!r}: peft:qlora or ours:<method>")
     config = AdapterConfig(method=method, rank=args.rank, target_modules=MODULES, base_quantization="nf4", gamma=GAMMA)
     model = load_causal_lm(str(folder), dtype=args.dtype)
-    module = LitSVDAdapter(model, config, gradient_checkpointing=True)
+    module = LitSVDAdapter(model, config, gradient_checkpointing=True, compile="compile" in extras)
     module.model.to(device)
     initialize_adapters(module.model)  # exact init on the device, then NF4 of each residual; bf16 W freed
-    if extra == "liger":  # what LitSVDAdapter(liger_kernels=True) does in setup() of a fit on a GPU
+    if "liger" in extras:  # what LitSVDAdapter(liger_kernels=True) does in setup() of a fit on a GPU
         module.use_liger_kernels()
+    if "compile" in extras:  # what LitSVDAdapter(compile=True) does when a fit starts; compiled in warm-up
+        module.compile_decoder_layers()
 
     def loss(ids: torch.Tensor) -> torch.Tensor:
         return module.compute_loss({"input_ids": ids, "labels": ids})
@@ -120,7 +126,11 @@ def measure(run: str, args: argparse.Namespace, folder: Path, device: torch.devi
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    torch._dynamo.utils.counters.clear()
     info |= time_steps(step, device, args.warmup, args.steps, args.batch * args.seq)
+    if "+compile" in run:  # one graph per layer and no graph break, or the layers did not run compiled
+        info["compiled_graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        info["graph_breaks"] = sum(torch._dynamo.utils.counters["graph_break"].values())
     # free before the next run (the closure holds them)
     model = loss = after_backward = optimizer = params = step = None
     gc.collect()

@@ -120,7 +120,29 @@ def packed_causal_attention(
         return varlen_attn(
             query, key, value, boundaries, boundaries, max_length, max_length, scale=scale, **causal, **extra
         )
+    if torch.compiler.is_compiling():
+        # The per-sequence loop reads the boundaries on the host, which a compiled layer cannot trace (and a
+        # graph break inside a checkpointed layer sends the whole layer back to eager).
+        return _block_diagonal_attention(query, key, value, cu_seq_lens, scale, dropout)
     return _per_sequence_attention(query, key, value, cu_seq_lens.tolist(), scale, dropout)
+
+
+def _block_diagonal_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seq_lens: torch.Tensor,
+    scale: float | None,
+    dropout: float,
+) -> torch.Tensor:
+    """One attention call over the whole row with a causal block-diagonal (N, N) mask built on the device."""
+    positions = torch.arange(query.shape[0], device=query.device)
+    sequence = torch.searchsorted(cu_seq_lens[1:].to(query.device), positions, right=True)
+    mask = (sequence[:, None] == sequence[None, :]) & (positions[:, None] >= positions[None, :])
+    q, k, v = (tensor.transpose(0, 1) for tensor in (query, key, value))
+    grouped = {"enable_gqa": True} if query.shape[1] != key.shape[1] else {}  # a branch: traced as a plain bool
+    attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale, **grouped)
+    return attended.transpose(0, 1)
 
 
 def _hf_varlen_attention(

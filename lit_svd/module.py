@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import time
 from collections import defaultdict
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import torch
+import torch.utils.checkpoint
 from lightning.fabric.utilities.data import _set_sampler_epoch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import Callback
@@ -108,7 +110,8 @@ class LitSVDAdapter(LightningModule):
         liger_kernels: on CUDA devices, Liger Kernel's Triton RMSNorm, SwiGLU and RoPE in the model and its
             fused linear cross-entropy as the loss head (``lit_svd.kernels``; 1.29× the tokens/s of a
             7B-shaped model on an H200, less memory). Needs ``pip install liger-kernel`` and a model family
-            Liger knows (Llama, Qwen2, Mistral, …); on a CPU it warns and changes nothing.
+            Liger knows (Llama, Qwen2, Mistral, …); on a CPU it warns and changes nothing. With ``compile``
+            only the loss head is Liger's (inductor fuses the layers itself).
         on_nonfinite: what a step whose gradients hold a NaN or Inf (e.g. from a non-finite loss) does:
             ``"error"`` stops the run with ``FloatingPointError`` naming the step, the loss and the first
             parameter affected, before the optimizer step, so the adapters and the last checkpoint stay
@@ -203,6 +206,8 @@ class LitSVDAdapter(LightningModule):
         self._orthonormal_plan: tuple[torch.optim.Optimizer, list] | None = None
         self._layer_graphs: LayerGraphs | None = None
         self._liger_active = False
+        self._specialize_float_before: bool | None = None  # dynamo's setting while the layers are compiled
+        self._checkpointed_around_compiled: list[torch.nn.Module] = []
         # The base model is frozen and not saved; Lightning must not insist on its keys when loading.
         self.strict_loading = False
 
@@ -275,10 +280,61 @@ class LitSVDAdapter(LightningModule):
 
     def use_liger_kernels(self) -> None:
         """Swap in Liger's RMSNorm, SwiGLU and RoPE kernels and its fused linear cross-entropy now — what
-        ``liger_kernels=True`` does in ``setup`` of a fit on a CUDA device — for loops outside a Trainer."""
+        ``liger_kernels=True`` does in ``setup`` of a fit on a CUDA device — for loops outside a Trainer.
+
+        With ``compile=True`` only the loss head is Liger's: inductor fuses the layers' normalisations, rotary
+        embedding and gate itself, and dynamo cannot trace Liger's RMSNorm (the compiled layer would fail).
+        """
         if not self._liger_active:
-            apply_liger_kernels(_transformers_model(self.model))
+            if not self.hparams.get("compile"):
+                apply_liger_kernels(_transformers_model(self.model))
             self._liger_active = True
+
+    def compile_decoder_layers(self) -> None:
+        """``torch.compile`` every decoder layer with the module's ``compile_backend``/``compile_mode`` now —
+        what ``compile=True`` does when a fit starts — for loops outside a Trainer; undone by
+        :meth:`uncompile_decoder_layers`.
+
+        With gradient checkpointing, the checkpoint stays eager *around* the compiled layer (transformers' own
+        checkpointing of the layer steps aside meanwhile): the compiled forward runs again inside the backward,
+        with the ``context_fn`` that restores a packed batch's attention (:func:`checkpoint_context_fn`). A
+        checkpoint traced *inside* the compiled layer (what ``layer.compile()`` gives under transformers ≥ 5.2x,
+        whose checkpointing wraps ``forward``) takes no such ``context_fn``, and would recompute a packed
+        batch with the model's own attention whenever dynamo gave up on the layer.
+        """
+        if self._specialize_float_before is not None:
+            return
+        # Under dynamic=True dynamo passes a layer's float attributes (RMSNorm's eps) in as 0-dim *CPU*
+        # tensors; one CPU input keeps the whole layer out of CUDA graphs (reduce-overhead, the cudagraphs
+        # backend) and adds a host-side kernel to every call. A layer's floats never change, so they are
+        # traced as constants. Set for the whole of training (whoever calls the layers), like the stance.
+        self._specialize_float_before = torch._dynamo.config.specialize_float
+        torch._dynamo.config.specialize_float = True
+        context_fn = checkpoint_context_fn(_transformers_model(self.model))
+        for layer in decoder_layers(self.model):
+            compiled = torch.compile(
+                layer._call_impl,
+                dynamic=True,
+                backend=self.hparams.compile_backend,
+                mode=self.hparams.get("compile_mode"),
+            )
+            if getattr(layer, "gradient_checkpointing", False):
+                layer.gradient_checkpointing = False
+                self._checkpointed_around_compiled.append(layer)
+                compiled = functools.partial(_checkpointed_call, layer, compiled, context_fn)
+            layer._compiled_call_impl = compiled
+
+    def uncompile_decoder_layers(self) -> None:
+        """Run the decoder layers eagerly again, checkpointed by transformers where they were before."""
+        if self._specialize_float_before is None:
+            return
+        for layer in decoder_layers(self.model):
+            layer._compiled_call_impl = None
+        for layer in self._checkpointed_around_compiled:
+            layer.gradient_checkpointing = True
+        self._checkpointed_around_compiled = []
+        torch._dynamo.config.specialize_float = self._specialize_float_before
+        self._specialize_float_before = None
 
     def _graphed_generation(self) -> bool:
         if not self.hparams.get("graphed_generation"):
@@ -345,14 +401,7 @@ class LitSVDAdapter(LightningModule):
     def on_train_start(self) -> None:
         self._continue_the_data_where_the_checkpoint_left_it()
         if self.hparams.get("compile"):
-            # Under dynamic=True dynamo passes a layer's float attributes (RMSNorm's eps) in as 0-dim *CPU*
-            # tensors; one CPU input keeps the whole layer out of CUDA graphs (reduce-overhead, the cudagraphs
-            # backend) and adds a host-side kernel to every call. A layer's floats never change, so they are
-            # traced as constants. Set for the whole of training (whoever calls the layers), like the stance.
-            self._specialize_float_before = torch._dynamo.config.specialize_float
-            torch._dynamo.config.specialize_float = True
-            for layer in decoder_layers(self.model):
-                layer.compile(dynamic=True, backend=self.hparams.compile_backend, mode=self.hparams.get("compile_mode"))
+            self.compile_decoder_layers()
         if self.hparams.get("cuda_graph_layers"):
             if self.trainer.accumulate_grad_batches != 1:
                 raise ValueError(
@@ -602,9 +651,7 @@ class LitSVDAdapter(LightningModule):
     def on_train_end(self) -> None:
         if self.hparams.get("compile"):
             # Back to eager: generation and evaluation after fit would otherwise compile graphs of their own.
-            for layer in decoder_layers(self.model):
-                layer._compiled_call_impl = None
-            torch._dynamo.config.specialize_float = self._specialize_float_before
+            self.uncompile_decoder_layers()
         if self._layer_graphs is not None:
             self._layer_graphs.remove()
             self._layer_graphs = None
@@ -779,6 +826,15 @@ class LitSVDAdapter(LightningModule):
                 device=self._export_device(),
                 base=base,
             )
+
+
+def _checkpointed_call(
+    layer: torch.nn.Module, compiled: Callable[..., Any], context_fn: Callable, *args, **kwargs
+) -> Any:
+    """``compiled(*args, **kwargs)`` under non-reentrant activation checkpointing while ``layer`` trains."""
+    if layer.training and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(compiled, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
+    return compiled(*args, **kwargs)
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:

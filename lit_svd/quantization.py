@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import nn
@@ -58,20 +58,93 @@ def _functional():
     return functional
 
 
+def _dequantize_nf4_kernels(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    nested_absmax: torch.Tensor | None,
+    nested_code: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    numel: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The flat ``(numel,)`` weight of NF4 codes ``packed`` in ``dtype`` (float32/bfloat16/float16).
+
+    ``nested_*`` and ``offset`` are given when the absmaxes are themselves 8-bit (double quantization), else
+    ``None``. One operator of our own around bitsandbytes' kernels, so that ``torch.compile`` traces a 4-bit
+    layer whole: bitsandbytes' ``functional.dequantize_4bit`` (``QuantState`` bookkeeping, a lazy import)
+    breaks the trace, and its operator's shape on the CPU, ``(1, numel)``, is not the one its fake kernel
+    declares, ``(numel,)``.
+    """
+    if nested_absmax is not None:
+        absmax = torch.ops.bitsandbytes.dequantize_blockwise(absmax, nested_absmax, nested_code, 256, torch.float32)
+        absmax = absmax + offset
+    # Flat: bitsandbytes 0.50's CPU kernel dequantizes a 2-D shape wrongly when in_features is not a multiple
+    # of the block size (tiny test models: 23-37 % error instead of 9 %); the CUDA one is flat anyway.
+    # tests/test_quantization.py pins the result against a pure-torch NF4 reference.
+    flat = torch.ops.bitsandbytes.dequantize_4bit(packed, absmax, _BLOCKSIZE, "nf4", [numel], dtype)
+    return flat.reshape(numel)
+
+
+_dequantize_nf4_op = torch.library.custom_op("lit_svd::dequantize_nf4", _dequantize_nf4_kernels, mutates_args=())
+
+
+@_dequantize_nf4_op.register_fake
+def _(packed, absmax, nested_absmax, nested_code, offset, numel, dtype):
+    return packed.new_empty((numel,), dtype=dtype)
+
+
+def _dequantize_nf4(
+    packed: torch.Tensor, absmax: torch.Tensor, nested: tuple[torch.Tensor, ...], numel: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """The operator under ``torch.compile``; outside it the plain function (the operator's dispatch costs
+    ~10 µs a call, some 700 calls a step for a 7B model)."""
+    nested_absmax, nested_code, offset = nested or (None, None, None)
+    dequantize = _dequantize_nf4_op if torch.compiler.is_compiling() else _dequantize_nf4_kernels
+    return dequantize(packed, absmax, nested_absmax, nested_code, offset, numel, dtype)
+
+
+def _dequantized_weight(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    nested: tuple[torch.Tensor, ...],
+    shape: tuple[int, int],
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The ``shape`` weight in ``dtype``; dtypes the kernel lacks (float64) are dequantized in float32."""
+    work = dtype if quantizable_dtype(dtype) else torch.float32
+    flat = _dequantize_nf4(packed, absmax, nested, shape[0] * shape[1], work)
+    return flat.view(shape).to(dtype)
+
+
 class _DequantizedLinear(torch.autograd.Function):
-    """``y = x deq(Q)ᵀ + b`` that saves no (m, n) tensor for backward: it dequantizes again there."""
+    """``y = x deq(Q)ᵀ + b`` that saves no (m, n) tensor for backward: it dequantizes again there.
+
+    Takes the layer's buffers as tensors (not the layer) so that ``torch.compile`` traces it as one operator.
+    """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, layer: NF4Linear, bias: torch.Tensor | None) -> torch.Tensor:
-        ctx.layer = layer
-        weight = layer.dequantized(x.dtype)
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        bias: torch.Tensor | None,
+        shape: tuple[int, int],
+        packed: torch.Tensor,
+        absmax: torch.Tensor,
+        *nested: torch.Tensor,
+    ) -> torch.Tensor:
+        ctx.shape = shape
+        ctx.save_for_backward(packed, absmax, *nested)
+        weight = _dequantized_weight(packed, absmax, tuple(nested), shape, x.dtype)
         return nn.functional.linear(x, weight, None if bias is None else bias.to(x.dtype))
 
     @staticmethod
-    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        packed, absmax, *nested = ctx.saved_tensors
+        nones = (None,) * (4 + len(nested))
         if not ctx.needs_input_grad[0]:
-            return None, None, None
-        return grad_output @ ctx.layer.dequantized(grad_output.dtype), None, None
+            return (None, *nones)
+        weight = _dequantized_weight(packed, absmax, tuple(nested), ctx.shape, grad_output.dtype)
+        return (grad_output @ weight, *nones)
 
 
 class NF4Linear(nn.Module):
@@ -138,33 +211,15 @@ class NF4Linear(nn.Module):
             }
         return cls(tuple(matrix.shape), matrix.dtype, tensors, bias, conv1d)
 
-    def _quant_state(self, dtype: torch.dtype) -> Any:
-        functional = _functional()
-        nested = None
-        if self.double_quantization:
-            nested = functional.QuantState(
-                absmax=self.nested_absmax, code=self.nested_code, blocksize=256, dtype=torch.float32
-            )
-        return functional.QuantState(
-            absmax=self.absmax,
-            # Flat: bitsandbytes 0.50's CPU kernel dequantizes a 2-D shape wrongly when in_features is not a
-            # multiple of the block size (tiny test models: 23-37 % error instead of 9 %); the CUDA one is flat
-            # anyway. tests/test_quantization.py pins the result against a pure-torch NF4 reference.
-            shape=torch.Size((self.out_features * self.in_features,)),
-            code=self.code,
-            blocksize=_BLOCKSIZE,
-            quant_type="nf4",
-            dtype=dtype,
-            offset=self.offset if self.double_quantization else None,
-            state2=nested,
-        )
+    def _nested(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        if not self.double_quantization:
+            return None
+        return self.nested_absmax, self.nested_code, self.offset
 
     def dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The ``(out, in)`` weight ``deq(Q)`` in ``dtype`` (default: the quantized weight's own dtype)."""
-        target = dtype or self.dtype
-        work = target if quantizable_dtype(target) else torch.float32  # e.g. float64 activations
-        flat = _functional().dequantize_4bit(self.packed, self._quant_state(work))
-        return flat.view(self.out_features, self.in_features).to(target)
+        shape = (self.out_features, self.in_features)
+        return _dequantized_weight(self.packed, self.absmax, self._nested() or (), shape, dtype or self.dtype)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -172,7 +227,10 @@ class NF4Linear(nn.Module):
         return matrix.T if self.conv1d else matrix
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _DequantizedLinear.apply(x, self, self.bias)
+        nested = self._nested() or ()
+        return _DequantizedLinear.apply(
+            x, self.bias, (self.out_features, self.in_features), self.packed, self.absmax, *nested
+        )
 
     def extra_repr(self) -> str:
         double = ", double_quantization" if self.double_quantization else ""

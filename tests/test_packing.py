@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 
 import lightning as L
 import pytest
@@ -131,6 +132,12 @@ def test_packed_attention_equals_block_diagonal_causal_attention(kv_heads):
     value = torch.randn(total, kv_heads, 8, dtype=torch.float64)
     got = packed_causal_attention(query, key, value, sequence_boundaries(lengths), max(lengths))
     torch.testing.assert_close(got, block_causal_reference(query, key, value, lengths))
+    # Compiled (a traced layer cannot read the boundaries on the host): the same numbers, in one graph.
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(packed_causal_attention, backend="aot_eager", fullgraph=True, dynamic=True)
+    torch.testing.assert_close(compiled(query, key, value, sequence_boundaries(lengths), max(lengths)), got)
+    assert counters["stats"]["unique_graphs"] == 1
 
 
 def test_packed_attention_rejects_inconsistent_boundaries():
@@ -375,6 +382,50 @@ def test_compiled_training_equals_eager_and_ends_eager(method, tmp_path):
         assert (counters["stats"]["unique_graphs"] >= 1) == compile_layers  # the compiled layers did run
         states[compile_layers] = adapter_state_dict(module.model)
         assert all(layer._compiled_call_impl is None for layer in module.model.model.layers)
+    for name, tensor in states[True].items():
+        torch.testing.assert_close(tensor, states[False][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+_CHECKPOINT = torch.utils.checkpoint.checkpoint
+
+
+def _recording(calls: list, *args, **kwargs):
+    calls.append(kwargs)
+    return _CHECKPOINT(*args, **kwargs)
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_compiled_checkpointed_4bit_layers_train_as_eager_ones_in_one_graph(pack, tmp_path, monkeypatch):
+    """A 4-bit base with gradient checkpointing: each layer (NF4 dequantization and all) compiles into one
+    graph with no graph break, checkpointed around the compiled call, and three steps end where eager ones do;
+    afterwards the layers are eager and checkpointed by transformers again."""
+    pytest.importorskip("bitsandbytes")
+    base = make_tiny_model("llama")
+    states = {}
+    for compile_layers in (False, True):
+        torch._dynamo.reset()
+        module = LitSVDAdapter(
+            copy.deepcopy(base),
+            AdapterConfig(method="sorsa", rank=4, base_quantization="nf4"),
+            learning_rate=1e-2,
+            gradient_checkpointing=True,
+            compile=compile_layers,
+            compile_backend="aot_eager",
+        )
+        counters.clear()
+        checkpointed = []
+        monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", functools.partial(_recording, checkpointed))
+        fit_three_steps(module, _ListData(pack=pack), tmp_path)
+        monkeypatch.undo()
+        assert counters["stats"]["unique_graphs"] == (1 if compile_layers else 0)
+        assert not counters["graph_break"], dict(counters["graph_break"])
+        if compile_layers:  # checkpointed around the compiled layer, with the packed attention's context
+            assert len(checkpointed) == 3 * len(module.model.model.layers)
+            assert all(k["context_fn"] is not None and k["use_reentrant"] is False for k in checkpointed)
+        states[compile_layers] = adapter_state_dict(module.model)
+        for layer in module.model.model.layers:  # eager again, checkpointed by transformers as before
+            assert layer._compiled_call_impl is None and layer.gradient_checkpointing
+            assert layer._gradient_checkpointing_func.keywords.get("context_fn") is not None
     for name, tensor in states[True].items():
         torch.testing.assert_close(tensor, states[False][name], rtol=1e-4, atol=1e-5, msg=name)
 

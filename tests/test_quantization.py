@@ -20,6 +20,7 @@ from lit_svd import (
     inject_adapters,
     load_adapter_state_dict,
     merge_adapters,
+    quantization,
 )
 from lit_svd.export import export_merged, export_peft_lora
 from lit_svd.quantization import NF4Linear, nf4_round_trip
@@ -60,6 +61,20 @@ def test_nf4_round_trip_matches_a_plain_torch_reference(shape):
     torch.testing.assert_close(layer.dequantized(), reference_nf4(matrix), rtol=0, atol=1e-6)
     relative = (nf4_round_trip(matrix) - matrix).norm() / matrix.norm()
     assert 0.08 < relative < 0.1  # NF4 on Gaussian weights, with double quantization too
+
+
+@pytest.mark.parametrize("double_quantization", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_dequantize_operator_agrees_with_its_fake_kernel(double_quantization, dtype):
+    # torch.compile plans a 4-bit layer from the fake kernel; a real output of another shape (bitsandbytes'
+    # own operator gives (1, numel) on the CPU) fails the compiled layer at its first call.
+    layer = NF4Linear.from_matrix(torch.randn(48, 32), double_quantization=double_quantization)
+    nested = (layer.nested_absmax, layer.nested_code, layer.offset) if double_quantization else (None, None, None)
+    args = (layer.packed, layer.absmax, *nested, 48 * 32, dtype)
+    torch.library.opcheck(quantization._dequantize_nf4_op, args, test_utils=("test_schema", "test_faketensor"))
+    out = quantization._dequantize_nf4_op(*args)
+    assert out.shape == (48 * 32,) and out.dtype == dtype
+    torch.testing.assert_close(out.view(48, 32), layer.dequantized(dtype), rtol=0, atol=0)
 
 
 # Every method on the tiny Llama, and GPT-2's Conv1D layers with one SVD method and LoRA (QLoRA).
@@ -120,8 +135,8 @@ def test_dora_on_a_4bit_base_dequantizes_for_its_norm_only_when_the_norm_is_stal
     perturb(model)
     layer = next(layer for _, layer in adapter_layers(model))
     reads = []
-    dequantize = NF4Linear.dequantized
-    monkeypatch.setattr(NF4Linear, "dequantized", lambda self, *a, **k: reads.append(1) or dequantize(self, *a, **k))
+    dequantize = quantization._dequantize_nf4
+    monkeypatch.setattr(quantization, "_dequantize_nf4", lambda *a, **k: reads.append(1) or dequantize(*a, **k))
     x = torch.randn(5, layer.in_features, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         first = layer(x)
