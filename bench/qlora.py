@@ -15,8 +15,10 @@ batch 4 × 512 random tokens, bf16 autocast, fused AdamW over the adapter parame
   ``LitSVDAdapter.compute_loss`` (the fused, chunked loss); SORSA adds the gradient of (γ/lr)·L_orth after
   the backward (``apply_regularizer_gradient``, as in a fit). ``+liger``:
   Liger's RMSNorm/SwiGLU/RoPE kernels and fused linear cross-entropy, as ``liger_kernels=True`` gives a fit.
-  ``+compile``: every decoder layer compiled by inductor (checkpointing and the 4-bit dequantization traced
-  into one graph per layer), as ``compile=True`` gives a fit; compilation happens in the warm-up steps.
+  ``+compile``: every decoder layer compiled by inductor (the 4-bit dequantization traced into one graph per
+  layer, checkpointed around the compiled call), as ``compile=True`` gives a fit; compilation happens in the
+  warm-up steps. With ``+liger`` too, only Liger's loss head (inductor fuses the layers). Liger's layer kernels
+  patch transformers process-wide, so ``+liger`` runs without ``+compile`` must come last.
 
 Reported per run: tokens/s over the timed steps, the peak of ``torch.cuda.max_memory_allocated`` over
 warm-up + timed steps (reset after init), the memory held before the first step and the init time. Targets
@@ -154,6 +156,12 @@ def main() -> None:
     p.add_argument("--workdir", type=Path, default=None, help="where the random checkpoint goes (default: a temp dir)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
+    eager_liger = [i for i, run in enumerate(args.runs) if "+liger" in run and "+compile" not in run]
+    if eager_liger and any("+compile" in run for run in args.runs[eager_liger[0] :]):
+        p.error(
+            "put +liger runs after the +compile ones: Liger patches transformers' modules process-wide, and a "
+            "compiled layer cannot trace Liger's RMSNorm"
+        )
     device = torch.device(args.device)
     args.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # CPUs here lack fast bf16
     if args.smoke:

@@ -248,6 +248,9 @@ def test_small_gpu_4bit_overlay_quantizes_the_base_and_keeps_the_recipe():
     own = yaml.safe_load((REPO / "recipes" / "configs" / "gsm8k_pissa.yaml").read_text())
     assert merged["model"]["adapter"]["base_quantization"] == "nf4"
     assert merged["model"]["gradient_checkpointing"] is True and merged["model"]["model_dtype"] == "bfloat16"
+    # compiled layers on packed rows of few shapes (padded rows recompile the layers: docs/quantization.md)
+    assert merged["model"]["compile"] is True
+    assert merged["data"]["pack_sequences"] is True and merged["data"]["pack_to_multiple_of"] == 256
     for key, value in own["model"]["adapter"].items():  # method, rank, targets … unchanged: PiSSA → QPiSSA
         assert merged["model"]["adapter"][key] == value, key
 
