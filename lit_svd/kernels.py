@@ -14,7 +14,9 @@ the loss head alone (16,384 labelled positions, vocabulary 49,152, bf16): 31.6 â
 
 Liger patches the transformers modelling module of the model's family as a whole (its RoPE function is a
 module global), so every model of that family in the process computes its rotary embedding with Liger's
-kernel afterwards; the result is the same function up to rounding.
+kernel afterwards; the result is the same function up to rounding. Models of that family built later in the
+process get Liger's RMSNorm and MLP too, which ``torch.compile`` cannot trace: with ``compile=True`` the
+module uses Liger's loss head only, and compiled layers need a process in which Liger has not patched them.
 """
 
 from __future__ import annotations

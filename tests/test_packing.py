@@ -506,15 +506,18 @@ def test_compiled_layer_graphs_have_nothing_that_blocks_cuda_graphs(method, tmp_
 
 def test_compile_mode_reaches_every_decoder_layer_and_is_validated(monkeypatch):
     calls = []
-    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: calls.append((type(self).__name__, kwargs)))
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: calls.append((fn.__self__, kwargs)) or fn)
     module = LitSVDAdapter(
         make_tiny_model("llama"), AdapterConfig(method="lora", rank=4), compile=True, compile_mode="reduce-overhead"
     )
     initialize_adapters(module.model)
     module.on_train_start()
-    assert len(calls) == len(module.model.model.layers) == module.model.config.num_hidden_layers
-    assert {name for name, _ in calls} == {"LlamaDecoderLayer"}
+    layers = list(module.model.model.layers)
+    assert [layer for layer, _ in calls] == layers and len(layers) == module.model.config.num_hidden_layers
     assert all(kw == {"dynamic": True, "backend": "inductor", "mode": "reduce-overhead"} for _, kw in calls)
+    assert all(layer._compiled_call_impl is not None for layer in layers)
+    module.uncompile_decoder_layers()
+    assert all(layer._compiled_call_impl is None for layer in layers)
     with pytest.raises(ValueError, match="compile_mode must be one of default, reduce-overhead.*got 'fast'"):
         LitSVDAdapter(make_tiny_model("llama"), compile=True, compile_mode="fast")
     with pytest.raises(ValueError, match="compile_mode is an inductor option; compile_backend is 'aot_eager'"):
