@@ -135,7 +135,12 @@ def _block_diagonal_attention(
     scale: float | None,
     dropout: float,
 ) -> torch.Tensor:
-    """One attention call over the whole row with a causal block-diagonal (N, N) mask built on the device."""
+    """One attention call over the whole row with a causal block-diagonal (N, N) mask built on the device.
+
+    Only under ``torch.compile`` where FlashAttention's varlen kernel does not apply (CPU, float32, dropout): its
+    memory grows as N² per head (the math path materialises the scores), where the eager loop's grows as the
+    longest sequence's square.
+    """
     positions = torch.arange(query.shape[0], device=query.device)
     sequence = torch.searchsorted(cu_seq_lens[1:].to(query.device), positions, right=True)
     mask = (sequence[:, None] == sequence[None, :]) & (positions[:, None] >= positions[None, :])
