@@ -93,16 +93,6 @@ def _(packed, absmax, nested_absmax, nested_code, offset, numel, dtype):
     return packed.new_empty((numel,), dtype=dtype)
 
 
-def _dequantize_nf4(
-    packed: torch.Tensor, absmax: torch.Tensor, nested: tuple[torch.Tensor, ...], numel: int, dtype: torch.dtype
-) -> torch.Tensor:
-    """The operator under ``torch.compile``; outside it the plain function (the operator's dispatch costs
-    ~10 µs a call, some 700 calls a step for a 7B model)."""
-    nested_absmax, nested_code, offset = nested or (None, None, None)
-    dequantize = _dequantize_nf4_op if torch.compiler.is_compiling() else _dequantize_nf4_kernels
-    return dequantize(packed, absmax, nested_absmax, nested_code, offset, numel, dtype)
-
-
 def _dequantized_weight(
     packed: torch.Tensor,
     absmax: torch.Tensor,
@@ -110,9 +100,15 @@ def _dequantized_weight(
     shape: tuple[int, int],
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    """The ``shape`` weight in ``dtype``; dtypes the kernel lacks (float64) are dequantized in float32."""
+    """The ``shape`` weight in ``dtype``; dtypes the kernel lacks (float64) are dequantized in float32.
+
+    ``nested``: ``(nested_absmax, nested_code, offset)`` with double quantization, else empty. Under
+    ``torch.compile`` through the operator; outside it the plain function (the operator's dispatch costs
+    ~10 µs a call, some 700 calls a step for a 7B model).
+    """
     work = dtype if quantizable_dtype(dtype) else torch.float32
-    flat = _dequantize_nf4(packed, absmax, nested, shape[0] * shape[1], work)
+    dequantize = _dequantize_nf4_op if torch.compiler.is_compiling() else _dequantize_nf4_kernels
+    flat = dequantize(packed, absmax, *(nested or (None, None, None)), shape[0] * shape[1], work)
     return flat.view(shape).to(dtype)
 
 
@@ -202,7 +198,7 @@ class NF4Linear(nn.Module):
         packed, state = functional.quantize_4bit(
             matrix.contiguous(), blocksize=_BLOCKSIZE, compress_statistics=double_quantization, quant_type="nf4"
         )
-        tensors = {"packed": packed, "absmax": state.absmax, "code": state.code}
+        tensors = {"packed": packed, "absmax": state.absmax}  # the NF4 code table is the kernel's own
         if state.nested:
             tensors |= {
                 "nested_absmax": state.state2.absmax,
@@ -211,15 +207,14 @@ class NF4Linear(nn.Module):
             }
         return cls(tuple(matrix.shape), matrix.dtype, tensors, bias, conv1d)
 
-    def _nested(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        if not self.double_quantization:
-            return None
-        return self.nested_absmax, self.nested_code, self.offset
+    def _nested(self) -> tuple[torch.Tensor, ...]:
+        """``(nested_absmax, nested_code, offset)`` with double quantization, else empty."""
+        return (self.nested_absmax, self.nested_code, self.offset) if self.double_quantization else ()
 
     def dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The ``(out, in)`` weight ``deq(Q)`` in ``dtype`` (default: the quantized weight's own dtype)."""
         shape = (self.out_features, self.in_features)
-        return _dequantized_weight(self.packed, self.absmax, self._nested() or (), shape, dtype or self.dtype)
+        return _dequantized_weight(self.packed, self.absmax, self._nested(), shape, dtype or self.dtype)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -227,10 +222,8 @@ class NF4Linear(nn.Module):
         return matrix.T if self.conv1d else matrix
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        nested = self._nested() or ()
-        return _DequantizedLinear.apply(
-            x, self.bias, (self.out_features, self.in_features), self.packed, self.absmax, *nested
-        )
+        shape = (self.out_features, self.in_features)
+        return _DequantizedLinear.apply(x, self.bias, shape, self.packed, self.absmax, *self._nested())
 
     def extra_repr(self) -> str:
         double = ", double_quantization" if self.double_quantization else ""

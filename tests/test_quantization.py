@@ -98,7 +98,7 @@ def test_quantization_comes_after_the_exact_init_and_keeps_no_full_precision_cop
             if t.is_floating_point() and tuple(t.shape) in big
         ]
         assert not kept, (name, kept)
-        # 4 bits per weight plus scales (the two code tables, 1 KiB per layer, aside): < 0.6 bytes per weight
+        # 4 bits per weight plus scales (the 8-bit scales' code table, 1 KiB per layer, aside): < 0.6 bytes per weight
         stored = sum(t.numel() * t.element_size() for n, t in q.base_layer.named_buffers() if "code" not in n)
         assert stored < 0.6 * q.out_features * q.in_features, (name, stored)
 
@@ -135,8 +135,8 @@ def test_dora_on_a_4bit_base_dequantizes_for_its_norm_only_when_the_norm_is_stal
     perturb(model)
     layer = next(layer for _, layer in adapter_layers(model))
     reads = []
-    dequantize = quantization._dequantize_nf4
-    monkeypatch.setattr(quantization, "_dequantize_nf4", lambda *a, **k: reads.append(1) or dequantize(*a, **k))
+    dequantize = quantization._dequantized_weight
+    monkeypatch.setattr(quantization, "_dequantized_weight", lambda *a, **k: reads.append(1) or dequantize(*a, **k))
     x = torch.randn(5, layer.in_features, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         first = layer(x)
