@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import torch
-import torch.utils.checkpoint
 from lightning.fabric.utilities.data import _set_sampler_epoch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import Callback
@@ -298,9 +297,10 @@ class LitSVDAdapter(LightningModule):
         what ``compile=True`` does when a fit starts — for loops outside a Trainer; undone by
         :meth:`uncompile_decoder_layers`.
 
-        With gradient checkpointing, the checkpoint stays eager *around* the compiled layer (transformers' own
-        checkpointing of the layer steps aside meanwhile): the compiled forward runs again inside the backward,
-        with the ``context_fn`` that restores a packed batch's attention (:func:`checkpoint_context_fn`). A
+        With gradient checkpointing, the checkpoint stays eager *around* the compiled layer: the layer's own
+        checkpoint function (``_gradient_checkpointing_func``, set up with the ``context_fn`` that restores a
+        packed batch's attention, :func:`checkpoint_context_fn`) wraps the compiled call, while transformers'
+        checkpointing inside the layer steps aside. The compiled forward runs again inside the backward. A
         checkpoint traced *inside* the compiled layer (what ``layer.compile()`` gives under transformers ≥ 5.2x,
         whose checkpointing wraps ``forward``) takes no such ``context_fn``, and would recompute a packed
         batch with the model's own attention whenever dynamo gave up on the layer.
@@ -313,7 +313,6 @@ class LitSVDAdapter(LightningModule):
         # traced as constants. Set for the whole of training (whoever calls the layers), like the stance.
         self._specialize_float_before = torch._dynamo.config.specialize_float
         torch._dynamo.config.specialize_float = True
-        context_fn = checkpoint_context_fn(_transformers_model(self.model))
         for layer in decoder_layers(self.model):
             compiled = torch.compile(
                 layer._call_impl,
@@ -324,7 +323,7 @@ class LitSVDAdapter(LightningModule):
             if getattr(layer, "gradient_checkpointing", False):
                 layer.gradient_checkpointing = False
                 self._checkpointed_around_compiled.append(layer)
-                compiled = functools.partial(_checkpointed_call, layer, compiled, context_fn)
+                compiled = functools.partial(_checkpointed_call, layer, compiled)
             layer._compiled_call_impl = compiled
 
     def uncompile_decoder_layers(self) -> None:
@@ -831,12 +830,10 @@ class LitSVDAdapter(LightningModule):
             )
 
 
-def _checkpointed_call(
-    layer: torch.nn.Module, compiled: Callable[..., Any], context_fn: Callable, *args, **kwargs
-) -> Any:
-    """``compiled(*args, **kwargs)`` under non-reentrant activation checkpointing while ``layer`` trains."""
+def _checkpointed_call(layer: torch.nn.Module, compiled: Callable[..., Any], *args, **kwargs) -> Any:
+    """``compiled(*args, **kwargs)`` under ``layer``'s own activation checkpointing while it trains."""
     if layer.training and torch.is_grad_enabled():
-        return torch.utils.checkpoint.checkpoint(compiled, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
+        return layer._gradient_checkpointing_func(functools.partial(compiled, **kwargs), *args)
     return compiled(*args, **kwargs)
 
 

@@ -386,12 +386,9 @@ def test_compiled_training_equals_eager_and_ends_eager(method, tmp_path):
         torch.testing.assert_close(tensor, states[False][name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-_CHECKPOINT = torch.utils.checkpoint.checkpoint
-
-
-def _recording(calls: list, *args, **kwargs):
-    calls.append(kwargs)
-    return _CHECKPOINT(*args, **kwargs)
+def _recording(calls: list, checkpoint: functools.partial, *args, **kwargs):
+    calls.append(checkpoint.keywords | kwargs)
+    return checkpoint(*args, **kwargs)
 
 
 @pytest.mark.parametrize("pack", [False, True])
@@ -414,7 +411,9 @@ def test_compiled_checkpointed_4bit_layers_train_as_eager_ones_in_one_graph(pack
         )
         counters.clear()
         checkpointed = []
-        monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", functools.partial(_recording, checkpointed))
+        for layer in module.model.model.layers:  # each layer's checkpoint function, as transformers set it up
+            recording = functools.partial(_recording, checkpointed, layer._gradient_checkpointing_func)
+            monkeypatch.setattr(layer, "_gradient_checkpointing_func", recording)
         fit_three_steps(module, _ListData(pack=pack), tmp_path)
         monkeypatch.undo()
         assert counters["stats"]["unique_graphs"] == (1 if compile_layers else 0)
