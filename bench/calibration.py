@@ -4,7 +4,8 @@ A Llama-2-7B-shaped causal LM (random bf16 weights built on the device, SmolLM2'
 is calibrated on the same batches of GSM8K train (the lit_svd datamodule, shuffled with its seed) by
 
 - ours: ``inject_adapters(..., initialize=False)`` then ``lit_svd.calibration.calibrate`` (what ``SVDInit``
-  runs inside ``fit``): statistics on the device, float32, one pass, then the init;
+  runs inside ``fit``): the padded batches run as packed rows (``--no-pack``: as they are), statistics on the
+  device, float32, one pass, then the init;
 - PEFT 0.21: CorDA ``preprocess_corda`` (its hook takes one sequence per forward, so each row of each batch is
   run alone, padding dropped) + ``get_peft_model``; EVA ``get_peft_model(low_cpu_mem_usage=True)`` +
   ``initialize_lora_eva_weights`` on the batches (it cycles them until its estimates converge); LoRA-GA
@@ -89,7 +90,9 @@ def run_ours(method: str, model, batches, args, device) -> dict[str, Any]:
     config = AdapterConfig(method=method, rank=args.rank, target_modules=MODULES)
     with Timer(device) as t:
         inject_adapters(model, config, initialize=False)
-        report = calibrate(model, [_to(b, device) for b in batches], max_statistics_bytes=args.max_bytes)
+        report = calibrate(
+            model, [_to(b, device) for b in batches], max_statistics_bytes=args.max_bytes, pack_batches=args.pack
+        )
     return {
         "seconds": t.seconds,
         "calibration_seconds": report["calibration_seconds"],
@@ -97,6 +100,7 @@ def run_ours(method: str, model, batches, args, device) -> dict[str, Any]:
         "finalize_seconds": report["calibration_finalize_seconds"],
         "init_seconds": report["seconds"],
         "passes": report["calibration_passes"],
+        "packed": report["calibration_packed"],
         "statistics_gb": gb(report["calibration_peak_bytes"]),
     }
 
@@ -218,6 +222,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--no-warmup", dest="warmup", action="store_false", help="time the first forward/backward too")
     p.add_argument("--sdpa", choices=["shipped", "default", "no-cudnn"], default="shipped", help="attention backends")
     p.add_argument("--profile", action="store_true", help="print each run's top kernels (torch.profiler)")
+    p.add_argument(
+        "--no-pack", dest="pack", action="store_const", const=False, default=None,
+        help="ours: run the padded batches as they are (default: packed rows, as SVDInit does)",
+    )  # fmt: skip
     p.add_argument("--max-bytes", type=int, default=None, help="ours: max_statistics_bytes (None: one pass)")
     p.add_argument("--data-dir", type=Path, default=DATA_DIR)
     p.add_argument("--tokenizer", default=None, help="Hub id or local folder (default: the embedded SmolLM2)")
@@ -263,6 +271,7 @@ def main() -> None:
             row["speedup_vs_peft"] = seconds[("peft", row["method"])] / row["seconds"]
     write_json(args.out, results)
     columns = ["run", "seconds", "calibration_seconds", "pass_seconds", "finalize_seconds", "init_seconds", "passes"]
+    columns += ["packed"]
     columns += ["statistics_gb", "peak_extra_gb"]
     print(format_table(results["runs"], [*columns, "speedup_vs_peft"]))
 

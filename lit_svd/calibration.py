@@ -44,12 +44,14 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from lit_svd.adapters import AdapterLayer
-from lit_svd.attention import varying_shape_attention
+from lit_svd.attention import supports_packing, varying_shape_attention
+from lit_svd.data import pack_padded_batch
 from lit_svd.inject import adapter_layers, initialize_adapters, stacked_chunks
 from lit_svd.linalg import corda_factors, damped_inverse, loraga_factors, pca_components
-from lit_svd.losses import IGNORE_INDEX
+from lit_svd.losses import IGNORE_INDEX, causal_lm_batch_loss
 
 __all__ = ["calibrate", "statistics_bytes"]
 
@@ -71,6 +73,9 @@ def _default_forward(model: nn.Module) -> Callable[[Batch], Any]:
         if labels is None:
             mask = batch.get("attention_mask")
             labels = batch["input_ids"] if mask is None else batch["input_ids"].masked_fill(mask == 0, IGNORE_INDEX)
+        if isinstance(model, PreTrainedModel):
+            # Padded or packed; the head runs on labelled positions only (no (B, T, V) float32 logits).
+            return causal_lm_batch_loss(model, {**batch, "labels": labels})
         return model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=labels)
 
     return forward
@@ -144,7 +149,7 @@ class _Sums:
         if self.kind == "corda":
             # PEFT divides each sequence's inputs by |max| (not the max of |x|) before XᵀX; kept for parity.
             # The max over each sequence's real tokens, as a scatter over the tokens already selected.
-            peak = selected.new_full((x.shape[0],), float("-inf"))
+            peak = selected.new_full((tokens.slots,), float("-inf"))
             peak = peak.scatter_reduce(0, tokens.sequence, selected.amax(-1), "amax").abs()
             selected = selected / peak[tokens.sequence, None]
             self.count += tokens.sequences
@@ -158,14 +163,18 @@ class _Tokens:
     """One batch's real tokens for one statistic: a mask (B, T), their flat indices, and their sequences.
 
     The indices come from one ``nonzero`` per batch (one host synchronisation), so the hooks select tokens
-    with ``index_select`` without synchronising: padding never enters the float32 GEMMs."""
+    with ``index_select`` without synchronising: padding never enters the float32 GEMMs. ``sequence`` gives
+    each selected token's sequence, a slot in ``0 … slots − 1`` (a padded batch's row; in a packed row, the
+    sequence that ``cu_seq_lens`` puts it in)."""
 
-    def __init__(self, mask: torch.Tensor) -> None:
+    def __init__(self, mask: torch.Tensor, sequence: torch.Tensor, slots: int) -> None:
         self.mask = mask
         self.index = mask.reshape(-1).nonzero().squeeze(-1)
         self.count = self.index.numel()
-        self.sequence = self.index // mask.shape[-1]
-        self.sequences = mask.any(-1).sum(dtype=torch.float64)
+        self.sequence = sequence.reshape(-1).index_select(0, self.index)
+        self.slots = slots
+        seen = torch.zeros(slots, dtype=torch.float64, device=mask.device)
+        self.sequences = seen.index_fill_(0, self.sequence, 1.0).sum()
 
 
 class _Collector:
@@ -194,10 +203,9 @@ class _Collector:
             return layer.register_forward_hook(self.after_forward)
         return layer.register_forward_pre_hook(self.before_forward)
 
-    def start_batch(self, batch: Batch) -> None:
-        masks = _token_masks(batch)
+    def start_batch(self, masks: dict[str, torch.Tensor], sequence: torch.Tensor, slots: int) -> None:
         kinds = {sums.kind for sums in self.sums.values()} | ({"corda", "eva"} if self.share else set())
-        self.tokens = {kind: _Tokens(mask) for kind, mask in masks.items() if kind in kinds}
+        self.tokens = {kind: _Tokens(mask, sequence, slots) for kind, mask in masks.items() if kind in kinds}
 
     def end_batch(self) -> None:
         for layer, sums in self.sums.items():
@@ -282,13 +290,38 @@ def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     out.addmm_(a.float().T, b.float())
 
 
-def _token_masks(batch: Batch) -> dict[str, torch.Tensor]:
+def _statistic_tokens(batch: Batch) -> tuple[dict[str, torch.Tensor], torch.Tensor, int]:
+    """Per statistic kind, which positions of ``input_ids`` it reads; each position's sequence; how many
+    sequence slots. Padded batches: the attention mask (EVA: and a label), one sequence per row. Packed rows
+    (``cu_seq_lens``): every position but the trailing padding sequence (``padding_tokens``)."""
     ids = batch["input_ids"]
-    tokens = batch.get("attention_mask")
-    tokens = torch.ones_like(ids, dtype=torch.bool) if tokens is None else tokens.bool()
+    if "cu_seq_lens" in batch:
+        boundaries = batch["cu_seq_lens"].to(ids.device).long()
+        slots = boundaries.numel() - 1
+        sequence = torch.repeat_interleave(torch.arange(slots, device=ids.device), boundaries.diff())[None]
+        tokens = torch.ones_like(ids, dtype=torch.bool)
+        padding = int(batch.get("padding_tokens", 0))
+        if padding:
+            tokens[..., -padding:] = False
+    else:
+        slots = ids.shape[0]
+        sequence = torch.arange(slots, device=ids.device)[:, None].expand_as(ids)
+        mask = batch.get("attention_mask")
+        tokens = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
     labels = batch.get("labels")
     labelled = tokens if labels is None else tokens & (labels != IGNORE_INDEX)
-    return {"corda": tokens, "eva": labelled, "gradient": tokens}
+    return {"corda": tokens, "eva": labelled, "gradient": tokens}, sequence, slots
+
+
+def _prepared(batch: Batch, pack: bool) -> tuple[Batch, dict[str, torch.Tensor], torch.Tensor, int]:
+    """The batch to run (packed if ``pack`` and padded) and its ``_statistic_tokens``, read from the batch as
+    given: a packed batch's statistics are those of the padded one, token for token."""
+    masks, sequence, slots = _statistic_tokens(batch)
+    real = masks["corda"]
+    if not pack or "cu_seq_lens" in batch or not bool(real.any()):  # all padding: nothing to pack
+        return batch, masks, sequence, slots
+    packed_masks = {kind: mask[real][None] for kind, mask in masks.items()}
+    return pack_padded_batch(batch), packed_masks, sequence[real][None], slots
 
 
 def _groups(layers: list[AdapterLayer], max_bytes: int | None) -> list[list[AdapterLayer]]:
@@ -327,6 +360,7 @@ def _run_pass(
     run: Callable[[Batch], Any],
     device: torch.device,
     all_reduce: Callable[[torch.Tensor], None] | None,
+    pack: bool,
 ) -> _Collector:
     """All batches through the model once with ``group``'s hooks; again without shared inputs if sharing
     broke on this rank (``_NotShared``) or the ranks' sharing plans differ (then every rank runs again)."""
@@ -343,8 +377,8 @@ def _run_pass(
                 _activations_require_grad(model) if gradients else contextlib.nullcontext(),
             ):
                 for batch in batches:
-                    batch = _to_device(batch, device)
-                    collector.start_batch(batch)
+                    batch, masks, sequence, slots = _prepared(_to_device(batch, device), pack)
+                    collector.start_batch(masks, sequence, slots)
                     output = run(batch)
                     if gradients:
                         _loss(output).backward()
@@ -379,6 +413,7 @@ def calibrate(
     forward: Callable[[Batch], Any] | None = None,
     all_reduce: Callable[[torch.Tensor], None] | None = None,
     max_statistics_bytes: int | None = None,
+    pack_batches: bool | None = None,
     **initialize_kwargs: Any,
 ) -> dict[str, Any]:
     """Collect the calibration statistics of every pending data-aware adapter, then initialise all adapters.
@@ -393,12 +428,18 @@ def calibrate(
             process passes its own batches and all end with the statistics of all of them.
         max_statistics_bytes: Cap on the statistics held at once (``statistics_bytes`` per layer); ``None``:
             all layers in one pass.
+        pack_batches: Run each padded batch as one packed row (``lit_svd.data.pack_padded_batch``): the same
+            tokens, statistics and loss without the FLOPs of padding (GSM8K batches of 8: 30 % of the
+            positions). ``forward`` must accept packed batches (``LitSVDAdapter.compute_loss`` does; ``SVDInit``
+            passes it). ``None``: pack when ``forward`` is the default and the model supports packing
+            (``lit_svd.attention.supports_packing``). Batches that arrive packed are run as they are.
         **initialize_kwargs: Passed to ``initialize_adapters`` (``compute_dtype``, ``broadcast``, …).
 
     Returns:
         ``initialize_adapters``' report plus ``calibration_seconds``, ``calibration_batches``,
         ``calibration_passes``, ``calibration_peak_bytes`` (statistics held at once),
-        ``calibration_shared_layers`` (layers that used another layer's input statistic), the stage times
+        ``calibration_shared_layers`` (layers that used another layer's input statistic),
+        ``calibration_packed`` (padded batches ran as packed rows), the stage times
         ``calibration_pass_seconds`` (batches through the model, statistics summed) and
         ``calibration_finalize_seconds`` (statistics → init factors), and ``eva_ranks`` (name → assigned rank,
         EVA only).
@@ -427,6 +468,14 @@ def calibrate(
         if config is None:
             raise ValueError("calibrate needs model.lit_svd_config: inject adapters with lit_svd.inject_adapters")
         run = forward or _default_forward(model)
+        if pack_batches is None:
+            pack_batches = forward is None and isinstance(model, PreTrainedModel) and supports_packing(model)
+        elif pack_batches and not (isinstance(model, PreTrainedModel) and supports_packing(model)):
+            raise ValueError(
+                f"pack_batches=True, but {type(model).__name__} does not dispatch attention through transformers' "
+                "AttentionInterface, so its batches cannot be packed; pass pack_batches=False"
+            )
+        report["calibration_packed"] = bool(pack_batches)
         device = layers[0].weight_matrix().device
         compute_dtype = initialize_kwargs.get("compute_dtype", torch.float32)
         payloads: dict[AdapterLayer, tuple[torch.Tensor, ...]] = {}
@@ -434,7 +483,7 @@ def calibrate(
         report["calibration_pass_seconds"] = report["calibration_finalize_seconds"] = 0.0
         for group in _groups(layers, max_statistics_bytes):
             stage = _synchronized_clock(device)
-            collector = _run_pass(model, group, batches, run, device, all_reduce)
+            collector = _run_pass(model, group, batches, run, device, all_reduce, pack_batches)
             report["calibration_pass_seconds"] += _synchronized_clock(device) - stage
             report["calibration_passes"] += collector.passes
             distinct = collector.distinct()

@@ -11,12 +11,16 @@ labelled tokens instead of all tokens.
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
-__all__ = ["IGNORE_INDEX", "LinearCrossEntropy", "causal_lm_loss", "linear_cross_entropy"]
+from lit_svd.attention import packed_attention, varying_shape_attention
+
+__all__ = ["IGNORE_INDEX", "LinearCrossEntropy", "causal_lm_batch_loss", "causal_lm_loss", "linear_cross_entropy"]
 
 IGNORE_INDEX = -100
 """Label value that takes no part in the loss (prompt, padding, sequence boundaries when packed)."""
@@ -174,3 +178,58 @@ def causal_lm_loss(
     return linear_cross_entropy(
         hidden, output_embeddings.weight, targets, bias=output_embeddings.bias, chunk_rows=chunk_rows
     )
+
+
+def causal_lm_batch_loss(
+    model: PreTrainedModel, batch: Mapping[str, Any], kernel: Literal["lit_svd", "liger"] = "lit_svd"
+) -> torch.Tensor:
+    """A transformers causal LM's masked loss on a padded or packed batch: mean cross-entropy over the tokens
+    whose label is not −100 (what ``LitSVDAdapter.compute_loss`` trains on).
+
+    Padded batches (``input_ids``, ``attention_mask``, ``labels`` (B, T)) run with attention backends that plan
+    nothing per shape (``varying_shape_attention``); packed ones (``cu_seq_lens``, see ``lit_svd.attention``)
+    with packed attention, and give the same value. The head and the cross-entropy run on labelled positions
+    only (:func:`causal_lm_loss`), unless the model post-processes its logits (soft-capping, logit scaling).
+
+    Returns:
+        A float32 scalar.
+    """
+    inputs: dict[str, Any] = {"input_ids": batch["input_ids"]}
+    packed = "cu_seq_lens" in batch
+    if packed:
+        boundaries, longest = batch["cu_seq_lens"], int(batch["max_length"])
+        inputs |= {
+            "position_ids": batch["position_ids"],
+            "cu_seq_lens_q": boundaries,
+            "cu_seq_lens_k": boundaries,
+            "max_length_q": longest,
+            "max_length_k": longest,
+        }
+    else:
+        inputs["attention_mask"] = batch.get("attention_mask")
+    # Padded rows change length from batch to batch: attention without cuDNN's per-shape plans.
+    with packed_attention(model) if packed else varying_shape_attention():
+        if not plain_lm_head(model):
+            logits = model(**inputs, use_cache=False).logits[:, :-1].float()
+            labels = batch["labels"][:, 1:]
+            return torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX
+            )
+        hidden = model.base_model(**inputs, use_cache=False).last_hidden_state
+    return causal_lm_loss(
+        hidden,
+        model.get_output_embeddings(),
+        batch["labels"],
+        scored_positions=batch.get("scored_positions"),
+        kernel=kernel,
+    )
+
+
+def plain_lm_head(model: PreTrainedModel) -> bool:
+    """Whether the logits are exactly ``lm_head(base_model(...).last_hidden_state)`` (then the loss is fused)."""
+    config = model.config
+    head = model.get_output_embeddings()
+    post_processed = any(
+        getattr(config, name, None) not in (None, 1, 1.0) for name in ("final_logit_softcapping", "logit_scale")
+    )
+    return isinstance(head, torch.nn.Linear) and model.base_model is not model and not post_processed

@@ -35,12 +35,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformers import PreTrainedModel
 
 from lit_svd.adapters import get_adapter_class
-from lit_svd.attention import (
-    checkpoint_context_fn,
-    enable_activation_checkpointing,
-    packed_attention,
-    varying_shape_attention,
-)
+from lit_svd.attention import checkpoint_context_fn, enable_activation_checkpointing
 from lit_svd.config import AdapterConfig
 from lit_svd.data import non_padding_tokens
 from lit_svd.eval.evaluate import generate_batch
@@ -58,7 +53,7 @@ from lit_svd.inject import (
 )
 from lit_svd.kernels import apply_liger_kernels
 from lit_svd.linalg import full_tensor, local_tensor, orthonormality_error_and_gradient
-from lit_svd.losses import IGNORE_INDEX, causal_lm_loss
+from lit_svd.losses import causal_lm_batch_loss
 from lit_svd.models import EMBEDDED_MODEL, load_causal_lm, load_tokenizer
 
 __all__ = ["LitSVDAdapter"]
@@ -229,36 +224,8 @@ class LitSVDAdapter(LightningModule):
         the same value. The head and the cross-entropy run only on labelled positions, fused and chunked
         (``lit_svd.losses``), unless the model post-processes its logits (soft-capping, logit scaling).
         """
-        model = _transformers_model(self.model)
-        inputs: dict[str, Any] = {"input_ids": batch["input_ids"]}
-        packed = "cu_seq_lens" in batch
-        if packed:
-            boundaries, longest = batch["cu_seq_lens"], int(batch["max_length"])
-            inputs |= {
-                "position_ids": batch["position_ids"],
-                "cu_seq_lens_q": boundaries,
-                "cu_seq_lens_k": boundaries,
-                "max_length_q": longest,
-                "max_length_k": longest,
-            }
-        else:
-            inputs["attention_mask"] = batch.get("attention_mask")
-        # Padded rows change length from batch to batch: attention without cuDNN's per-shape plans.
-        with packed_attention(model) if packed else varying_shape_attention():
-            if not _plain_lm_head(model):
-                logits = model(**inputs, use_cache=False).logits[:, :-1].float()
-                labels = batch["labels"][:, 1:]
-                return torch.nn.functional.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX
-                )
-            hidden = model.base_model(**inputs, use_cache=False).last_hidden_state
-        return causal_lm_loss(
-            hidden,
-            model.get_output_embeddings(),
-            batch["labels"],
-            scored_positions=batch.get("scored_positions"),
-            kernel="liger" if self._liger_active else "lit_svd",
-        )
+        kernel = "liger" if self._liger_active else "lit_svd"
+        return causal_lm_batch_loss(_transformers_model(self.model), batch, kernel=kernel)
 
     def regularizer(self) -> torch.Tensor:
         """SORSA's orthonormal regulariser ``L_orth`` (zero for the other methods)."""
@@ -865,16 +832,6 @@ def _add_scaled_gradients(updates: Iterable[tuple[torch.Tensor, torch.Tensor, fl
 def _transformers_model(model: torch.nn.Module) -> PreTrainedModel:
     """The transformers model inside a wrapper (e.g. PEFT's ``PeftModel``, for research subclasses)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def _plain_lm_head(model: PreTrainedModel) -> bool:
-    """Whether the logits are exactly ``lm_head(base_model(...).last_hidden_state)`` (then the loss is fused)."""
-    config = model.config
-    head = model.get_output_embeddings()
-    post_processed = any(
-        getattr(config, name, None) not in (None, 1, 1.0) for name in ("final_logit_softcapping", "logit_scale")
-    )
-    return isinstance(head, torch.nn.Linear) and model.base_model is not model and not post_processed
 
 
 def _lr_factor(step: int, warmup: int, total: int, kind: str) -> float:

@@ -14,6 +14,7 @@ from lit_svd import AdapterConfig, adapter_layers, adapter_state_dict, inject_ad
 from lit_svd.attention import enable_activation_checkpointing
 from lit_svd.calibration import calibrate, statistics_bytes
 from lit_svd.callbacks import SVDInit
+from lit_svd.data import InstructionCollator
 from lit_svd.export import peft_lora_factors
 from lit_svd.linalg import corda_factors, pca_components
 from lit_svd.module import LitSVDAdapter
@@ -155,7 +156,7 @@ def test_layers_reading_one_input_share_a_statistic_equal_to_their_own(method):
         handles = [collectors[share].register(layer) for layer in layers]
         with calibration._base_model_only(model):
             for batch in data:
-                collectors[share].start_batch(batch)
+                collectors[share].start_batch(*calibration._statistic_tokens(batch))
                 run(batch)
                 collectors[share].end_batch()
         for handle in handles:
@@ -243,6 +244,47 @@ def test_calibration_reads_only_real_tokens():
         # float32 attention over a masked tail rounds differently; reading the 4 padding tokens moves far more.
         assert max((sa[k] - sb[k]).abs().max().item() for k in sa) < 1e-4
         assert max((sa[k] - sc[k]).abs().max().item() for k in sa) > 1e-2
+
+
+def instruction_batches(pack: bool = False, multiple: int | None = None) -> list[dict]:
+    """12 prompt + response examples of 6–19 tokens in 3 batches: right-padded, or packed by the collator."""
+    g = torch.Generator().manual_seed(5)
+    lengths = torch.randint(6, 20, (12,), generator=g).tolist()
+    examples = [
+        {"input_ids": torch.randint(1, 101, (n,), generator=g).tolist(), "prompt_length": n // 3} for n in lengths
+    ]
+    collate = InstructionCollator(pad_token_id=0, pack=pack, pack_to_multiple_of=multiple)
+    return [collate(examples[i : i + 4]) for i in range(0, 12, 4)]
+
+
+@pytest.mark.parametrize("method", ["corda", "eva", "loraga"])
+def test_packed_batches_give_the_statistics_of_the_padded_ones(method):
+    # Padded batches run as given, packed by calibrate (the default), and packed by the collator with a
+    # trailing padding sequence: the same tokens, so the same init. A packed row holds several sequences, so
+    # CorDA's per-sequence scaling must follow cu_seq_lens, and the padding sequence is no input.
+    runs = {
+        "padded": (instruction_batches(), False),
+        "packed here": (instruction_batches(), None),
+        "packed by the collator": (instruction_batches(pack=True, multiple=32), None),
+    }
+    states, reports = {}, {}
+    for name, (data, pack) in runs.items():
+        config = AdapterConfig(method=method, rank=4, target_modules=TARGETS)
+        model = inject_adapters(make_tiny_model("llama"), config, initialize=False)
+        reports[name] = calibrate(model, data, pack_batches=pack)
+        states[name] = state(model)
+    assert [reports[name]["calibration_packed"] for name in runs] == [False, True, True]
+    for name in ("packed here", "packed by the collator"):
+        for key, expected in states["padded"].items():
+            torch.testing.assert_close(states[name][key], expected, rtol=0, atol=2e-5, msg=f"{name}: {key}")
+
+
+def test_packing_needs_a_model_with_the_attention_interface():
+    model = inject_adapters(
+        Twins(same_first=True), AdapterConfig(method="corda", rank=2, target_modules=["a"]), initialize=False
+    )
+    with pytest.raises(ValueError, match="pack_batches=True, but Twins does not dispatch attention"):
+        calibrate(model, batches(), pack_batches=True)
 
 
 def test_eva_redistribution_keeps_the_budget_and_zero_rows_never_train():

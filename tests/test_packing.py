@@ -18,9 +18,9 @@ from torch.utils.data import DataLoader
 
 from lit_svd import AdapterConfig
 from lit_svd.attention import VARLEN_ATTENTION, packed_attention, packed_causal_attention, sequence_boundaries
-from lit_svd.data import GSM8KDataModule, InstructionCollator, non_padding_tokens
+from lit_svd.data import GSM8KDataModule, InstructionCollator, non_padding_tokens, pack_padded_batch
 from lit_svd.inject import adapter_layers, adapter_state_dict, initialize_adapters, inject_adapters
-from lit_svd.losses import causal_lm_loss, linear_cross_entropy
+from lit_svd.losses import causal_lm_batch_loss, causal_lm_loss, linear_cross_entropy
 from lit_svd.module import LitSVDAdapter, decoder_layers
 
 
@@ -191,6 +191,29 @@ def test_non_padding_tokens_of_padded_packed_and_rounded_up_batches():
     rounded = InstructionCollator(pad_token_id=0, pack=True, pack_to_multiple_of=16)(EXAMPLES)
     assert padded["input_ids"].numel() == 4 * 14 and rounded["input_ids"].numel() == 48
     assert int(non_padding_tokens(padded)) == non_padding_tokens(packed) == non_padding_tokens(rounded) == sum(lengths)
+
+
+def test_packing_a_padded_batch_gives_the_collators_packed_row_and_the_same_loss():
+    # Two routes to one packed row: the collator packs token lists, pack_padded_batch packs a padded batch.
+    padded = InstructionCollator(pad_token_id=0)(EXAMPLES)
+    collated = InstructionCollator(pad_token_id=0, pack=True)(EXAMPLES)
+    packed = pack_padded_batch(padded)
+    for key in ("input_ids", "labels", "position_ids", "cu_seq_lens", "max_length", "padding_tokens"):
+        got, expected = packed[key], collated[key]
+        assert torch.equal(got, expected) if isinstance(got, torch.Tensor) else got == expected, key
+    model = make_tiny_model("llama").eval()
+    torch.testing.assert_close(
+        causal_lm_batch_loss(model, packed), causal_lm_batch_loss(model, padded), rtol=1e-5, atol=0
+    )
+    # An empty row is dropped; without labels every real token after its sequence's first is a target.
+    ids = torch.tensor([[5, 6, 7], [0, 0, 0], [8, 9, 0]])
+    bare = pack_padded_batch({"input_ids": ids, "attention_mask": (ids > 0).long()})
+    assert bare["input_ids"].tolist() == [[5, 6, 7, 8, 9]] and bare["cu_seq_lens"].tolist() == [0, 3, 5]
+    assert bare["labels"].tolist() == [[-100, 6, 7, -100, 9]] and bare["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    with pytest.raises(ValueError, match="without a single real token"):
+        pack_padded_batch({"input_ids": ids[1:2], "attention_mask": torch.zeros(1, 3)})
+    with pytest.raises(ValueError, match=r"input_ids of shape \(batch, sequence\), got \(3,\)"):
+        pack_padded_batch({"input_ids": ids[0]})
 
 
 def test_pack_to_multiple_of_needs_packing_and_a_positive_size():
@@ -588,8 +611,13 @@ def test_padded_batches_calibration_and_generation_attend_without_cudnn_plans_al
 
     cudnn_enabled_at_call.clear()
     model = inject_adapters(make_tiny_model("llama"), AdapterConfig(method="loraga", rank=2), initialize=False)
-    calibrate(model, [{"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}])
+    calibrate(model, [{"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}], pack_batches=False)
     assert cudnn_enabled_at_call == [False] * layers and torch.backends.cuda.cudnn_sdp_enabled()
+    # Packed by calibrate (its default): on the CPU, one call per sequence, also without cuDNN.
+    cudnn_enabled_at_call.clear()
+    model = inject_adapters(make_tiny_model("llama"), AdapterConfig(method="loraga", rank=2), initialize=False)
+    calibrate(model, [{"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}])
+    assert cudnn_enabled_at_call == [False] * (len(EXAMPLES) * layers) and torch.backends.cuda.cudnn_sdp_enabled()
 
     cudnn_enabled_at_call.clear()
     tokenizer = type("Tokenizer", (), {"pad_token_id": 0, "eos_token_id": 1, "batch_decode": lambda self, t, **k: []})()

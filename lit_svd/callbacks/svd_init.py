@@ -10,8 +10,10 @@ import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_helpers import is_overridden
+from transformers import PreTrainedModel
 from typing_extensions import override
 
+from lit_svd.attention import supports_packing
 from lit_svd.calibration import calibrate
 from lit_svd.inject import adapter_layers, initialize_adapters, is_sharded
 
@@ -74,6 +76,9 @@ class SVDInit(Callback):
         max_calibration_bytes: Cap on the calibration statistics held at once (float32: ``4 n²`` bytes per
             adapted layer with ``n`` inputs, ``4 m n`` for LoRA-GA's gradients); more passes over the batches
             when the layers do not fit at once. ``None``: all layers in one pass.
+        pack_calibration_batches: Run padded calibration batches as packed rows (``lit_svd.data.pack_padded_batch``:
+            same tokens, statistics and loss, no FLOPs on padding) when the model supports packing. Turn it off
+            for a ``compute_loss`` override that does not accept packed batches (``cu_seq_lens``).
     """
 
     def __init__(
@@ -82,6 +87,7 @@ class SVDInit(Callback):
         verify_across_ranks: bool = True,
         calibration_batches: int = 8,
         max_calibration_bytes: int | None = None,
+        pack_calibration_batches: bool = True,
     ):
         problems = []
         if compute_dtype not in ("float32", "float64"):
@@ -96,6 +102,7 @@ class SVDInit(Callback):
         self.verify_across_ranks = verify_across_ranks
         self.calibration_batches = calibration_batches
         self.max_calibration_bytes = max_calibration_bytes
+        self.pack_calibration_batches = pack_calibration_batches
         self.report: dict[str, Any] | None = None
 
     @override
@@ -179,6 +186,7 @@ class SVDInit(Callback):
             forward=forward,
             all_reduce=all_reduce if distributed else None,
             max_statistics_bytes=self.max_calibration_bytes,
+            pack_batches=self.pack_calibration_batches and _packable(model),
             **init_kwargs,
         )
         rank_zero_info(
@@ -222,3 +230,7 @@ def _train_loader(trainer: Trainer, pl_module: LightningModule, method: str) -> 
         f"{method} is a data-aware init: its calibration needs a train loader (fit with a datamodule or "
         "train_dataloaders), or initialise the adapters before fit with lit_svd.calibration.calibrate"
     )
+
+
+def _packable(model: torch.nn.Module) -> bool:
+    return isinstance(model, PreTrainedModel) and supports_packing(model)

@@ -12,6 +12,7 @@ from lit_svd.data.base import (
     ResumableDataLoader,
     TokenBudgetSampler,
     non_padding_tokens,
+    pack_padded_batch,
     tokenize_instructions,
 )
 from lit_svd.data.commonsense import CommonsenseDataModule, load_commonsense_file
@@ -47,5 +48,6 @@ __all__ = [
     "load_math",
     "load_metamathqa",
     "non_padding_tokens",
+    "pack_padded_batch",
     "tokenize_instructions",
 ]

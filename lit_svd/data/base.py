@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -57,6 +57,7 @@ __all__ = [
     "check_records",
     "load_hub_split",
     "load_json_records",
+    "pack_padded_batch",
     "packed_row_length",
     "scan_json_lines",
     "tokenize_instructions",
@@ -452,6 +453,48 @@ def non_padding_tokens(batch: dict[str, Any]) -> torch.Tensor | int:
     if mask is not None:
         return mask.sum()
     return batch["input_ids"].numel() - int(batch.get("padding_tokens", 0))
+
+
+def pack_padded_batch(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """A padded batch as one packed row (the format of ``lit_svd.attention``), its padding dropped.
+
+    The same sequences and the same loss targets in fewer FLOPs: each sequence's first label becomes −100
+    (in the padded batch nothing predicts it either; packed, the previous sequence's last token would) and
+    positions restart at 0 for every sequence. Rows without a single token are dropped.
+
+    Args:
+        batch: ``input_ids`` (B, T); optional ``attention_mask`` (B, T) (default: no padding) and ``labels``
+            (B, T) (default: the input ids, padding never a target). Other keys are not carried over.
+
+    Returns:
+        ``input_ids``, ``labels``, ``position_ids`` (1, N) with N the batch's real tokens, ``cu_seq_lens``
+        (S+1,) int32 on the batch's device, and ``max_length`` (the longest sequence) and ``padding_tokens`` (0)
+        as ints; the rows' real tokens in row-major order (``input_ids[attention_mask.bool()]``).
+    """
+    input_ids = batch["input_ids"]
+    if input_ids.dim() != 2:
+        raise ValueError(f"pack_padded_batch needs input_ids of shape (batch, sequence), got {tuple(input_ids.shape)}")
+    mask = batch.get("attention_mask")
+    real = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.bool()
+    labels = batch.get("labels")
+    labels = input_ids.masked_fill(~real, IGNORE_INDEX) if labels is None else labels
+    lengths = real.sum(-1)
+    lengths = lengths[lengths > 0]
+    if lengths.numel() == 0:
+        raise ValueError("pack_padded_batch got a batch without a single real token (every position is padding)")
+    boundaries = torch.zeros(lengths.numel() + 1, dtype=torch.int32, device=input_ids.device)
+    boundaries[1:] = lengths.cumsum(0)
+    positions = real.long().cumsum(-1) - 1
+    packed_labels = labels[real]
+    packed_labels[boundaries[:-1].long()] = IGNORE_INDEX
+    return {
+        "input_ids": input_ids[real][None],
+        "labels": packed_labels[None],
+        "position_ids": positions[real][None],
+        "cu_seq_lens": boundaries,
+        "max_length": int(lengths.max()),
+        "padding_tokens": 0,
+    }
 
 
 def packed_row_length(tokens: int, multiple: int | None) -> int:

@@ -64,6 +64,7 @@ import itertools
 import json
 import math
 import time
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -183,9 +184,11 @@ class PEFTCalibratedModule(PEFTAdapterModule):
                 from peft.tuners.lora.corda import preprocess_corda
 
                 def run_model() -> None:
+                    # PEFT's hook squeezes a batch of 1 and scales each forward's inputs by their |max|: one
+                    # sequence per forward (PEFT's examples; ours scales per sequence), the padding one left out.
                     with torch.no_grad():
-                        for batch in batches:  # packed rows: PEFT's hook squeezes the batch dimension of 1
-                            self.compute_loss(batch)
+                        for sequence in _sequences(batches):
+                            self.model(input_ids=sequence)
 
                 preprocess_corda(self.model, config, run_model=run_model)
                 self.model = peft.get_peft_model(self.model, config)
@@ -209,6 +212,21 @@ class PEFTCalibratedModule(PEFTAdapterModule):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         self.calibration_seconds = time.perf_counter() - start
+
+
+def _sequences(batches: list[dict[str, Any]]) -> Iterator[torch.Tensor]:
+    """Each real sequence of padded or packed batches as its own ``(1, L)`` input ids."""
+    for batch in batches:
+        ids = batch["input_ids"]
+        if "cu_seq_lens" in batch:
+            bounds = batch["cu_seq_lens"].tolist()
+            real = len(bounds) - 1 - (1 if batch.get("padding_tokens", 0) else 0)
+            for start, end in zip(bounds[:real], bounds[1 : real + 1], strict=True):
+                yield ids[:, start:end]
+        else:
+            for row, mask in zip(ids, batch["attention_mask"].bool(), strict=True):
+                if mask.any():
+                    yield row[mask][None]
 
 
 def method_names(method: str) -> tuple[str, bool]:
