@@ -145,18 +145,37 @@ class _Sums:
         return [self.outer, self.total, self.count]
 
     def add_inputs(self, x: torch.Tensor, tokens: _Tokens) -> None:
-        selected = x.reshape(-1, x.shape[-1]).index_select(0, tokens.index).float()
+        rows = x.reshape(-1, x.shape[-1]).index_select(0, tokens.index)
+        exact = rows.dtype == torch.bfloat16  # a bf16 model: tensor-core GEMMs with float32 sums (see below)
+        selected = rows if exact else rows.float()
         if self.kind == "corda":
             # PEFT divides each sequence's inputs by |max| (not the max of |x|) before XᵀX; kept for parity.
             # The max over each sequence's real tokens, as a scatter over the tokens already selected.
-            peak = selected.new_full((tokens.slots,), float("-inf"))
-            peak = peak.scatter_reduce(0, tokens.sequence, selected.amax(-1), "amax").abs()
-            selected = selected / peak[tokens.sequence, None]
+            peak = torch.full((tokens.slots,), float("-inf"), dtype=torch.float32, device=rows.device)
+            peak = peak.scatter_reduce(0, tokens.sequence, selected.amax(-1).float(), "amax").abs()
             self.count += tokens.sequences
-        else:
-            self.total += selected.sum(0)
-            self.count += tokens.count
-        self.outer.addmm_(selected.T, selected)
+            if not exact:
+                selected = selected / peak[tokens.sequence, None]
+                self.outer.addmm_(selected.T, selected)
+                return
+            # Σ (x/p)ᵀ(x/p) = Σ xᵀ (x/p²): x stays bf16 (exact), x/p² (float32) is split into three bf16 parts
+            # whose sum holds its 24 bits, so three bf16 GEMMs with float32 output give the float32 GEMM's sum.
+            for part in _bf16_parts(rows.float() / peak[tokens.sequence, None].square()):
+                _add_product(self.outer, rows, part)
+            return
+        self.total += selected.sum(0, dtype=torch.float32)
+        self.count += tokens.count
+        _add_product(self.outer, selected, selected)
+
+
+def _bf16_parts(values: torch.Tensor) -> list[torch.Tensor]:
+    """Three bf16 tensors whose float32 sum is ``values`` (float32) to within float32 rounding: each takes the
+    leading 8 significant bits of what the previous ones left (``values − Σ parts`` is exact in float32)."""
+    parts, rest = [], values
+    for _ in range(3):
+        parts.append(rest.to(torch.bfloat16))
+        rest = rest - parts[-1].float()
+    return parts
 
 
 class _Tokens:

@@ -287,6 +287,38 @@ def test_packing_needs_a_model_with_the_attention_interface():
         calibrate(model, batches(), pack_batches=True)
 
 
+@pytest.mark.parametrize("method", ["corda", "eva"])
+def test_bf16_inputs_are_summed_to_float32_accuracy(method):
+    # A bf16 model's inputs go to bf16 GEMMs with float32 sums; CorDA's x/p² as three bf16 parts. Both must
+    # give the float32 statistic of the same (bf16) values, not a bf16-rounded one.
+    import lit_svd.calibration as calibration
+
+    model = inject_adapters(
+        make_tiny_model("llama"), AdapterConfig(method=method, rank=4, target_modules=["gate_proj"]), initialize=False
+    )
+    layer = next(layer for _, layer in adapter_layers(model))
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(3, 10, 32, generator=g) * torch.logspace(-2, 1, 32)).to(torch.bfloat16)
+    mask = torch.ones(3, 10, dtype=torch.bool)
+    mask[1, 7:] = False  # padding
+    sequence = torch.arange(3)[:, None].expand(3, 10)
+    sums = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        sums[dtype] = calibration._Sums(layer)
+        sums[dtype].add_inputs(x.to(dtype), calibration._Tokens(mask, sequence, 3))
+    rows = [x[i][mask[i]].double() for i in range(3)]
+    if method == "corda":  # each sequence scaled by its |max|
+        rows = [r / r.max().abs() for r in rows]
+    reference = sum(r.T @ r for r in rows)
+    for dtype, got in sums.items():
+        scale = reference.abs().max().item()
+        torch.testing.assert_close(got.outer.double(), reference, rtol=2e-6, atol=2e-6 * scale, msg=str(dtype))
+    if method == "corda":  # x/p² rounded to bf16 once would be far off: the split is what keeps the accuracy
+        rounded = sum(r.T @ r.to(torch.bfloat16).double() for r in rows)
+        error = (sums[torch.bfloat16].outer.double() - reference).abs().max()
+        assert (rounded - reference).abs().max() > 100 * error
+
+
 def test_eva_redistribution_keeps_the_budget_and_zero_rows_never_train():
     model, report = calibrated("eva", eva_rho=2.0)
     ranks = report["eva_ranks"]
