@@ -21,6 +21,10 @@ What each method accumulates per adapted layer with input ``x`` (tokens × n), p
 
 Layers fed the very same input tensor (q/k/v_proj; gate/up_proj) share one CorDA/EVA sum: one n×n GEMM
 per batch and one buffer for the three, bitwise equal to their own (``_Collector`` checks it on every batch).
+Padded batches run as one packed row each (``pack_batches``; ``lit_svd.data.pack_padded_batch``): the same
+tokens and loss, no FLOPs on padding; the statistics read the same positions, a packed row's sequences keep
+their own CorDA scaling, and its padding sequence is no input. A bf16 model's input sums are bf16 tensor-core
+GEMMs with float32 output (exact products; CorDA's ``x/p²`` as three bf16 parts, ``_bf16_parts``).
 
 Memory: the statistics live in float32 on the model's device, ``4 n²`` bytes per distinct layer input (a
 Llama-2-7B layer set q,k,v,o,gate,up,down reads 4 inputs: 3·4096² + 11008² floats ≈ 0.69 GB per decoder layer,
@@ -441,7 +445,8 @@ def calibrate(
         model: Model with injected, uninitialised adapters (``inject_adapters(..., initialize=False)``) and
             ``model.lit_svd_config`` (set by ``inject_adapters``).
         batches: The calibration batches, each a mapping with ``input_ids`` (B, T) and optionally
-            ``attention_mask`` (B, T) and ``labels`` (B, T); moved to the model's device.
+            ``attention_mask`` (B, T) and ``labels`` (B, T), or a packed row (``cu_seq_lens``, as
+            ``InstructionCollator(pack=True)`` makes); moved to the model's device.
         forward: ``forward(batch)`` runs the model on a batch (default: ``model(input_ids, attention_mask)``).
         all_reduce: In-place sum of a tensor over all processes (e.g. ``torch.distributed.all_reduce``); each
             process passes its own batches and all end with the statistics of all of them.
