@@ -48,6 +48,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from lit_svd.adapters import AdapterLayer
@@ -384,6 +385,7 @@ def _run_pass(
     device: torch.device,
     all_reduce: Callable[[torch.Tensor], None] | None,
     pack: bool,
+    progress: str | None = None,
 ) -> _Collector:
     """All batches through the model once with ``group``'s hooks; again without shared inputs if sharing
     broke on this rank (``_NotShared``) or the ranks' sharing plans differ (then every rank runs again)."""
@@ -399,7 +401,7 @@ def _run_pass(
                 varying_shape_attention(),
                 _activations_require_grad(model) if gradients else contextlib.nullcontext(),
             ):
-                for batch in batches:
+                for batch in tqdm(batches, desc=progress, unit="batch", disable=progress is None):
                     batch, masks, sequence, slots = _prepared(_to_device(batch, device), pack)
                     collector.start_batch(masks, sequence, slots)
                     output = run(batch)
@@ -437,6 +439,7 @@ def calibrate(
     all_reduce: Callable[[torch.Tensor], None] | None = None,
     max_statistics_bytes: int | None = None,
     pack_batches: bool | None = None,
+    progress: bool = False,
     **initialize_kwargs: Any,
 ) -> dict[str, Any]:
     """Collect the calibration statistics of every pending data-aware adapter, then initialise all adapters.
@@ -447,7 +450,9 @@ def calibrate(
         batches: The calibration batches, each a mapping with ``input_ids`` (B, T) and optionally
             ``attention_mask`` (B, T) and ``labels`` (B, T), or a packed row (``cu_seq_lens``, as
             ``InstructionCollator(pack=True)`` makes); moved to the model's device.
-        forward: ``forward(batch)`` runs the model on a batch (default: ``model(input_ids, attention_mask)``).
+        forward: ``forward(batch)`` runs the model on a batch and returns the loss LoRA-GA differentiates
+            (default: for a transformers model the masked causal-LM loss of ``lit_svd.losses.causal_lm_batch_loss``,
+            else ``model(input_ids, attention_mask, labels)``; ``labels`` default to the input ids, padding left out).
         all_reduce: In-place sum of a tensor over all processes (e.g. ``torch.distributed.all_reduce``); each
             process passes its own batches and all end with the statistics of all of them.
         max_statistics_bytes: Cap on the statistics held at once (``statistics_bytes`` per layer); ``None``:
@@ -457,6 +462,7 @@ def calibrate(
             positions). ``forward`` must accept packed batches (``LitSVDAdapter.compute_loss`` does; ``SVDInit``
             passes it). ``None``: pack when ``forward`` is the default and the model supports packing
             (``lit_svd.attention.supports_packing``). Batches that arrive packed are run as they are.
+        progress: Show a progress bar over the batches of each pass (``SVDInit`` shows it on rank 0).
         **initialize_kwargs: Passed to ``initialize_adapters`` (``compute_dtype``, ``broadcast``, …).
 
     Returns:
@@ -505,9 +511,15 @@ def calibrate(
         payloads: dict[AdapterLayer, tuple[torch.Tensor, ...]] = {}
         report["calibration_shared_layers"] = 0
         report["calibration_pass_seconds"] = report["calibration_finalize_seconds"] = 0.0
-        for group in _groups(layers, max_statistics_bytes):
+        groups = _groups(layers, max_statistics_bytes)
+        for number, group in enumerate(groups, 1):
+            description = f"Calibrating {layers[0].method}" + (
+                f" (layer group {number}/{len(groups)})" if len(groups) > 1 else ""
+            )
             stage = _synchronized_clock(device)
-            collector = _run_pass(model, group, batches, run, device, all_reduce, pack_batches)
+            collector = _run_pass(
+                model, group, batches, run, device, all_reduce, pack_batches, description if progress else None
+            )
             report["calibration_pass_seconds"] += _synchronized_clock(device) - stage
             report["calibration_passes"] += collector.passes
             distinct = collector.distinct()

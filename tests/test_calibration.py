@@ -139,6 +139,19 @@ def test_memory_cap_splits_the_layers_into_passes_with_the_same_result():
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_calibration_shows_progress_per_pass_when_asked(capsys):
+    calibrated("corda")
+    assert "Calibrating" not in capsys.readouterr().err  # off by default
+    model = inject_adapters(
+        make_tiny_model("llama"), AdapterConfig(method="loraga", rank=4, target_modules=TARGETS), initialize=False
+    )
+    calibrate(model, batches(), progress=True, max_statistics_bytes=statistics_bytes(next(adapter_layers(model))[1]))
+    bars = capsys.readouterr().err
+    passes = len(TARGETS) * 2  # one layer per group under this cap
+    for number in (1, passes):
+        assert f"Calibrating loraga (layer group {number}/{passes}): 100%" in bars and "3/3" in bars
+
+
 @pytest.mark.parametrize("method", ["corda", "eva"])
 def test_layers_reading_one_input_share_a_statistic_equal_to_their_own(method):
     import lit_svd.calibration as calibration

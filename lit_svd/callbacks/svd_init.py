@@ -187,6 +187,7 @@ class SVDInit(Callback):
             all_reduce=all_reduce if distributed else None,
             max_statistics_bytes=self.max_calibration_bytes,
             pack_batches=self.pack_calibration_batches and _packable(model),
+            progress=trainer.is_global_zero and trainer.progress_bar_callback is not None,
             **init_kwargs,
         )
         rank_zero_info(
