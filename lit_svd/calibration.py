@@ -151,7 +151,7 @@ class _Sums:
 
     def add_inputs(self, x: torch.Tensor, tokens: _Tokens) -> None:
         rows = x.reshape(-1, x.shape[-1]).index_select(0, tokens.index)
-        exact = rows.dtype == torch.bfloat16  # a bf16 model: tensor-core GEMMs with float32 sums (see below)
+        exact = _tensor_core_sums(rows)  # a bf16 model on a GPU: bf16 GEMMs with float32 sums (see below)
         selected = rows if exact else rows.float()
         if self.kind == "corda":
             # PEFT divides each sequence's inputs by |max| (not the max of |x|) before XᵀX; kept for parity.
@@ -171,6 +171,13 @@ class _Sums:
         self.total += selected.sum(0, dtype=torch.float32)
         self.count += tokens.count
         _add_product(self.outer, selected, selected)
+
+
+def _tensor_core_sums(rows: torch.Tensor) -> bool:
+    """Whether ``rows``' sums go to bf16 tensor-core GEMMs with float32 output. On the CPU (e.g. a model still on
+    the host before FSDP shards it) ``_add_product`` multiplies float32 copies anyway, where CorDA's three
+    bf16 parts would only triple the work."""
+    return rows.is_cuda and rows.dtype == torch.bfloat16
 
 
 def _bf16_parts(values: torch.Tensor) -> list[torch.Tensor]:

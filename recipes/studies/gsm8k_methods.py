@@ -79,6 +79,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader
 
 from lit_svd import AdapterConfig, merge_adapters, trainable_parameter_count
+from lit_svd.attention import varying_shape_attention
 from lit_svd.callbacks import SpectralMonitor, SVDInit
 from lit_svd.data import GSM8KDataModule, InstructionCollator, MATHDataModule
 from lit_svd.eval import evaluate
@@ -186,7 +187,8 @@ class PEFTCalibratedModule(PEFTAdapterModule):
                 def run_model() -> None:
                     # PEFT's hook squeezes a batch of 1 and scales each forward's inputs by their |max|: one
                     # sequence per forward (PEFT's examples; ours scales per sequence), the padding one left out.
-                    with torch.no_grad():
+                    # Without cuDNN attention, which would plan every new sequence length (as in compute_loss).
+                    with torch.no_grad(), varying_shape_attention():
                         for sequence in _sequences(batches):
                             self.model(input_ids=sequence)
 
