@@ -329,7 +329,8 @@ def _statistic_tokens(batch: Batch) -> tuple[dict[str, torch.Tensor], torch.Tens
     if "cu_seq_lens" in batch:
         boundaries = batch["cu_seq_lens"].to(ids.device).long()
         slots = boundaries.numel() - 1
-        sequence = torch.repeat_interleave(torch.arange(slots, device=ids.device), boundaries.diff())[None]
+        slot = torch.arange(slots, device=ids.device)
+        sequence = torch.repeat_interleave(slot, boundaries.diff(), output_size=ids.shape[-1])[None]
         tokens = torch.ones_like(ids, dtype=torch.bool)
         padding = int(batch.get("padding_tokens", 0))
         if padding:
