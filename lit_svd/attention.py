@@ -212,9 +212,10 @@ def varying_shape_attention() -> AbstractContextManager:
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
-def supports_packing(model: PreTrainedModel) -> bool:
-    """Whether ``model`` routes attention through transformers' ``AttentionInterface`` (so it can be packed)."""
-    return bool(getattr(model, "_supports_attention_backend", False))
+def supports_packing(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is a transformers model that routes attention through ``AttentionInterface`` (so it can
+    be packed); a wrapper such as PEFT's ``PeftModel`` is not (unwrap it first)."""
+    return isinstance(model, PreTrainedModel) and bool(getattr(model, "_supports_attention_backend", False))
 
 
 @contextmanager

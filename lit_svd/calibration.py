@@ -507,8 +507,8 @@ def calibrate(
             raise ValueError("calibrate needs model.lit_svd_config: inject adapters with lit_svd.inject_adapters")
         run = forward or _default_forward(model)
         if pack_batches is None:
-            pack_batches = forward is None and isinstance(model, PreTrainedModel) and supports_packing(model)
-        elif pack_batches and not (isinstance(model, PreTrainedModel) and supports_packing(model)):
+            pack_batches = forward is None and supports_packing(model)
+        elif pack_batches and not supports_packing(model):
             raise ValueError(
                 f"pack_batches=True, but {type(model).__name__} does not dispatch attention through transformers' "
                 "AttentionInterface, so its batches cannot be packed; pass pack_batches=False"

@@ -10,7 +10,6 @@ import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from transformers import PreTrainedModel
 from typing_extensions import override
 
 from lit_svd.attention import supports_packing
@@ -186,7 +185,7 @@ class SVDInit(Callback):
             forward=forward,
             all_reduce=all_reduce if distributed else None,
             max_statistics_bytes=self.max_calibration_bytes,
-            pack_batches=self.pack_calibration_batches and _packable(model),
+            pack_batches=self.pack_calibration_batches and supports_packing(model),
             progress=trainer.is_global_zero and trainer.progress_bar_callback is not None,
             **init_kwargs,
         )
@@ -231,7 +230,3 @@ def _train_loader(trainer: Trainer, pl_module: LightningModule, method: str) -> 
         f"{method} is a data-aware init: its calibration needs a train loader (fit with a datamodule or "
         "train_dataloaders), or initialise the adapters before fit with lit_svd.calibration.calibrate"
     )
-
-
-def _packable(model: torch.nn.Module) -> bool:
-    return isinstance(model, PreTrainedModel) and supports_packing(model)
